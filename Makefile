@@ -1,0 +1,59 @@
+# bali-zero-bridge. The two set-up commands: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+NODE_INSTALLED := node_modules/.installed
+BUF := node_modules/.bin/buf
+SYSTEM_TEST_DEPS := chromium=chromium redis-server=redis-server nginx=nginx node=nodejs npm=npm curl=curl
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
+
+.PHONY: run test lint proto bench fuzz soak clean system-deps
+
+$(INSTALLED): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "error: Python 3.11+ needed ($(PYTHON))" >&2; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { scripts/system-deps.sh ensurepip-missing=python3-venv && rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+$(NODE_INSTALLED): package.json package-lock.json
+	@scripts/system-deps.sh node=nodejs npm=npm
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+system-deps:
+	@scripts/system-deps.sh $(SYSTEM_TEST_DEPS)
+
+run: $(INSTALLED)
+	@scripts/system-deps.sh curl=curl
+	@BIN=$(BIN) scripts/run.sh
+
+test: system-deps $(INSTALLED) $(NODE_INSTALLED) lint
+	node --test tests/js/
+	$(BIN)/pytest
+
+lint: $(INSTALLED) $(NODE_INSTALLED)
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+	@if git rev-parse --verify -q main >/dev/null && git cat-file -e main:protos 2>/dev/null; then \
+	  $(BUF) breaking --against '.git#branch=main'; \
+	else echo "buf breaking: no protos/ on main yet, nothing to compare"; fi
+	$(BIN)/ruff check .
+	$(BIN)/mypy bridge rag_stub scripts tests bench
+
+proto: $(INSTALLED)
+	$(BIN)/python scripts/gen_proto.py
+
+bench: $(INSTALLED)
+	$(BIN)/python -m bench.run
+
+fuzz: $(INSTALLED)
+	FUZZ_EXAMPLES=5000 $(BIN)/pytest tests/test_fuzz.py -q
+
+soak: $(INSTALLED)
+	$(BIN)/python -m bench.soak
+
+clean:
+	rm -rf $(VENV) node_modules build *.egg-info .mypy_cache .ruff_cache .pytest_cache

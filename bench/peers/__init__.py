@@ -1,0 +1,1 @@
+"""Peer implementations the bridge is measured against."""

@@ -1,0 +1,172 @@
+"""The processes a benchmark runs: stubs, our bridge, the reference peer and load generators.
+
+Built on tests/support/processes.py (each child prints a ready line; stdout lines are kept).
+Every child can be pinned to CPUs through ``bench.pin`` (affinity set before exec).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from tests.support.processes import ROOT, Process, base_env
+
+STUB_READY = re.compile(r"^rag-stub listening on (\S+):(\d+)$")
+BRIDGE_READY = re.compile(r"^bali-zero-bridge listening on (http://\S+)$")
+PEER_READY = re.compile(r"^reference-bridge listening on (http://\S+)$")
+LOADGEN_READY = re.compile(r'^\{"event":"start"')
+STREAM_PATH = "/api/v2/bali-zero/chat-stream"
+
+
+def python_argv(module: str, args: Sequence[str], cpus: Sequence[int] | None) -> list[str]:
+    if cpus:
+        return [sys.executable, "-m", "bench.pin", ",".join(map(str, cpus)), "-m", module, *args]
+    return [sys.executable, "-m", module, *args]
+
+
+def bridge_available() -> bool:
+    return importlib.util.find_spec("bridge.__main__") is not None or importlib.util.find_spec("bridge.cli") is not None
+
+
+class Child(Process):
+    """A child process with a ready line given per instance, and psutil views of it."""
+
+    def __init__(self, name: str, argv: list[str], env: Mapping[str, str], ready: re.Pattern[str],
+                 ready_timeout: float = 30) -> None:
+        self.name = name
+        self.ready_pattern = ready
+        super().__init__(argv, env, ROOT, ready_timeout=ready_timeout)
+        self.ps = psutil.Process(self.proc.pid)
+
+    def cpu_s(self) -> float:
+        t = self.ps.cpu_times()
+        return float(t.user + t.system)
+
+    def rss(self) -> int:
+        return int(self.ps.memory_info().rss)
+
+
+class StubProc(Child):
+    def __init__(self, args: Sequence[str], cpus: Sequence[int] | None) -> None:
+        super().__init__("stub", python_argv("rag_stub", ["--port", "0", *args], cpus), base_env(), STUB_READY)
+        self.target = f"127.0.0.1:{self.ready.group(2)}"
+        self._parsed = 0
+        self._ends: dict[str, dict[str, Any]] = {}
+
+    def ends(self) -> dict[str, dict[str, Any]]:
+        """request_id -> stream_end record, for every stream ended so far (parsed incrementally)."""
+        with self._cond:
+            new = self.lines[self._parsed :]
+            self._parsed = len(self.lines)
+        for line in new:
+            if line.startswith('{"event":"stream_end"'):
+                record = json.loads(line)
+                self._ends[record["request_id"]] = record
+        return self._ends
+
+
+class HttpServer(Child):
+    def __init__(self, name: str, argv: list[str], env: Mapping[str, str], ready: re.Pattern[str]) -> None:
+        super().__init__(name, argv, env, ready)
+        self.url = self.ready.group(1)
+        self.stream_url = self.url + STREAM_PATH
+
+
+def start_bridge(target: str, cpus: Sequence[int] | None, workdir: Path, **env: str) -> HttpServer:
+    full = {
+        "RAG_TARGET": target,
+        "ENABLE_SSE_STREAMING": "true",
+        "AUDIT_DB": str(workdir / f"audit-{time.monotonic_ns()}.sqlite3"),
+        "LOG_LEVEL": "WARNING",
+        # A load test is one anonymous client with thousands of streams: lift the per-user limits.
+        "RATE_LIMIT": "1000000/second",
+        "MAX_STREAMS_PER_USER": "1000000",
+        "MAX_STREAMS_TOTAL": "1000000",
+        **env,
+    }
+    return HttpServer("bridge", python_argv("bridge", ["--port", "0"], cpus), base_env(full), BRIDGE_READY)
+
+
+def start_peer(target: str, cpus: Sequence[int] | None, **env: str) -> HttpServer:
+    full = {"RAG_TARGET": target, **env}
+    argv = python_argv("bench.peers.reference_bridge", ["--port", "0"], cpus)
+    return HttpServer("peer", argv, base_env(full), PEER_READY)
+
+
+class Loadgen(Child):
+    def __init__(self, args: Sequence[str], cpus: Sequence[int] | None) -> None:
+        super().__init__("loadgen", python_argv("bench.loadgen", list(args), cpus), base_env(), LOADGEN_READY)
+
+    def event(self, name: str, timeout: float) -> dict[str, Any]:
+        prefix = '{"event":"%s"' % name
+        line = self.wait_for_line(lambda x: x.startswith(prefix), timeout)
+        return dict(json.loads(line))
+
+    def result(self, timeout: float) -> dict[str, Any]:
+        try:
+            return self.event("result", timeout)
+        finally:
+            try:
+                self.proc.wait(10)
+            except Exception:
+                self.kill()
+
+
+def in_parallel(factories: Mapping[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Start several children at once (each waits for its own ready line on a thread)."""
+    results: dict[str, Any] = {}
+    errors: dict[str, BaseException] = {}
+
+    def run(name: str, factory: Callable[[], Any]) -> None:
+        try:
+            results[name] = factory()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors[name] = exc
+
+    threads = [threading.Thread(target=run, args=item, daemon=True) for item in factories.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors:
+        for child in results.values():
+            if isinstance(child, Process):
+                child.stop()
+        name, exc = next(iter(errors.items()))
+        raise RuntimeError(f"could not start {name}: {exc}") from exc
+    return results
+
+
+class Sampler:
+    """Samples a process's RSS on a thread every ``interval`` seconds (bounded by ``max_samples``)."""
+
+    def __init__(self, child: Child, interval: float = 0.05, max_samples: int = 20_000) -> None:
+        self.child, self.interval, self.max_samples = child, interval, max_samples
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and len(self.samples) < self.max_samples:
+            try:
+                self.samples.append((time.time(), self.child.rss()))
+            except psutil.Error:
+                return
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)

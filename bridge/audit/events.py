@@ -1,0 +1,167 @@
+"""Audit events, built only through ``EventFactory`` so the GDPR field rules live in one place.
+
+Rules (each enforced here, and asserted per event type by tests/test_audit_events.py):
+
+* the query is stored only as ``query_hmac`` (keyed HMAC-SHA256), never raw: a plain SHA-256 of
+  a short query is reversible by guessing, a keyed one is not without the key;
+* ``user_id`` is pseudonymous: the verified (or trusted-proxy) user id when there is one, else
+  ``anon:<HMAC of the IP>``, so anonymous callers are still correlatable without storing the IP;
+* ``email`` only when ``Identity.authenticated`` (an unverified email is neither needed nor trusted);
+* ``client_ip`` only on the security events ``rate_limited`` and ``auth_failed``.
+
+Every record carries exactly the keys in ``ALLOWED_FIELDS[event_type]`` (``email`` being the
+one optional key), so a new field cannot leak into the store without editing that table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any, Literal
+
+from bridge.audit.keys import AuditKeys
+from bridge.types import Identity, StreamResult
+
+StreamKind = Literal["stream_started", "stream_completed", "stream_cancelled", "stream_failed"]
+
+_BASE = frozenset({"ts", "event_type", "request_id", "trace_id", "user_id"})
+_STREAM_END = _BASE | {"query_hmac", "tokens", "first_token_ms", "duration_ms", "outcome"}
+ALLOWED_FIELDS: Mapping[str, frozenset[str]] = MappingProxyType({
+    "stream_started": _BASE | {"query_hmac"},
+    "stream_completed": _STREAM_END,
+    "stream_cancelled": _STREAM_END,
+    "stream_failed": _STREAM_END | {"error_code"},
+    "chat": _BASE | {"query_hmac", "tokens", "duration_ms", "outcome", "error_code"},
+    "rate_limited": _BASE | {"client_ip", "path", "reason"},
+    "auth_failed": _BASE | {"client_ip", "path", "reason"},
+    "admin_read": _BASE | {"filters", "returned"},
+    "retention_checkpoint": frozenset({"ts", "event_type", "purged_count", "last_purged_id",
+                                       "last_purged_hash", "purged_before"}),
+})
+OPTIONAL_FIELDS = frozenset({"email"})
+SECURITY_EVENTS = frozenset({"rate_limited", "auth_failed"})
+_END_KIND: Mapping[str, StreamKind] = {
+    "completed": "stream_completed", "cancelled": "stream_cancelled", "error": "stream_failed",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One record ready to store: a read-only JSON object with ``ts`` and ``event_type``."""
+
+    body: Mapping[str, Any]
+
+    @property
+    def event_type(self) -> str:
+        return str(self.body["event_type"])
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def format_ts(moment: datetime) -> str:
+    """Fixed-width UTC ISO 8601 with microseconds, so text order is time order in SQL."""
+    if moment.tzinfo is None:
+        raise ValueError("audit timestamps must be timezone-aware")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_ts(text: str) -> str:
+    """Normalise an ISO 8601 instant (``Z`` or offset; naive means UTC) to ``format_ts`` form."""
+    moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    return format_ts(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+
+
+def checkpoint_event(ts: str, purged_count: int, last_purged_id: int, last_purged_hash: str,
+                     purged_before: str) -> AuditEvent:
+    """The record a retention purge leaves behind, vouching for the deleted chain prefix."""
+    return _seal({"ts": ts, "event_type": "retention_checkpoint", "purged_count": purged_count,
+                  "last_purged_id": last_purged_id, "last_purged_hash": last_purged_hash,
+                  "purged_before": purged_before})
+
+
+class EventFactory:
+    """Builds every event kind from an ``Identity``; the only way request code makes audit events."""
+
+    def __init__(self, keys: AuditKeys, clock: Callable[[], datetime] = utc_now) -> None:
+        self._keys = keys
+        self._clock = clock
+
+    def user_id(self, identity: Identity) -> str:
+        """The pseudonymous user id stored for ``identity`` (also used to filter admin reads)."""
+        return identity.user_id if identity.user_id else self._keys.pseudonym(identity.client_ip)
+
+    def stream(self, kind: StreamKind, identity: Identity, request_id: str, trace_id: str | None,
+               query: str, result: StreamResult | None = None) -> AuditEvent:
+        """A stream lifecycle event; the end kinds take their measurements from ``result``."""
+        body = self._base(kind, identity, request_id, trace_id)
+        body["query_hmac"] = self._keys.query_hmac(query)
+        if kind != "stream_started":
+            body.update(tokens=result.tokens if result else None,
+                        first_token_ms=_ms(result.first_token_ms) if result else None,
+                        duration_ms=_ms(result.duration_ms) if result else None,
+                        outcome=result.outcome if result else None)
+        if kind == "stream_failed":
+            body["error_code"] = result.error_code if result else None
+        return _seal(body)
+
+    def stream_ended(self, identity: Identity, query: str, result: StreamResult) -> AuditEvent:
+        """The end event matching ``result.outcome`` (completed, cancelled or failed)."""
+        return self.stream(_END_KIND[result.outcome], identity, result.request_id, result.trace_id,
+                           query, result)
+
+    def chat(self, identity: Identity, request_id: str, trace_id: str | None, query: str, *,
+             outcome: str, duration_ms: float, tokens: int | None = None,
+             error_code: str | None = None) -> AuditEvent:
+        """A non-streaming chat request."""
+        body = self._base("chat", identity, request_id, trace_id)
+        body.update(query_hmac=self._keys.query_hmac(query), tokens=tokens, duration_ms=_ms(duration_ms),
+                    outcome=outcome, error_code=error_code)
+        return _seal(body)
+
+    def rate_limited(self, identity: Identity, request_id: str, trace_id: str | None, *,
+                     path: str, reason: str) -> AuditEvent:
+        """A request refused by a limit (``reason``: the error code, e.g. RATE_LIMITED)."""
+        return self._security("rate_limited", identity, request_id, trace_id, path, reason)
+
+    def auth_failed(self, identity: Identity, request_id: str, trace_id: str | None, *,
+                    path: str, reason: str) -> AuditEvent:
+        """A request refused for its credentials (``reason``: the error code, e.g. TOKEN_EXPIRED)."""
+        return self._security("auth_failed", identity, request_id, trace_id, path, reason)
+
+    def admin_read(self, identity: Identity, request_id: str, trace_id: str | None, *,
+                   filters: Mapping[str, str], returned: int) -> AuditEvent:
+        """An admin reading the trail; ``filters`` must already be pseudonymised (no raw IP)."""
+        body = self._base("admin_read", identity, request_id, trace_id)
+        body.update(filters=dict(filters), returned=returned)
+        return _seal(body)
+
+    def _security(self, kind: str, identity: Identity, request_id: str, trace_id: str | None,
+                  path: str, reason: str) -> AuditEvent:
+        body = self._base(kind, identity, request_id, trace_id)
+        body.update(client_ip=identity.client_ip, path=path, reason=reason)
+        return _seal(body)
+
+    def _base(self, kind: str, identity: Identity, request_id: str, trace_id: str | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"ts": format_ts(self._clock()), "event_type": kind, "request_id": request_id,
+                                "trace_id": trace_id, "user_id": self.user_id(identity)}
+        if identity.authenticated and identity.email:
+            body["email"] = identity.email
+        return body
+
+
+def _seal(body: dict[str, Any]) -> AuditEvent:
+    """Check the body against ``ALLOWED_FIELDS``: a stray key is a bug that could leak PII."""
+    allowed = ALLOWED_FIELDS[body["event_type"]]
+    extra = body.keys() - allowed - OPTIONAL_FIELDS
+    missing = allowed - body.keys()
+    if extra or missing:
+        raise ValueError(f"{body['event_type']} event: unexpected {sorted(extra)}, missing {sorted(missing)}")
+    return AuditEvent(MappingProxyType(body))
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)

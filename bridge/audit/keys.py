@@ -1,0 +1,121 @@
+"""The audit key: loaded from AUDIT_HASH_KEY or a generated ``<db>.key`` file, split into subkeys.
+
+One master key is expanded (HKDF, RFC 5869, over HMAC-SHA256) into independent subkeys, so a value
+computed with one cannot stand in for another: without the split, the HMAC of a *query* "10.0.0.1"
+would equal the pseudonym of the *IP* 10.0.0.1, and a query hash could be replayed as a chain hash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from bridge.config import ConfigError
+
+log = logging.getLogger("bridge.audit")
+
+_SALT = b"bali-zero-bridge/audit/v1"
+_MIN_KEY_BYTES = 16
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class AuditKeys:
+    """The three subkeys; ``repr`` is hidden so a key never reaches a log line or traceback."""
+
+    query_key: bytes
+    pseudonym_key: bytes
+    chain_key: bytes
+
+    def query_hmac(self, query: str) -> str:
+        """HMAC-SHA256 hex of a query: equal queries can be correlated, but not read back."""
+        return hmac.new(self.query_key, query.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+
+    def pseudonym(self, client_ip: str) -> str:
+        """The stable pseudonymous user id of an anonymous caller, derived from the IP."""
+        return "anon:" + hmac.new(self.pseudonym_key, client_ip.encode(), hashlib.sha256).hexdigest()
+
+
+def derive_keys(master: bytes) -> AuditKeys:
+    """Expand the master key into the query, pseudonym and chain subkeys."""
+    prk = hmac.new(_SALT, master, hashlib.sha256).digest()
+
+    def expand(label: str) -> bytes:  # one HKDF-Expand block: 32 bytes are all we need
+        return hmac.new(prk, label.encode() + b"\x01", hashlib.sha256).digest()
+
+    return AuditKeys(
+        query_key=expand("query-hmac"), pseudonym_key=expand("ip-pseudonym"), chain_key=expand("record-chain")
+    )
+
+
+def key_path(db_path: str | os.PathLike[str]) -> Path:
+    """Where the generated key lives: beside the store, as ``<db>.key``."""
+    return Path(f"{os.fspath(db_path)}.key")
+
+
+def load_master_key(db_path: str | os.PathLike[str], configured: str = "", *, create: bool = True) -> bytes:
+    """The master key: ``configured`` (AUDIT_HASH_KEY) if set, else the key file, generated if missing.
+
+    A present but unreadable or empty key file is an error, never silently replaced: a new key
+    would make every existing record fail verification.
+    """
+    if configured:
+        return _material(configured, "AUDIT_HASH_KEY")
+    path = key_path(db_path)
+    if not path.exists():
+        if not create:
+            raise ConfigError(f"audit key file {path} does not exist and AUDIT_HASH_KEY is not set")
+        _create_key_file(path)
+    return _read_key_file(path)
+
+
+def load_keys(db_path: str | os.PathLike[str], configured: str = "", *, create: bool = True) -> AuditKeys:
+    """Load the master key and derive the subkeys."""
+    return derive_keys(load_master_key(db_path, configured, create=create))
+
+
+def _material(text: str, source: str) -> bytes:
+    """Hex is decoded (so a key file's content pasted into AUDIT_HASH_KEY is the same key); else UTF-8."""
+    text = text.strip()
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raw = text.encode()
+    if len(raw) < _MIN_KEY_BYTES:
+        raise ConfigError(f"{source} must hold at least {_MIN_KEY_BYTES} bytes of key material")
+    return raw
+
+
+def _create_key_file(path: Path) -> None:
+    """Write a new key atomically with 0600: a temp file linked into place.
+
+    ``link`` fails if another process won the race, so two bridges starting together on one store
+    end up with the same key instead of each overwriting the other's.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+            log.warning("generated a new audit key at %s; back it up with the store", path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_key_file(path: Path) -> bytes:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        log.warning("audit key file %s had mode %o; tightening to 600", path, mode)
+        os.chmod(path, 0o600)
+    return _material(path.read_text(encoding="ascii"), f"audit key file {path}")

@@ -1,0 +1,269 @@
+"""Audit storage: a small interface and its SQLite implementation.
+
+The trail and the verifier talk only to ``AuditStore``, so another SQL database can be added by
+implementing it. What an implementation must guarantee (the SQLite one does):
+
+* ``append_batch`` reads the chain head, seals and inserts the batch and moves the head in ONE
+  write transaction, so two processes sharing a store cannot fork the chain;
+* ``purge_before`` deletes a contiguous *prefix* by id (up to the first record not older than the
+  cutoff) and appends the checkpoint in the same transaction: deleting by timestamp alone would
+  punch holes after a clock step backwards, and a crash between delete and checkpoint would leave
+  a chain that can never verify again;
+* ``snapshot`` reads the head and all records in one read transaction, so a verify racing a writer
+  does not see a head newer than the records (a false "tampered" alarm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+GENESIS = "0" * 64
+"""The ``prev_hash`` of the first record ever written."""
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """A position in the chain: a record id and its hash (``Link(0, GENESIS)`` before any record)."""
+
+    id: int
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The stored chain head; ``mac`` lets verify notice a deleted tail record."""
+
+    link: Link
+    mac: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    id: int
+    body: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+    def row(self) -> dict[str, Any]:
+        """The record as the admin API and export show it."""
+        return {"id": self.id, **self.body}
+
+
+@dataclass(frozen=True, slots=True)
+class ChainSnapshot:
+    head: Head | None
+    records: Iterator[StoredRecord]
+
+
+@dataclass(frozen=True, slots=True)
+class QueryFilters:
+    """Admin read filters; ``since``/``until`` are ``format_ts`` strings, ``before_id`` a cursor."""
+
+    event_type: str | None = None
+    user_id: str | None = None
+    since: str | None = None
+    until: str | None = None
+    before_id: int | None = None
+
+
+class Sealer(Protocol):
+    """Computes record and head hashes (bridge/audit/chain.py); the store never sees the key."""
+
+    def seal(self, prev_hash: str, record_id: int, body: Mapping[str, Any]) -> str: ...
+
+    def seal_head(self, link: Link) -> str: ...
+
+
+CheckpointBuilder = Callable[[int, Link], Mapping[str, Any]]
+"""(purged_count, last purged link) -> the checkpoint record's body."""
+
+
+class AuditStore(Protocol):
+    def append_batch(self, bodies: Sequence[Mapping[str, Any]], sealer: Sealer) -> Link: ...
+
+    def purge_before(self, cutoff_ts: str, sealer: Sealer, checkpoint: CheckpointBuilder) -> int: ...
+
+    def snapshot(self) -> AbstractContextManager[ChainSnapshot]: ...
+
+    def query(self, filters: QueryFilters, limit: int, offset: int = 0) -> list[StoredRecord]: ...
+
+    def count(self) -> int: ...
+
+    def backup(self, dest: str | os.PathLike[str]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_records (
+    id INTEGER PRIMARY KEY,
+    body TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    ts TEXT GENERATED ALWAYS AS (json_extract(body, '$.ts')) VIRTUAL,
+    event_type TEXT GENERATED ALWAYS AS (json_extract(body, '$.event_type')) VIRTUAL,
+    user_id TEXT GENERATED ALWAYS AS (json_extract(body, '$.user_id')) VIRTUAL
+);
+CREATE INDEX IF NOT EXISTS audit_records_ts ON audit_records (ts);
+CREATE INDEX IF NOT EXISTS audit_records_type ON audit_records (event_type, id);
+CREATE INDEX IF NOT EXISTS audit_records_user ON audit_records (user_id, id);
+CREATE TABLE IF NOT EXISTS audit_chain_head (
+    singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+    last_id INTEGER NOT NULL,
+    last_hash TEXT NOT NULL,
+    mac TEXT NOT NULL
+);
+"""
+
+
+def canonical_json(body: Mapping[str, Any]) -> str:
+    """The one serialisation used both to store and to hash a record (sorted keys, no spaces).
+
+    ASCII-only: a lone surrogate in, say, a path would otherwise fail UTF-8 encoding inside SQLite
+    and lose the whole batch; escaped, it round-trips and hashes the same on verify.
+    """
+    return json.dumps(dict(body), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+class SQLiteStore:
+    """``AuditStore`` on a SQLite file in WAL mode with ``synchronous=NORMAL``.
+
+    Writes go through one connection (the trail's writer thread); reads open their own short-lived
+    connection so an admin query never waits behind, or blocks, a batch insert. ``secure_delete``
+    makes purged records unreadable in the file, not just unlinked (retention must really erase).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 5000) -> None:
+        self.path = Path(path)
+        self._busy_timeout_ms = busy_timeout_ms
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():  # the store holds emails and IPs: owner-only from the first byte
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        self._conn = self._connect()
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.executescript(_SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA secure_delete=ON")
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def append_batch(self, bodies: Sequence[Mapping[str, Any]], sealer: Sealer) -> Link:
+        with self._write() as conn:
+            return self._append(conn, bodies, sealer)
+
+    def purge_before(self, cutoff_ts: str, sealer: Sealer, checkpoint: CheckpointBuilder) -> int:
+        with self._write() as conn:
+            keep = conn.execute("SELECT min(id) FROM audit_records WHERE ts >= ?", (cutoff_ts,)).fetchone()[0]
+            bound = "id < ?" if keep is not None else "1"
+            args = (keep,) if keep is not None else ()
+            count, last_id = conn.execute(f"SELECT count(*), max(id) FROM audit_records WHERE {bound}",
+                                          args).fetchone()
+            if not count:
+                return 0
+            last_hash = conn.execute("SELECT hash FROM audit_records WHERE id = ?", (last_id,)).fetchone()[0]
+            conn.execute(f"DELETE FROM audit_records WHERE {bound}", args)
+            self._append(conn, [checkpoint(int(count), Link(int(last_id), str(last_hash)))], sealer)
+        with contextlib.suppress(sqlite3.OperationalError):  # busy readers: the next checkpoint does it
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # purged pages leave the WAL too
+        return int(count)
+
+    def _append(self, conn: sqlite3.Connection, bodies: Sequence[Mapping[str, Any]], sealer: Sealer) -> Link:
+        row = conn.execute("SELECT last_id, last_hash FROM audit_chain_head").fetchone()
+        if row is not None:
+            prev = Link(int(row[0]), str(row[1]))
+        else:  # no head yet; with records present this restarts at GENESIS, which verify flags
+            max_id = conn.execute("SELECT coalesce(max(id), 0) FROM audit_records").fetchone()[0]
+            prev = Link(int(max_id), GENESIS)
+        rows = []
+        for body in bodies:
+            record_id = prev.id + 1
+            digest = sealer.seal(prev.hash, record_id, body)
+            rows.append((record_id, canonical_json(body), prev.hash, digest))
+            prev = Link(record_id, digest)
+        conn.executemany("INSERT INTO audit_records (id, body, prev_hash, hash) VALUES (?, ?, ?, ?)", rows)
+        conn.execute(
+            "INSERT INTO audit_chain_head (singleton, last_id, last_hash, mac) VALUES (1, ?, ?, ?) "
+            "ON CONFLICT (singleton) DO UPDATE SET last_id = excluded.last_id, "
+            "last_hash = excluded.last_hash, mac = excluded.mac",
+            (prev.id, prev.hash, sealer.seal_head(prev)),
+        )
+        return prev
+
+    @contextmanager
+    def snapshot(self) -> Iterator[ChainSnapshot]:
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN")
+            row = conn.execute("SELECT last_id, last_hash, mac FROM audit_chain_head").fetchone()
+            head = Head(Link(int(row[0]), str(row[1])), str(row[2])) if row else None
+            cursor = conn.execute("SELECT id, body, prev_hash, hash FROM audit_records ORDER BY id")
+            yield ChainSnapshot(head, (_record(r) for r in cursor))
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    def query(self, filters: QueryFilters, limit: int, offset: int = 0) -> list[StoredRecord]:
+        clauses: list[str] = []
+        args: list[Any] = []
+        for column, op, value in (("event_type", "=", filters.event_type), ("user_id", "=", filters.user_id),
+                                  ("ts", ">=", filters.since), ("ts", "<", filters.until),
+                                  ("id", "<", filters.before_id)):
+            if value is not None:
+                clauses.append(f"{column} {op} ?")
+                args.append(value)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        conn = self._connect()
+        try:
+            rows = conn.execute(f"SELECT id, body, prev_hash, hash FROM audit_records {where} "
+                                "ORDER BY id DESC LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
+        finally:
+            conn.close()
+        return [_record(r) for r in rows]
+
+    def count(self) -> int:
+        conn = self._connect()
+        try:
+            return int(conn.execute("SELECT count(*) FROM audit_records").fetchone()[0])
+        finally:
+            conn.close()
+
+    def backup(self, dest: str | os.PathLike[str]) -> None:
+        """A consistent copy while writers continue (WAL: the backup reads one snapshot)."""
+        dest_path = Path(dest)
+        dest_path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(dest_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        src, dst = self._connect(), sqlite3.connect(dest_path)
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+            src.close()
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _record(row: tuple[Any, ...]) -> StoredRecord:
+    return StoredRecord(int(row[0]), json.loads(row[1]), str(row[2]), str(row[3]))

@@ -1,0 +1,99 @@
+"""`bali-zero-bridge`: serve the bridge (default) or run an audit command.
+
+The environment is read here, once, into a Settings object that everything else receives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import Mapping
+from types import FrameType
+
+import uvicorn
+
+from bridge.config import ConfigError, Settings
+
+
+def load_environment(env_file: str | None) -> Mapping[str, str]:
+    environ = dict(os.environ)
+    if env_file:
+        from dotenv import dotenv_values
+
+        if not os.path.isfile(env_file):
+            raise ConfigError(f"--env-file {env_file!r}: no such file")
+        file_values = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+        environ = {**file_values, **environ}  # the real environment wins over the file
+    return environ
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, announcing readiness and telling the app when SIGTERM arrives."""
+
+    def __init__(self, config: uvicorn.Config, on_exit_signal: object, announce: str) -> None:
+        super().__init__(config)
+        self._on_exit_signal = on_exit_signal
+        self._announce = announce
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if not self.should_exit:
+            print(self._announce, flush=True)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        callback = self._on_exit_signal
+        if callable(callback):
+            try:
+                asyncio.get_running_loop().call_soon_threadsafe(callback)
+            except RuntimeError:
+                pass
+        super().handle_exit(sig, frame)
+
+
+def serve(settings: Settings, host: str, port: int) -> int:
+    from bridge.app import create_app
+    from bridge.state import BridgeState
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        print(f"bali-zero-bridge: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    bound_port = sock.getsockname()[1]
+    state = BridgeState.from_settings(settings)
+    app = create_app(settings, state)
+    config = uvicorn.Config(
+        app,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
+        server_header=False,
+    )
+    shown_host = f"[{host}]" if ":" in host else host
+    server = _Server(config, state.begin_drain, f"bali-zero-bridge listening on http://{shown_host}:{bound_port}")
+    server.run(sockets=[sock])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bali-zero-bridge", description="gRPC → Server-Sent Events bridge")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--env-file", default=None, help="load settings from a .env file")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="serve HTTP (the default)")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env(load_environment(args.env_file))
+    except ConfigError as exc:
+        print(f"bali-zero-bridge: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    return serve(settings, args.host, args.port)

@@ -1,0 +1,73 @@
+"""The caller's IP address, believing ``X-Forwarded-For`` only as far as our own proxies wrote it.
+
+Each proxy *appends* the address it received the request from, so only the right-hand end of the
+header was written by infrastructure we trust; everything to the left may be typed by the client.
+Walking from the right and stopping at the first address that is not one of ours prevents the
+classic spoof where a client sends ``X-Forwarded-For: 1.2.3.4`` to borrow someone else's rate
+limit (taking the left-most value) or to dodge its own.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from bridge.config import IPNetwork
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_MAX_HOPS = 32  # a longer chain is not from our proxies; bounds work on a hostile header
+
+
+def client_ip(
+    peer: str | None, forwarded_for: str | None, trusted: tuple[IPNetwork, ...]
+) -> tuple[str, bool]:
+    """Return ``(ip, peer_trusted)``.
+
+    ``peer`` is the socket peer address; ``forwarded_for`` is every ``X-Forwarded-For`` value joined
+    with commas (in header order). When the peer is not a trusted proxy the header is ignored.
+    A malformed entry stops the walk and the last trusted hop is used: a garbled header must not
+    let anything to its left through.
+    """
+    peer_ip = parse_ip(peer) if peer else None
+    if peer_ip is None:
+        return (peer or "unknown"), False
+    if not _is_trusted(peer_ip, trusted):
+        return str(peer_ip), False
+    current = peer_ip
+    hops = [h for h in (forwarded_for or "").split(",")][::-1][:_MAX_HOPS]
+    for hop in hops:
+        if not hop.strip():
+            continue
+        parsed = parse_ip(hop)
+        if parsed is None:
+            break
+        current = parsed
+        if not _is_trusted(parsed, trusted):
+            break
+    return str(current), True
+
+
+def parse_ip(text: str) -> IPAddress | None:
+    """Parse ``1.2.3.4``, ``1.2.3.4:5678``, ``::1`` or ``[::1]:5678``; IPv4-mapped IPv6 becomes IPv4."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return None
+        text = host
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+        if not port.isdigit():
+            return None
+        text = host
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _is_trusted(ip: IPAddress, trusted: tuple[IPNetwork, ...]) -> bool:
+    return any(ip.version == net.version and ip in net for net in trusted)

@@ -1,0 +1,251 @@
+"""The HTTP handlers. Each turns a request into a response and nothing else; policy lives in the
+modules they call (gate, inputs, streaming, upstream)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2
+from starlette.requests import Request
+from starlette.responses import Response
+
+from bali_zero.rag.v1 import rag_pb2
+from bridge.auth import effective_role
+from bridge.errors import BridgeError, NotFound, from_grpc_status
+from bridge.gate import Admission, Rejected
+from bridge.inputs import ChatInput, read_input
+from bridge.responses import JSONResponse, error_response
+from bridge.rollout import in_rollout
+from bridge.state import BridgeState
+from bridge.streaming import (
+    EventStreamResponse,
+    StreamExpired,
+    StreamSession,
+    new_stream_id,
+    parse_event_id,
+)
+from bridge.types import Identity, StreamResult
+from bridge.upstream import StreamCall
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+_ROLES = {"user": rag_pb2.CHAT_ROLE_USER, "assistant": rag_pb2.CHAT_ROLE_ASSISTANT, "system": rag_pb2.CHAT_ROLE_SYSTEM}
+
+
+def _request_id(request: Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def _upstream_fields(chat: ChatInput, identity: Identity, request_id: str) -> dict[str, Any]:
+    return {
+        "query": chat.query,
+        # A verified email wins; an anonymous caller's email is a personalisation hint only.
+        "user_email": identity.email or chat.user_email or "",
+        "user_role": effective_role(identity, chat.user_role) or "",
+        "conversation_history": [rag_pb2.ChatMessage(role=_ROLES[r], content=c) for r, c in chat.history],
+        "request_id": request_id,
+    }
+
+
+def _ms(duration: duration_pb2.Duration) -> float:
+    return round(duration.ToNanoseconds() / 1e6, 3)
+
+
+class Endpoints:
+    def __init__(self, state: BridgeState) -> None:
+        self.state = state
+
+    # -- streaming -------------------------------------------------------------------------------
+
+    async def chat_stream(self, request: Request) -> Response:
+        state = self.state
+        if not state.settings.enable_sse_streaming:
+            return error_response(
+                NotFound("streaming is disabled on this server (ENABLE_SSE_STREAMING=false); "
+                         "use POST /api/v2/bali-zero/chat", code="STREAMING_DISABLED")
+            )
+        resume_from = parse_event_id(
+            request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+        )
+        connection_id = request.headers.get("x-connection-id")
+        if resume_from is None and connection_id and request.headers.get("last-event-id", "").isdigit():
+            resume_from = (connection_id, int(request.headers["last-event-id"]))
+        try:
+            if resume_from is not None:
+                return await self._resume(request, *resume_from)
+            admission = await state.gate.admit(request)
+        except Rejected as rejected:
+            return error_response(rejected.error, rejected.headers)
+        except BridgeError as exc:
+            return error_response(exc)
+        try:
+            return await self._open(request, admission)
+        except BridgeError as exc:
+            return error_response(exc, admission.headers)
+
+    async def _open(self, request: Request, admission: Admission) -> Response:
+        state = self.state
+        identity = admission.identity
+        if not in_rollout(identity.key, state.settings.sse_rollout_percent):
+            raise NotFound("streaming is not yet enabled for this user; use POST /api/v2/bali-zero/chat",
+                           code="STREAMING_DISABLED")
+        chat = await read_input(request, state.limits)
+        lease = state.caps.acquire(identity.key)
+        try:
+            request_id = _request_id(request)
+            call, first = await self._start_call(
+                rag_pb2.StreamChatRequest(**_upstream_fields(chat, identity, request_id)), request_id
+            )
+        except BaseException:
+            lease.release()
+            raise
+
+        def ended(session: StreamSession, result: StreamResult) -> None:
+            lease.release()
+            grace = state.settings.resume_grace_s
+            if grace > 0:
+                asyncio.get_running_loop().call_later(grace, state.registry.discard, session)
+            else:
+                state.registry.discard(session)
+
+        session = StreamSession(
+            stream_id=new_stream_id(),
+            request_id=request_id,
+            owner=identity.key,
+            policy=state.policy,
+            observer=state.observer,
+            on_end=ended,
+        )
+        state.registry.add(session)
+        session.start(call, first)
+        return _StreamResponse(EventStreamResponse(session, 0, headers=admission.headers))
+
+    async def _start_call(
+        self, message: rag_pb2.StreamChatRequest, request_id: str
+    ) -> tuple[StreamCall, rag_pb2.StreamChatResponse | None]:
+        """Open the gRPC stream; fail as an HTTP error while no frame has been sent.
+
+        The bridge waits (briefly) for the RAG service to accept the call, so "unreachable" and
+        "bad request" become a 503 or 400 instead of a stream that opens and errors at once.
+        An UNAVAILABLE answer is retried once: with several replicas, round robin picks another.
+        """
+        settings = self.state.settings
+        accept_wait = min(settings.upstream_connect_timeout_s, settings.heartbeat_interval_s)
+        for attempt in (1, 2):
+            call = self.state.rag.stream_chat(
+                message, timeout=settings.upstream_timeout_s, metadata=(("x-request-id", request_id),)
+            )
+            try:
+                async with asyncio.timeout(accept_wait):
+                    await call.initial_metadata()
+            except TimeoutError:
+                return call, None  # accepted lazily: heartbeats cover the wait from here on
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            if not call.done():
+                return call, None
+            code = await call.code()
+            if code == grpc.StatusCode.OK:
+                return call, None
+            if code == grpc.StatusCode.UNAVAILABLE and attempt == 1:
+                continue
+            raise from_grpc_status(code, await call.details())
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _resume(self, request: Request, stream_id: str, after_seq: int) -> Response:
+        state = self.state
+        identity = await state.gate.identify(request)
+        session = state.registry.get(stream_id)
+        if session is None:
+            return _expired_stream(stream_id, after_seq)
+        if session.owner != identity.key:
+            raise NotFound("no such stream", code="STREAM_NOT_FOUND")
+        try:
+            session.check_resumable(after_seq)
+        except StreamExpired as exc:
+            return _expired_stream(stream_id, after_seq, exc)
+        if session.finished and session.sent_seq >= session.last_seq == after_seq:
+            return Response(status_code=204)  # the client has everything; 204 stops EventSource
+        state.observer.reconnected()
+        return _StreamResponse(EventStreamResponse(session, after_seq))
+
+    async def cancel_stream(self, request: Request) -> Response:
+        state = self.state
+        identity = await state.gate.identify(request)
+        session = state.registry.get(request.path_params["stream_id"])
+        if session is None or session.owner != identity.key:
+            return error_response(NotFound("no such stream", code="STREAM_NOT_FOUND"))
+        session.abort()
+        return Response(status_code=204)
+
+    # -- non-streaming ---------------------------------------------------------------------------
+
+    async def chat(self, request: Request) -> Response:
+        state = self.state
+        if request.method != "POST":
+            raise NotFound("use POST")
+        try:
+            admission = await state.gate.admit(request)
+        except Rejected as rejected:
+            return error_response(rejected.error, rejected.headers)
+        try:
+            chat = await read_input(request, state.limits)
+            request_id = _request_id(request)
+            message = rag_pb2.ChatRequest(**_upstream_fields(chat, admission.identity, request_id))
+            try:
+                reply = await state.rag.chat(
+                    message, timeout=state.settings.upstream_timeout_s, metadata=(("x-request-id", request_id),)
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise from_grpc_status(exc.code(), exc.details()) from None
+        except BridgeError as exc:
+            return error_response(exc, admission.headers)
+        body = {
+            "answer": reply.answer,
+            "sources": [{"title": s.title, "uri": s.uri, "score": s.score} for s in reply.metadata.sources],
+            "model": reply.metadata.model,
+            "request_id": request_id,
+            "finish_reason": "length" if reply.completion.finish_reason == rag_pb2.FINISH_REASON_LENGTH else "stop",
+            "metrics": {"tokens": reply.completion.token_count, "duration_ms": _ms(reply.completion.total_time)},
+        }
+        return JSONResponse(body, headers=admission.headers)
+
+    # -- health ----------------------------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        upstream = self.state.upstream
+        if self.state.gate.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if upstream is None or not await upstream.serving():
+            return JSONResponse({"status": "unavailable", "upstream": "not serving"}, status_code=503)
+        return JSONResponse({"status": "ready", "upstream": "serving"})
+
+
+def _expired_stream(stream_id: str, after_seq: int, error: BridgeError | None = None) -> Response:
+    """A late reconnect: one ``error`` frame, not retryable, so the client stops reconnecting."""
+    from bridge import sse
+
+    error = error or StreamExpired("the stream is no longer available; ask again", retryable=False)
+    body = sse.json_frame(f"{stream_id}:{after_seq}", error.frame())
+    return Response(body, media_type="text/event-stream; charset=utf-8",
+                    headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+
+class _StreamResponse(Response):
+    """Adapts an EventStreamResponse to Starlette's Response interface (never rendered)."""
+
+    def __init__(self, inner: EventStreamResponse) -> None:
+        self.inner = inner
+        self.status_code = 200
+        self.background = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.inner(scope, receive, send)

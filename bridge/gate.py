@@ -1,0 +1,81 @@
+"""Admission: who the caller is and whether they may make this request now.
+
+Both chat endpoints pass through the same gate, in this order: shutting down (503), identity
+(401), rate limit (429 + Retry-After). The rate-limit headers of the decision are returned so
+every response, successful or not, carries them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from bridge.auth import Authenticator
+from bridge.clientip import client_ip
+from bridge.config import Settings
+from bridge.errors import BridgeError, ServiceUnavailable, Unauthorized
+from bridge.ratelimit import RateDecision, RateLimiter
+from bridge.types import Identity
+
+AuthFailureHook = Callable[[Request, str, Unauthorized], None]
+
+
+@dataclass(slots=True)
+class Admission:
+    identity: Identity
+    headers: dict[str, str]
+
+
+class Gate:
+    def __init__(
+        self,
+        settings: Settings,
+        authenticator: Authenticator,
+        limiter: RateLimiter,
+        on_auth_failure: AuthFailureHook | None = None,
+    ) -> None:
+        self.settings = settings
+        self.authenticator = authenticator
+        self.limiter = limiter
+        self.on_auth_failure = on_auth_failure
+        self.draining = False
+
+    def client(self, request: Request) -> tuple[str, bool]:
+        peer = request.client.host if request.client else None
+        forwarded = ",".join(request.headers.getlist("x-forwarded-for")) or None
+        return client_ip(peer, forwarded, self.settings.trusted_proxies)
+
+    async def identify(self, request: Request) -> Identity:
+        ip, trusted = self.client(request)
+        try:
+            return await self.authenticator.authenticate(
+                request.headers.get("authorization"), request.headers.get("x-user-id"), ip, trusted
+            )
+        except Unauthorized as exc:
+            if self.on_auth_failure is not None:
+                self.on_auth_failure(request, ip, exc)
+            raise
+
+    async def admit(self, request: Request) -> Admission:
+        if self.draining:
+            raise ServiceUnavailable("the bridge is shutting down", code="SHUTTING_DOWN", retryable=True,
+                                     retry_after_s=1)
+        identity = await self.identify(request)
+        decision: RateDecision = await self.limiter.hit(identity.key)
+        headers = decision.headers()
+        error: BridgeError | None = decision.error()
+        if error is not None:
+            raise Rejected(error, headers, identity)
+        return Admission(identity, headers)
+
+
+class Rejected(Exception):
+    """A gate refusal carrying the headers and identity the response and audit need."""
+
+    def __init__(self, error: BridgeError, headers: dict[str, str], identity: Identity) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.headers = headers
+        self.identity = identity

@@ -1,0 +1,141 @@
+"""Turning an HTTP request into a validated chat input; every rejection is a typed 4xx."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+
+from bridge.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+ROLES = ("user", "assistant", "system")
+_EMAIL = re.compile(r"^[^@\s\x00-\x1f]{1,64}@[^@\s\x00-\x1f]{1,190}$")
+_FIELD = re.compile(r"^[A-Za-z0-9_.\-]{1,32}$")
+
+
+@dataclass(frozen=True, slots=True)
+class ChatInput:
+    query: str
+    user_email: str | None = None
+    user_role: str | None = None
+    history: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_query_bytes: int
+    max_body_bytes: int
+    max_history_messages: int
+
+
+async def read_input(request: Request, limits: Limits) -> ChatInput:
+    """Parse GET query parameters or a POST JSON body."""
+    if request.method == "GET":
+        params = request.query_params
+        history_raw = params.get("conversation_history")
+        history: Any = [] if not history_raw else _loads(history_raw, "conversation_history")
+        return validate(
+            {
+                "query": params.get("query"),
+                "user_email": params.get("user_email"),
+                "user_role": params.get("user_role"),
+                "conversation_history": history,
+            },
+            limits,
+        )
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if content_type != "application/json":
+        raise UnsupportedMediaType("send the request as Content-Type: application/json")
+    body = await read_body(request, limits.max_body_bytes)
+    data = _loads(body, "body")
+    if not isinstance(data, dict):
+        raise BadRequest("the JSON body must be an object", code="INVALID_JSON")
+    return validate(data, limits)
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, refusing more than ``max_bytes`` without reading the rest into memory."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest("invalid Content-Length")
+        if int(declared) > max_bytes:
+            raise PayloadTooLarge(f"the body must be at most {max_bytes} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"the body must be at most {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _loads(raw: str | bytes, what: str) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadRequest(f"{what} is not valid JSON", code="INVALID_JSON") from None
+
+
+def validate(data: Mapping[str, Any], limits: Limits) -> ChatInput:
+    query = data.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise BadRequest("query is required and must be a non-empty string", code="QUERY_REQUIRED")
+    if len(query.encode("utf-8", "surrogatepass")) > limits.max_query_bytes:
+        raise BadRequest(f"query must be at most {limits.max_query_bytes} bytes", code="QUERY_TOO_LONG")
+    _check_text(query, "query")
+    email = _optional_str(data, "user_email")
+    if email is not None and not _EMAIL.match(email):
+        raise BadRequest("user_email is not an email address")
+    role = _optional_str(data, "user_role")
+    if role is not None and not _FIELD.match(role):
+        raise BadRequest("user_role must be a short word such as member")
+    return ChatInput(query, email, role, _history(data.get("conversation_history"), limits))
+
+
+def _optional_str(data: Mapping[str, Any], name: str) -> str | None:
+    value = data.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"{name} must be a string")
+    return value
+
+
+def _history(raw: Any, limits: Limits) -> tuple[tuple[str, str], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise BadRequest("conversation_history must be a JSON list of {role, content}", code="INVALID_HISTORY")
+    if len(raw) > limits.max_history_messages:
+        raise BadRequest(
+            f"conversation_history has more than {limits.max_history_messages} messages", code="INVALID_HISTORY"
+        )
+    out = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or set(item) - {"role", "content"}:
+            raise BadRequest(f"conversation_history[{i}] must be an object with role and content only",
+                             code="INVALID_HISTORY")
+        role, content = item.get("role"), item.get("content")
+        if role not in ROLES:
+            raise BadRequest(f"conversation_history[{i}].role must be one of {', '.join(ROLES)}",
+                             code="INVALID_HISTORY")
+        if not isinstance(content, str) or not content:
+            raise BadRequest(f"conversation_history[{i}].content must be a non-empty string",
+                             code="INVALID_HISTORY")
+        _check_text(content, f"conversation_history[{i}].content")
+        out.append((role, content))
+    return tuple(out)
+
+
+def _check_text(text: str, name: str) -> None:
+    # JSON allows lone surrogates ("\ud800") that cannot be encoded as UTF-8 for gRPC.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{name} is not valid Unicode text") from None

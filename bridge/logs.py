@@ -1,0 +1,108 @@
+"""Structured JSON logging: one object per line on stderr, and optionally combined/error files.
+
+The files mirror the seed's logs/combined.log and logs/error.log so existing log shipping keeps
+working. Fields: ``ts`` (UTC ISO 8601, ms), ``level``, ``logger``, ``message``, then every
+``extra=`` field of the call, so stream ends can be queried by request or trace id.
+
+Privacy: ``log_stream_end`` writes identifiers, outcome and timings only. Query text never goes in
+a log line; ``StreamResult.extra`` contributes only its numeric and boolean values for that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from bridge.types import StreamResult
+
+STREAM_LOGGER = "bridge.streams"
+_OURS = "_bali_zero_handler"  # marks handlers we installed, so reconfiguring replaces only them
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as one compact JSON object; unknown value types become strings."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and key not in entry:
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = record.stack_info
+        return json.dumps(entry, default=str, ensure_ascii=False, separators=(",", ":"))
+
+
+def _handler(handler: logging.Handler, level: int) -> logging.Handler:
+    handler.setLevel(level)
+    handler.setFormatter(JsonFormatter())
+    setattr(handler, _OURS, True)
+    return handler
+
+
+def _file(path: str, level: int) -> logging.Handler:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return _handler(logging.FileHandler(path, encoding="utf-8"), level)
+
+
+def configure_logging(settings: Any, stream: IO[str] | None = None) -> list[logging.Handler]:
+    """Install JSON handlers on the root logger per ``settings``; return them (for closing/tests).
+
+    Reads ``settings.log_level``, ``settings.log_file`` (combined, same level as stderr) and
+    ``settings.error_log_file`` (ERROR and above). Calling it again replaces the handlers it
+    installed before and leaves other handlers alone. ``stream`` defaults to ``sys.stderr``.
+    """
+    level = logging.getLevelName(settings.log_level.upper())
+    if not isinstance(level, int):
+        raise ValueError(f"LOG_LEVEL={settings.log_level!r}: not a logging level")
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _OURS, False)]:
+        root.removeHandler(old)
+        old.close()
+    handlers = [_handler(logging.StreamHandler(stream or sys.stderr), level)]
+    if settings.log_file:
+        handlers.append(_file(settings.log_file, level))
+    if settings.error_log_file:
+        handlers.append(_file(settings.error_log_file, logging.ERROR))
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+    return handlers
+
+
+def stream_end_fields(result: StreamResult) -> dict[str, Any]:
+    """The fields of a stream-end line: identifiers, outcome and timings, never content."""
+    fields: dict[str, Any] = {
+        "event": "stream_end",
+        "stream_id": result.stream_id,
+        "request_id": result.request_id,
+        "trace_id": result.trace_id,
+        "outcome": result.outcome,
+        "tokens": result.tokens,
+        "duration_ms": round(result.duration_ms, 3),
+        "first_token_ms": None if result.first_token_ms is None else round(result.first_token_ms, 3),
+        "error_code": result.error_code,
+        "finish_reason": result.finish_reason,
+    }
+    for key, value in result.extra.items():
+        if isinstance(value, bool | int | float) and key not in fields:
+            fields[key] = value
+    return fields
+
+
+def log_stream_end(result: StreamResult, logger: logging.Logger | None = None) -> None:
+    """One line per ended stream; errors at WARNING (an upstream failure is not a bridge bug)."""
+    level = logging.WARNING if result.outcome == "error" else logging.INFO
+    (logger or logging.getLogger(STREAM_LOGGER)).log(level, "stream end", extra=stream_end_fields(result))

@@ -1,0 +1,117 @@
+"""Prometheus metrics for GET /metrics, fed through the StreamObserver protocol.
+
+Why prometheus-client and not the OpenTelemetry Prometheus exporter: prometheus-client is the
+reference implementation of the text exposition format, so what we render is what Prometheus
+parses; it needs no SDK metric pipeline (readers, views, aggregation temporality) between the hot
+path and the scrape, so observing a token gap is a lock and a bucket increment; and it supports a
+registry per app, so two apps (or two tests) in one process never share or collide on metrics.
+Traces stay on OpenTelemetry (bridge/telemetry.py); the trace id goes into logs for correlation.
+
+Every metric lives in the registry passed in (a fresh one by default), never the global one.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from bridge.types import StreamResult
+
+# 1 ms … 10 s, roughly 1-2.5-5 per decade: fine where interactive latency matters, coarse beyond.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class BridgeMetrics:
+    """The bridge's metrics; a StreamObserver plus counters the HTTP layer calls directly."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._first_token = Histogram(
+            "bridge_first_token_seconds", "Time from stream start to the first token.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self._inter_token = Histogram(
+            "bridge_inter_token_seconds", "Time between consecutive tokens of one stream.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self._duration = Histogram(
+            "bridge_stream_duration_seconds", "Whole stream duration, by how it ended.",
+            ["outcome"], buckets=DURATION_BUCKETS, registry=r,
+        )
+        self._streams = Counter(
+            "bridge_streams", "Streams ended, by outcome and error code ('' when none).",
+            ["outcome", "error_code"], registry=r,
+        )
+        self._tokens = Counter("bridge_tokens", "Tokens relayed to clients.", registry=r)
+        self._open_streams = Gauge("bridge_open_streams", "Streams currently open.", registry=r)
+        self._open_connections = Gauge(
+            "bridge_open_connections", "SSE connections currently held open.", registry=r
+        )
+        self._reconnections = Counter(
+            "bridge_reconnections", "Streams resumed with Last-Event-ID.", registry=r
+        )
+        self._rate_limited = Counter(
+            "bridge_rate_limited", "Requests rejected by limits, by reason.", ["reason"], registry=r
+        )
+        self._rate_limit_storage_errors = Counter(
+            "bridge_rate_limit_storage_errors", "Rate-limit storage failures (fail-open or -closed).",
+            registry=r,
+        )
+        self._audit_dropped = Counter(
+            "bridge_audit_dropped", "Audit records dropped because the queue was full.", registry=r
+        )
+        self._http_requests = Counter(
+            "bridge_http_requests", "HTTP responses by route template and status.",
+            ["route", "status"], registry=r,
+        )
+        # Bound once: the per-token path is then one attribute load and a call.
+        self._observe_gap = self._inter_token.observe
+
+    # ----------------------------------------------------------------- StreamObserver
+
+    def stream_opened(self) -> None:
+        self._open_streams.inc()
+
+    def first_token(self, seconds: float) -> None:
+        self._first_token.observe(seconds)
+
+    def token_gap(self, seconds: float) -> None:
+        self._observe_gap(seconds)
+
+    def stream_closed(self, result: StreamResult) -> None:
+        self._open_streams.dec()
+        self._streams.labels(result.outcome, result.error_code or "").inc()
+        self._duration.labels(result.outcome).observe(result.duration_ms / 1000)
+        if result.tokens:
+            self._tokens.inc(result.tokens)
+
+    def reconnected(self) -> None:
+        self._reconnections.inc()
+
+    # ----------------------------------------------------------------- the rest of the bridge
+
+    def connection_opened(self) -> None:
+        self._open_connections.inc()
+
+    def connection_closed(self) -> None:
+        self._open_connections.dec()
+
+    def rate_limited(self, reason: str) -> None:
+        """``reason``: a small fixed set such as "rate", "concurrency", "global" (label cardinality)."""
+        self._rate_limited.labels(reason).inc()
+
+    def rate_limit_storage_failed(self) -> None:
+        self._rate_limit_storage_errors.inc()
+
+    def audit_dropped(self, count: int = 1) -> None:
+        self._audit_dropped.inc(count)
+
+    def http_request(self, route: str, status: int) -> None:
+        """``route`` must be the route template, never the raw path (unbounded label values)."""
+        self._http_requests.labels(route, str(status)).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition body and its content type, for GET /metrics."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,24 @@
+"""JSON responses for errors and answers; nothing here ever carries a traceback."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.responses import Response
+
+from bridge.errors import BridgeError
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def error_response(error: BridgeError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    merged = {**(headers or {}), **error.headers()}
+    status = error.status if error.status >= 400 else 400
+    return JSONResponse(error.body(), status_code=status, headers=merged)

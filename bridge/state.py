@@ -1,0 +1,73 @@
+"""Everything the handlers share for the app's lifetime, built once from Settings."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from bridge.auth import Authenticator
+from bridge.config import Settings
+from bridge.errors import ServiceUnavailable
+from bridge.gate import Gate
+from bridge.inputs import Limits
+from bridge.ratelimit import RateLimiter
+from bridge.sessions import SessionRegistry
+from bridge.streamcap import StreamCaps
+from bridge.streaming import StreamPolicy
+from bridge.types import NullObserver, StreamObserver
+from bridge.upstream import Upstream
+
+log = logging.getLogger("bridge")
+
+
+@dataclass(slots=True)
+class BridgeState:
+    settings: Settings
+    gate: Gate
+    caps: StreamCaps
+    policy: StreamPolicy
+    limits: Limits
+    registry: SessionRegistry = field(default_factory=SessionRegistry)
+    observer: StreamObserver = field(default_factory=NullObserver)
+    upstream: Upstream | None = None
+    _drain_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BridgeState:
+        return cls(
+            settings=settings,
+            gate=Gate(settings, Authenticator(settings), RateLimiter(settings)),
+            caps=StreamCaps(settings.max_streams_per_user, settings.max_streams_total),
+            policy=StreamPolicy(
+                heartbeat_interval_s=settings.heartbeat_interval_s,
+                send_timeout_s=settings.send_timeout_s,
+                resume_grace_s=settings.resume_grace_s,
+                window_frames=settings.stream_window_frames,
+                buffer_frames=settings.resume_buffer_frames,
+                buffer_bytes=settings.resume_buffer_bytes,
+            ),
+            limits=Limits(settings.max_query_bytes, settings.max_body_bytes, settings.max_history_messages),
+        )
+
+    @property
+    def rag(self) -> Upstream:
+        if self.upstream is None:
+            raise ServiceUnavailable("the bridge is starting", code="STARTING", retryable=True, retry_after_s=1)
+        return self.upstream
+
+    def begin_drain(self) -> None:
+        """SIGTERM: refuse new requests, let streams run for SHUTDOWN_GRACE_S, then end the rest."""
+        if self.gate.draining:
+            return
+        self.gate.draining = True
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        await self.registry.wait_all(self.settings.shutdown_grace_s)
+        ended = self.registry.abort_all(
+            ServiceUnavailable("the bridge is shutting down; reconnect to continue", code="SHUTTING_DOWN",
+                               retryable=True, retry_after_s=1)
+        )
+        if ended:
+            log.warning("shutdown grace over: ended %d running stream(s)", len(ended))

@@ -1,0 +1,474 @@
+"""One stream: an upstream gRPC call pumped into frames, and the HTTP connection that drains them.
+
+The two halves are decoupled on purpose. The ``StreamSession`` owns the gRPC call and a bounded
+log of encoded frames; an ``EventStreamResponse`` attaches to it and writes frames to the socket.
+That split is what lets a stream survive a dropped connection for ``RESUME_GRACE_S`` and be
+continued by a reconnect carrying ``Last-Event-ID``, while with no grace window a disconnect
+cancels the gRPC call at once.
+
+Invariants, each preventing a known failure:
+- only the pump appends frames and only one writer sends them, so a heartbeat can never land
+  inside another frame's bytes;
+- the pump waits while ``stream_window_frames`` frames are unsent, so a reader that stops
+  reading stops the pump, the gRPC receive window fills and the RAG server pauses (no unbounded
+  buffer in the bridge);
+- every session ends with exactly one ``done`` or ``error`` frame, or is cancelled because no
+  client is left to read one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from starlette.types import Message, Receive, Scope, Send
+
+from bali_zero.rag.v1 import rag_pb2
+from bridge import sse
+from bridge.errors import BridgeError, from_grpc_status
+from bridge.types import NullObserver, Outcome, StreamObserver, StreamResult
+from bridge.upstream import StreamCall
+
+log = logging.getLogger("bridge.streaming")
+
+_FINISH_REASONS = {
+    rag_pb2.FINISH_REASON_STOP: "stop",
+    rag_pb2.FINISH_REASON_LENGTH: "length",
+    rag_pb2.FINISH_REASON_UNSPECIFIED: "stop",
+}
+# Frames ready together are written in one send, up to this many bytes (write coalescing).
+_COALESCE_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPolicy:
+    heartbeat_interval_s: float
+    send_timeout_s: float
+    resume_grace_s: float
+    window_frames: int
+    buffer_frames: int
+    buffer_bytes: int
+
+
+def new_stream_id() -> str:
+    return secrets.token_urlsafe(12)
+
+
+def parse_event_id(value: str | None) -> tuple[str, int] | None:
+    """``"<stream_id>:<seq>"`` → (stream_id, seq); anything else → None."""
+    if not value or len(value) > 128:
+        return None
+    stream_id, sep, seq = value.rpartition(":")
+    if not sep or not stream_id or not seq.isdigit():
+        return None
+    return stream_id, int(seq)
+
+
+class StreamExpired(BridgeError):
+    status = 200
+    default_code = "STREAM_EXPIRED"
+
+
+class StreamSession:
+    """The upstream half of a stream; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        stream_id: str,
+        request_id: str,
+        owner: str,
+        policy: StreamPolicy,
+        observer: StreamObserver | None = None,
+        on_end: Callable[[StreamSession, StreamResult], None] | None = None,
+        trace_id: str | None = None,
+    ) -> None:
+        self.stream_id = stream_id
+        self.request_id = request_id
+        self.owner = owner
+        self.policy = policy
+        self.observer: StreamObserver = observer or NullObserver()
+        self.on_end = on_end
+        self.trace_id = trace_id
+        self.started = time.monotonic()
+        # Frames not yet written to a reader, and (with a resume window) frames already written,
+        # kept so a reconnect can be served from any id still held.
+        self._unsent: deque[tuple[int, bytes]] = deque()
+        self._unsent_bytes = 0
+        self._sent: deque[tuple[int, bytes]] = deque()
+        self._sent_bytes = 0
+        self.last_seq = 0
+        self.sent_seq = 0
+        self.finished = False
+        self.result: StreamResult | None = None
+        self.attached = True  # the first reader attaches right after the call opens
+        self.generation = 0
+        self.expired = False
+        self._changed = asyncio.Event()
+        self._space = asyncio.Event()
+        self._pump: asyncio.Task[None] | None = None
+        self._call: StreamCall | None = None
+        self._grace: asyncio.TimerHandle | None = None
+        self._tokens = 0
+        self._first_token_at: float | None = None
+        self._last_token_at: float | None = None
+        self._abort_error: BridgeError | None = None
+
+    # -- upstream side -------------------------------------------------------------------------
+
+    def start(self, call: StreamCall, first: rag_pb2.StreamChatResponse | None = None) -> None:
+        """Begin pumping ``call``; ``first`` is a message already read while opening the call."""
+        self._call = call
+        self.observer.stream_opened()
+        self._pump = asyncio.get_running_loop().create_task(self._run(call, first))
+
+    async def _run(self, call: StreamCall, first: rag_pb2.StreamChatResponse | None) -> None:
+        outcome: Outcome = "error"
+        error: BridgeError | None = None
+        finish_reason: str | None = None
+        try:
+            if first is not None:
+                finish_reason = await self._handle(first)
+            while finish_reason is None:
+                message = await call.read()
+                if message is grpc.aio.EOF:
+                    error = BridgeError("the RAG service ended the stream without completing it",
+                                        code="UPSTREAM_PROTOCOL", retryable=True)
+                    break
+                finish_reason = await self._handle(message)
+            if finish_reason is not None:
+                outcome = "completed"
+        except grpc.aio.AioRpcError as exc:
+            error = from_grpc_status(exc.code(), exc.details())
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            error = self._abort_error
+            if error is not None:
+                outcome = "error"
+        except Exception:  # pragma: no cover - a bug must still end the stream with a frame
+            log.exception("stream %s failed", self.stream_id)
+            error = BridgeError("internal error in the bridge", code="INTERNAL", retryable=True)
+        finally:
+            call.cancel()
+            result = self._result(outcome, error, finish_reason)
+            if outcome == "completed":
+                self._append(sse.json_frame(self._next_id(), self._done_payload(result)), final=True)
+            elif error is not None:
+                prefix = sse.retry_field(int(error.retry_after_s * 1000)) if error.retry_after_s else b""
+                self._append(prefix + sse.json_frame(self._next_id(), error.frame()), final=True)
+            self._finish(result)
+
+    async def _handle(self, message: rag_pb2.StreamChatResponse) -> str | None:
+        kind = message.WhichOneof("event")
+        if kind == "token":
+            now = time.monotonic()
+            if self._first_token_at is None:
+                self._first_token_at = now
+                self.observer.first_token(now - self.started)
+            else:
+                assert self._last_token_at is not None
+                self.observer.token_gap(now - self._last_token_at)
+            self._last_token_at = now
+            self._tokens += 1
+            await self._push(sse.token_frame(self._next_id(), message.token.index, message.token.text))
+            return None
+        if kind == "metadata":
+            meta = message.metadata
+            payload: dict[str, Any] = {
+                "type": "metadata",
+                "stream_id": self.stream_id,
+                "request_id": self.request_id,
+                "model": meta.model,
+                "sources": [{"title": s.title, "uri": s.uri, "score": s.score} for s in meta.sources],
+            }
+            await self._push(sse.json_frame(self._next_id(), payload))
+            return None
+        if kind == "completion":
+            return _FINISH_REASONS.get(message.completion.finish_reason, "stop")
+        return None  # an event type newer than this bridge: skip it
+
+    def _next_id(self) -> str:
+        return f"{self.stream_id}:{self.last_seq + 1}"
+
+    async def _push(self, data: bytes) -> None:
+        self._append(data)
+        # Back-pressure: wait while the attached reader is behind by a full window.
+        while self.attached and self.last_seq - self.sent_seq >= self.policy.window_frames:
+            self._space.clear()
+            await self._space.wait()
+        if not self.attached and self._unsent_over_cap():
+            self.expired = True
+            raise asyncio.CancelledError  # nobody is reading and the replay buffer is full
+
+    def _append(self, data: bytes, final: bool = False) -> None:
+        self.last_seq += 1
+        self._unsent.append((self.last_seq, data))
+        self._unsent_bytes += len(data)
+        if final:
+            self.finished = True
+        self._changed.set()
+
+    def _unsent_over_cap(self) -> bool:
+        return len(self._unsent) > self.policy.buffer_frames or self._unsent_bytes > self.policy.buffer_bytes
+
+    def _result(self, outcome: Outcome, error: BridgeError | None, finish_reason: str | None) -> StreamResult:
+        now = time.monotonic()
+        first = None if self._first_token_at is None else (self._first_token_at - self.started) * 1000
+        return StreamResult(
+            stream_id=self.stream_id,
+            request_id=self.request_id,
+            outcome=outcome,
+            tokens=self._tokens,
+            duration_ms=round((now - self.started) * 1000, 3),
+            first_token_ms=None if first is None else round(first, 3),
+            error_code=None if error is None else error.code,
+            finish_reason=finish_reason,
+            trace_id=self.trace_id,
+        )
+
+    @staticmethod
+    def _done_payload(result: StreamResult) -> dict[str, Any]:
+        return {
+            "type": "done",
+            "finish_reason": result.finish_reason,
+            "metrics": {
+                "first_token_ms": result.first_token_ms,
+                "tokens": result.tokens,
+                "duration_ms": result.duration_ms,
+            },
+        }
+
+    def _finish(self, result: StreamResult) -> None:
+        if self.result is not None:
+            return
+        self.result = result
+        self.finished = True
+        self._changed.set()
+        self.observer.stream_closed(result)
+        if self.on_end is not None:
+            self.on_end(self, result)
+
+    def abort(self, error: BridgeError | None = None) -> None:
+        """Stop the upstream call now; with ``error`` the reader gets it as the final frame."""
+        self._abort_error = error
+        if self._pump is not None and not self._pump.done():
+            self._pump.cancel()
+
+    async def wait_closed(self) -> None:
+        if self._pump is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._pump)
+
+    # -- reader side ---------------------------------------------------------------------------
+
+    def check_resumable(self, after_seq: int) -> None:
+        """Raise StreamExpired unless every frame after ``after_seq`` can still be sent."""
+        if self.expired or (self.result is not None and self.result.outcome == "cancelled"):
+            raise StreamExpired("the stream expired before it was resumed", retryable=False)
+        if after_seq > self.last_seq:
+            raise StreamExpired("this event id was never sent", retryable=False)
+        if after_seq < self.sent_seq and not (self._sent and self._sent[0][0] <= after_seq + 1):
+            raise StreamExpired("the frames after this event id are no longer held", retryable=False)
+
+    def attach(self, after_seq: int) -> int:
+        """A reader takes the stream from ``after_seq``; returns its generation.
+
+        A newer reader supersedes an older one (a browser that reconnected before the bridge saw
+        the old socket die); the older writer notices the generation change and stops without
+        touching the session.
+        """
+        self.check_resumable(after_seq)
+        while self._sent and self._sent[-1][0] > after_seq:  # rewind: resend what the reader missed
+            seq, data = self._sent.pop()
+            self._sent_bytes -= len(data)
+            self._unsent.appendleft((seq, data))
+            self._unsent_bytes += len(data)
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+        self.attached = True
+        self.sent_seq = after_seq
+        self.generation += 1
+        self._changed.set()
+        return self.generation
+
+    def detach(self, generation: int) -> None:
+        """The reader went away: cancel now, or keep running for the resume grace window."""
+        if generation != self.generation:
+            return
+        self.attached = False
+        self._space.set()
+        if self.finished and not self._unsent:
+            return
+        if self.policy.resume_grace_s <= 0:
+            self.abort()
+            return
+        self._grace = asyncio.get_running_loop().call_later(self.policy.resume_grace_s, self._expire)
+
+    def _expire(self) -> None:
+        self._grace = None
+        if not self.attached:
+            self.expired = True
+            self.abort()
+
+    def take(self) -> tuple[bytes, int]:
+        """Unsent frames joined for one write (at most ~64 KiB), and the last seq included."""
+        if not self._unsent:
+            return b"", self.sent_seq
+        if len(self._unsent) == 1 or self._unsent_bytes <= _COALESCE_BYTES:
+            return b"".join(data for _, data in self._unsent), self._unsent[-1][0]
+        parts: list[bytes] = []
+        size = 0
+        last = self.sent_seq
+        for seq, data in self._unsent:
+            if parts and size + len(data) > _COALESCE_BYTES:
+                break
+            parts.append(data)
+            size += len(data)
+            last = seq
+        return b"".join(parts), last
+
+    def acknowledge(self, seq: int, generation: int) -> None:
+        """Frames up to ``seq`` were handed to the socket by the reader of ``generation``."""
+        if generation != self.generation:
+            return
+        keep = self.policy.resume_grace_s > 0
+        while self._unsent and self._unsent[0][0] <= seq:
+            item = self._unsent.popleft()
+            self._unsent_bytes -= len(item[1])
+            if keep:
+                self._sent.append(item)
+                self._sent_bytes += len(item[1])
+        while self._sent and (
+            len(self._sent) > self.policy.buffer_frames or self._sent_bytes > self.policy.buffer_bytes
+        ):
+            self._sent_bytes -= len(self._sent.popleft()[1])
+        self.sent_seq = seq
+        self._space.set()
+
+    async def changed(self, timeout: float) -> bool:
+        """Wait until a frame is appended or the session finishes; False on timeout."""
+        if self._changed.is_set():
+            self._changed.clear()
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
+        except TimeoutError:
+            return False
+        self._changed.clear()
+        return True
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected or stopped reading for longer than SEND_TIMEOUT_S."""
+
+
+class EventStreamResponse:
+    """The HTTP half: writes a session's frames, heartbeats in the gaps, and watches for disconnect."""
+
+    media_type = "text/event-stream; charset=utf-8"
+
+    def __init__(
+        self,
+        session: StreamSession,
+        after_seq: int = 0,
+        *,
+        headers: dict[str, str] | None = None,
+        on_close: Callable[[], Awaitable[None] | None] | None = None,
+    ) -> None:
+        self.session = session
+        self.after_seq = after_seq
+        self.headers = headers or {}
+        self.on_close = on_close
+
+    def _raw_headers(self) -> list[tuple[bytes, bytes]]:
+        base = {
+            "content-type": self.media_type,
+            "cache-control": "no-cache, no-transform",
+            "x-accel-buffering": "no",
+            "connection": "keep-alive",
+            "x-connection-id": self.session.stream_id,
+            "x-request-id": self.session.request_id,
+            "x-heartbeat-interval": f"{self.session.policy.heartbeat_interval_s:g}",
+        }
+        base.update({k.lower(): v for k, v in self.headers.items()})
+        return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in base.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        session = self.session
+        try:
+            generation = session.attach(self.after_seq)
+        except StreamExpired as exc:  # expired between the resume check and now
+            await _send_single_frame(send, f"{session.stream_id}:{self.after_seq}", exc)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": self._raw_headers()})
+        writer = asyncio.ensure_future(self._write(send, generation))
+        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        completed = False
+        try:
+            done, _ = await asyncio.wait({writer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            completed = writer in done and writer.exception() is None
+        finally:
+            for task in (writer, watcher):
+                task.cancel()
+            await asyncio.gather(writer, watcher, return_exceptions=True)
+            if completed:
+                if session.generation == generation:
+                    session.attached = False
+                with contextlib.suppress(Exception):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+            else:
+                session.detach(generation)
+            if self.on_close is not None:
+                maybe = self.on_close()
+                if maybe is not None:
+                    await maybe
+
+    async def _write(self, send: Send, generation: int) -> None:
+        session = self.session
+        interval = session.policy.heartbeat_interval_s
+        while session.generation == generation:
+            body, last = session.take()
+            if body:
+                await self._send(send, body)
+                session.acknowledge(last, generation)
+                continue
+            if session.finished:
+                return
+            if not await session.changed(interval):
+                heartbeat = sse.frame(f"{session.stream_id}:{session.sent_seq}", '{"type":"heartbeat"}',
+                                      event="heartbeat")
+                await self._send(send, heartbeat)
+
+    async def _send(self, send: Send, body: bytes) -> None:
+        message: Message = {"type": "http.response.body", "body": body, "more_body": True}
+        try:
+            async with asyncio.timeout(self.session.policy.send_timeout_s):
+                await send(message)
+        except TimeoutError:
+            raise ClientGone("the client stopped reading") from None
+        except OSError as exc:
+            raise ClientGone(str(exc)) from None
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _send_single_frame(send: Send, event_id: str, error: BridgeError) -> None:
+    """A complete response of one ``error`` frame (used for late or invalid resumes)."""
+    headers = [(b"content-type", EventStreamResponse.media_type.encode()), (b"cache-control", b"no-cache")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": sse.json_frame(event_id, error.frame()), "more_body": False})

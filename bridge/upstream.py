@@ -1,0 +1,87 @@
+"""The gRPC client side: one shared ``grpc.aio`` channel to the RAG service.
+
+The channel is created in the app's lifespan, inside the server's event loop: a channel made at
+import time is bound to another loop and fails with "attached to a different loop".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bali_zero.rag.v1 import rag_pb2, rag_pb2_grpc
+
+SERVICE_NAME: str = rag_pb2.DESCRIPTOR.services_by_name["RagService"].full_name
+
+StreamCall = grpc.aio.UnaryStreamCall  # type: ignore[type-arg]
+
+
+def channel_target(rag_target: str) -> str:
+    """``host:port``, ``dns:///name:port`` or a comma list ``h1:p1,h2:p2`` (→ ``ipv4:`` URI)."""
+    target = rag_target.strip()
+    if "," in target and "://" not in target and not target.startswith(("ipv4:", "ipv6:")):
+        return "ipv4:" + ",".join(part.strip() for part in target.split(",") if part.strip())
+    return target
+
+
+def channel_options(rag_target: str) -> list[tuple[str, Any]]:
+    """Round robin over every resolved address, each checked with grpc.health.v1 before use."""
+    service_config = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": SERVICE_NAME},
+    }
+    return [
+        ("grpc.service_config", json.dumps(service_config)),
+        # The bridge retries once before the first token itself (it knows whether tokens were sent).
+        ("grpc.enable_retries", 0),
+        # A restarted replica is picked up within about a second instead of minutes of backoff.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Without a growing receive window a stalled browser stalls the RAG server instead of
+        # filling the bridge's memory (back-pressure reaches the producer).
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ]
+
+
+class Upstream:
+    """The RAG service as the bridge sees it: streaming and unary chat plus its health."""
+
+    def __init__(self, rag_target: str, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> None:
+        self.target = channel_target(rag_target)
+        self._channel = grpc.aio.insecure_channel(
+            self.target, options=channel_options(self.target), interceptors=list(interceptors) or None
+        )
+        self._stub = rag_pb2_grpc.RagServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def stream_chat(
+        self, request: rag_pb2.StreamChatRequest, *, timeout: float, metadata: Sequence[tuple[str, str]] = ()
+    ) -> StreamCall:
+        call: StreamCall = self._stub.StreamChat(request, timeout=timeout, metadata=tuple(metadata))
+        return call
+
+    async def chat(
+        self, request: rag_pb2.ChatRequest, *, timeout: float, metadata: Sequence[tuple[str, str]] = ()
+    ) -> rag_pb2.ChatResponse:
+        response: rag_pb2.ChatResponse = await self._stub.Chat(request, timeout=timeout, metadata=tuple(metadata))
+        return response
+
+    async def serving(self, timeout: float = 2.0) -> bool:
+        """True when the RAG service answers its health check with SERVING."""
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def close(self) -> None:
+        await self._channel.close()

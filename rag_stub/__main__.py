@@ -1,0 +1,3 @@
+from rag_stub.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""Every audit event type carries exactly its allowed fields; PII appears only where the rules allow."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from bridge.audit.events import EventFactory, parse_ts
+from bridge.audit.keys import derive_keys
+from bridge.types import Identity, StreamResult
+
+KEYS = derive_keys(b"k" * 32)
+FACTORY = EventFactory(KEYS, lambda: datetime(2025, 3, 1, 12, 0, tzinfo=UTC))
+QUERY = "Berapa lama visa kunjungan?"
+AUTHED = Identity(client_ip="203.0.113.7", user_id="u-42", role="member", email="ana@example.com",
+                  authenticated=True)
+ANON = Identity(client_ip="203.0.113.9", email="unverified@example.com")  # email must never be kept
+BASE = {"ts", "event_type", "request_id", "trace_id", "user_id"}
+END = BASE | {"query_hmac", "tokens", "first_token_ms", "duration_ms", "outcome"}
+EXPECTED = {
+    "stream_started": BASE | {"query_hmac"},
+    "stream_completed": END,
+    "stream_cancelled": END,
+    "stream_failed": END | {"error_code"},
+    "chat": BASE | {"query_hmac", "tokens", "duration_ms", "outcome", "error_code"},
+    "rate_limited": BASE | {"client_ip", "path", "reason"},
+    "auth_failed": BASE | {"client_ip", "path", "reason"},
+    "admin_read": BASE | {"filters", "returned"},
+}
+
+
+def build(kind: str, identity: Identity) -> dict[str, object]:
+    result = StreamResult("s1", "r1", "error", 7, 120.5, 15.25, error_code="UPSTREAM_UNAVAILABLE")
+    if kind.startswith("stream_"):
+        return dict(FACTORY.stream(kind, identity, "r1", "t" * 32, QUERY, result).body)  # type: ignore[arg-type]
+    if kind == "chat":
+        return dict(FACTORY.chat(identity, "r1", None, QUERY, outcome="completed", duration_ms=80.0, tokens=9).body)
+    if kind == "admin_read":
+        return dict(FACTORY.admin_read(identity, "r1", None, filters={"limit": "10"}, returned=3).body)
+    method = getattr(FACTORY, kind)
+    return dict(method(identity, "r1", None, path="/api/v2/bali-zero/chat-stream", reason="RATE_LIMITED").body)
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECTED))
+def test_authenticated_caller_gets_exactly_the_allowed_fields_plus_email(kind: str) -> None:
+    body = build(kind, AUTHED)
+    assert set(body) == EXPECTED[kind] | {"email"}
+    assert body["email"] == "ana@example.com"
+    assert body["user_id"] == "u-42"
+    assert body["event_type"] == kind
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECTED))
+def test_anonymous_caller_has_no_email_and_a_pseudonymous_user_id(kind: str) -> None:
+    body = build(kind, ANON)
+    assert set(body) == EXPECTED[kind]
+    assert "email" not in body
+    assert str(body["user_id"]).startswith("anon:") and "203.0.113.9" not in str(body["user_id"])
+    assert body["user_id"] == FACTORY.user_id(Identity(client_ip="203.0.113.9"))
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECTED))
+def test_ip_only_on_security_events_and_query_never_raw(kind: str) -> None:
+    body = build(kind, ANON)
+    text = repr(body)
+    assert ("client_ip" in body) == (kind in {"rate_limited", "auth_failed"})
+    assert ("203.0.113.9" in text) == (kind in {"rate_limited", "auth_failed"})
+    assert QUERY not in text
+    if "query_hmac" in body:
+        assert body["query_hmac"] == KEYS.query_hmac(QUERY) and len(str(body["query_hmac"])) == 64
+
+
+def test_trusted_proxy_user_id_is_kept_but_unverified_email_is_not() -> None:
+    body = build("stream_started", Identity(client_ip="10.0.0.1", user_id="proxy-user", email="x@example.com"))
+    assert body["user_id"] == "proxy-user"
+    assert "email" not in body
+
+
+def test_stream_end_measurements_and_kind_from_outcome() -> None:
+    result = StreamResult("s1", "r9", "cancelled", 4, 55.55555, None, trace_id="a" * 32)
+    body = FACTORY.stream_ended(AUTHED, QUERY, result).body
+    assert body["event_type"] == "stream_cancelled"
+    assert (body["request_id"], body["trace_id"]) == ("r9", "a" * 32)
+    assert (body["tokens"], body["duration_ms"], body["first_token_ms"], body["outcome"]) == (4, 55.556, None,
+                                                                                           "cancelled")
+    assert body["ts"] == "2025-03-01T12:00:00.000000Z"
+
+
+def test_query_hmac_is_keyed_and_separate_from_ip_pseudonym() -> None:
+    other = derive_keys(b"o" * 32)
+    assert KEYS.query_hmac(QUERY) != other.query_hmac(QUERY)
+    assert KEYS.query_hmac("10.0.0.1") not in KEYS.pseudonym("10.0.0.1")
+
+
+def test_parse_ts_normalises_offsets() -> None:
+    assert parse_ts("2025-03-01T14:00:00+02:00") == "2025-03-01T12:00:00.000000Z"
+    assert parse_ts("2025-03-01T12:00:00Z") == "2025-03-01T12:00:00.000000Z"
+    assert parse_ts("2025-03-01") == "2025-03-01T00:00:00.000000Z"

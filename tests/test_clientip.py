@@ -1,0 +1,63 @@
+"""Client IP from the socket peer and X-Forwarded-For, believing only trusted proxies."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from bridge.clientip import client_ip, parse_ip
+from bridge.config import IPNetwork
+
+TRUSTED: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("10.0.0.0/8"),
+    ipaddress.ip_network("fd00::/8"),
+)
+
+
+def test_untrusted_peer_ignores_spoofed_header() -> None:
+    assert client_ip("198.51.100.9", "1.2.3.4", TRUSTED) == ("198.51.100.9", False)
+    assert client_ip("198.51.100.9", "1.2.3.4", ()) == ("198.51.100.9", False)
+
+
+def test_trusted_peer_takes_rightmost_untrusted_hop() -> None:
+    # client typed "1.2.3.4"; our edge proxy appended the real client 198.51.100.9, then an internal hop
+    chain = "1.2.3.4, 198.51.100.9, 10.1.2.3"
+    assert client_ip("10.0.0.2", chain, TRUSTED) == ("198.51.100.9", True)
+
+
+def test_trusted_peer_without_header_is_itself() -> None:
+    assert client_ip("10.0.0.2", None, TRUSTED) == ("10.0.0.2", True)
+    assert client_ip("10.0.0.2", " , ", TRUSTED) == ("10.0.0.2", True)
+
+
+def test_all_trusted_chain_gives_leftmost() -> None:
+    assert client_ip("10.0.0.2", "10.9.9.9, 10.1.1.1", TRUSTED) == ("10.9.9.9", True)
+
+
+def test_malformed_entry_stops_walk() -> None:
+    assert client_ip("10.0.0.2", "1.2.3.4, not-an-ip, 10.1.1.1", TRUSTED) == ("10.1.1.1", True)
+    assert client_ip("10.0.0.2", "1.2.3.4, bogus", TRUSTED) == ("10.0.0.2", True)
+
+
+def test_ports_brackets_and_mapped_addresses() -> None:
+    assert client_ip("::ffff:10.0.0.2", "[2001:db8::1]:443", TRUSTED) == ("2001:db8::1", True)
+    assert client_ip("fd00::1", "198.51.100.9:5555", TRUSTED) == ("198.51.100.9", True)
+    assert client_ip("::ffff:198.51.100.9", "1.2.3.4", TRUSTED) == ("198.51.100.9", False)
+
+
+@pytest.mark.parametrize("peer", [None, "", "testclient"])
+def test_unparseable_peer_is_untrusted(peer: str | None) -> None:
+    ip, trusted = client_ip(peer, "1.2.3.4", TRUSTED)
+    assert trusted is False and ip != "1.2.3.4"
+
+
+@pytest.mark.parametrize("text", ["1.2.3.4:", "[::1", "[::1]x", "1.2.3.4:ab", "::1]:80", "999.1.1.1"])
+def test_parse_ip_rejects_malformed(text: str) -> None:
+    assert parse_ip(text) is None
+
+
+def test_hostile_long_header_is_bounded() -> None:
+    chain = ", ".join(["10.0.0.1"] * 10_000)
+    ip, trusted = client_ip("10.0.0.2", "6.6.6.6, " + chain, TRUSTED)
+    assert trusted and ip == "10.0.0.1"
