@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import resource
 import socket
 import sys
@@ -36,7 +37,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote_plus, urlsplit
 
 TOKEN_PREFIX = b'{"type":"token"'
 READ_SIZE = 256 * 1024
@@ -320,7 +321,7 @@ class Run:
             await asyncio.sleep(delay)
         parts = urlsplit(self.opts.url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
-        path = f"{parts.path}?query={quote(self.opts.query, safe='')}"
+        path = f"{parts.path}?query={quote_plus(self.opts.query)}"
         conn = HttpConnection(host, port, self.opts.rcvbuf)
         try:
             while (stream := self.next_stream()) is not None:
@@ -543,9 +544,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     p.add_argument("--parser", choices=("fast", "whatwg"), default="fast")
     p.add_argument("--no-keep-alive", action="store_true", help="a new connection per stream")
     p.add_argument("--channels", type=int, default=1, help="grpc: channels to spread streams over")
+    p.add_argument("--cpus", default="", help="pin this process to these CPUs (comma-separated)")
     p.add_argument("--warmup", type=int, default=0, help="leave the first N streams out of the result")
     a = p.parse_args(argv)
-    if a.kind == "sse" and not a.url or a.kind == "grpc" and not a.target:
+    if a.cpus:
+        os.sched_setaffinity(0, {int(c) for c in a.cpus.split(",") if c.strip()})
+    if (a.kind == "sse" and not a.url) or (a.kind == "grpc" and not a.target):
         p.error("sse needs --url, grpc needs --target")
     return Options(
         kind=a.kind, url=a.url, target=a.target, query=a.query, concurrency=max(1, a.concurrency),

@@ -56,8 +56,9 @@ class Child(Process):
 
 
 class StubProc(Child):
-    def __init__(self, args: Sequence[str], cpus: Sequence[int] | None) -> None:
-        super().__init__("stub", python_argv("rag_stub", ["--port", "0", *args], cpus), base_env(), STUB_READY)
+    def __init__(self, args: Sequence[str], cpus: Sequence[int] | None, port: int = 0) -> None:
+        argv = python_argv("rag_stub", ["--port", str(port), *args], cpus)
+        super().__init__("stub", argv, base_env(), STUB_READY)
         self.target = f"127.0.0.1:{self.ready.group(2)}"
         self._parsed = 0
         self._ends: dict[str, dict[str, Any]] = {}
@@ -104,7 +105,9 @@ def start_peer(target: str, cpus: Sequence[int] | None, **env: str) -> HttpServe
 
 class Loadgen(Child):
     def __init__(self, args: Sequence[str], cpus: Sequence[int] | None) -> None:
-        super().__init__("loadgen", python_argv("bench.loadgen", list(args), cpus), base_env(), LOADGEN_READY)
+        # The load generator pins itself (--cpus) first thing: one interpreter start instead of two.
+        pin = ["--cpus", ",".join(map(str, cpus))] if cpus else []
+        super().__init__("loadgen", python_argv("bench.loadgen", [*args, *pin], None), base_env(), LOADGEN_READY)
 
     def event(self, name: str, timeout: float) -> dict[str, Any]:
         prefix = '{"event":"%s"' % name
@@ -129,7 +132,7 @@ def in_parallel(factories: Mapping[str, Callable[[], Any]]) -> dict[str, Any]:
     def run(name: str, factory: Callable[[], Any]) -> None:
         try:
             results[name] = factory()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors[name] = exc
 
     threads = [threading.Thread(target=run, args=item, daemon=True) for item in factories.items()]

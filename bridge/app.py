@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -42,13 +43,14 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        state.upstream = Upstream(settings.rag_target)
+        state.upstream = Upstream(settings.rag_target, state.telemetry.client_interceptors())
         try:
             yield
         finally:
             await state.registry.wait_all(0)
             await state.gate.limiter.aclose()
             await state.upstream.close()
+            await asyncio.to_thread(state.telemetry.shutdown)
 
     async def index(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
@@ -74,6 +76,8 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
         Route("/api/v2/bali-zero/chat-stream/{stream_id}", endpoints.cancel_stream, methods=["DELETE"]),
         Route("/api/v2/bali-zero/chat-stream/{stream_id}/cancel", endpoints.cancel_stream, methods=["POST"]),
         Route("/api/v2/bali-zero/chat", endpoints.chat, methods=["POST"]),
+        Route("/api/v2/bali-zero/stream-stats", endpoints.stream_stats, methods=["GET"]),
+        Route("/metrics", endpoints.metrics, methods=["GET"]),
         Route("/healthz", endpoints.healthz, methods=["GET"]),
         Route("/readyz", endpoints.readyz, methods=["GET"]),
         Route("/", index, methods=["GET"]),

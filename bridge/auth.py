@@ -58,6 +58,8 @@ class Authenticator:
         self._algorithms: list[str] = []
         if settings.jwt_secret:
             self._key, self._algorithms = settings.jwt_secret, ["HS256"]
+            if len(settings.jwt_secret.encode()) < 32:  # RFC 7518 3.2: at least the hash size
+                log.warning("JWT_SECRET is shorter than 32 bytes; HS256 tokens can be brute-forced")
         elif settings.jwt_public_key_file:
             self._key, self._algorithms = _load_rsa_public_key(settings.jwt_public_key_file), ["RS256"]
         elif settings.jwt_jwks_url:

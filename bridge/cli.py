@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import signal
 import socket
 import sys
 from collections.abc import Mapping
@@ -46,15 +48,19 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         callback = self._on_exit_signal
         if callable(callback):
-            try:
+            with contextlib.suppress(RuntimeError):  # no loop running: nothing to drain
                 asyncio.get_running_loop().call_soon_threadsafe(callback)
-            except RuntimeError:
-                pass
         super().handle_exit(sig, frame)
+        # uvicorn re-raises a captured SIGTERM after shutting down, so the process would die by
+        # the signal; a drained, orderly shutdown exits 0 instead.
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list) and sig == signal.SIGTERM:
+            captured.remove(sig)
 
 
 def serve(settings: Settings, host: str, port: int) -> int:
     from bridge.app import create_app
+    from bridge.logs import configure_logging
     from bridge.state import BridgeState
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -65,6 +71,7 @@ def serve(settings: Settings, host: str, port: int) -> int:
         print(f"bali-zero-bridge: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 1
     bound_port = sock.getsockname()[1]
+    configure_logging(settings)
     state = BridgeState.from_settings(settings)
     app = create_app(settings, state)
     config = uvicorn.Config(
@@ -73,6 +80,7 @@ def serve(settings: Settings, host: str, port: int) -> int:
         http="httptools",
         lifespan="on",
         log_level=settings.log_level.lower(),
+        log_config=None,  # keep the bridge's JSON logging (bridge/logs.py) for uvicorn's loggers too
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
         server_header=False,

@@ -77,7 +77,7 @@ class Settings:
             if f.name == "otel":
                 continue
             raw = environ.get(f.name.upper())
-            if raw is None or raw.strip() == "" and f.name not in _EMPTY_IS_VALUE:
+            if raw is None or (raw.strip() == "" and f.name not in _EMPTY_IS_VALUE):
                 continue
             parser = _PARSERS.get(f.name, _PARSERS_BY_TYPE.get(str(f.type), str))
             try:

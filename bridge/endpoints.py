@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
+from opentelemetry.context import Context
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -18,6 +20,8 @@ from bridge.auth import effective_role
 from bridge.errors import BridgeError, NotFound, from_grpc_status
 from bridge.gate import Admission, Rejected
 from bridge.inputs import ChatInput, read_input
+from bridge.logs import log_stream_end
+from bridge.metrics import BridgeMetrics
 from bridge.responses import JSONResponse, error_response
 from bridge.rollout import in_rollout
 from bridge.state import BridgeState
@@ -28,6 +32,7 @@ from bridge.streaming import (
     new_stream_id,
     parse_event_id,
 )
+from bridge.telemetry import Telemetry, trace_id_of
 from bridge.types import Identity, StreamResult
 from bridge.upstream import StreamCall
 
@@ -94,18 +99,33 @@ class Endpoints:
             raise NotFound("streaming is not yet enabled for this user; use POST /api/v2/bali-zero/chat",
                            code="STREAMING_DISABLED")
         chat = await read_input(request, state.limits)
-        lease = state.caps.acquire(identity.key)
         try:
-            request_id = _request_id(request)
-            call, first = await self._start_call(
-                rag_pb2.StreamChatRequest(**_upstream_fields(chat, identity, request_id)), request_id
-            )
-        except BaseException:
+            lease = state.caps.acquire(identity.key)
+        except BridgeError:
+            state.metrics.rate_limited("streams")
+            raise
+        request_id = _request_id(request)
+        telemetry = state.telemetry
+        span = telemetry.start_stream_span(
+            "chat-stream", _trace_parent(request), {"http.request.method": request.method, "request_id": request_id}
+        )
+        started = time.monotonic()
+        try:
+            with telemetry.activate(span):
+                call, first = await self._start_call(
+                    rag_pb2.StreamChatRequest(**_upstream_fields(chat, identity, request_id)), request_id
+                )
+        except BaseException as exc:
             lease.release()
+            code = exc.code if isinstance(exc, BridgeError) else "CANCELLED"
+            elapsed = round((time.monotonic() - started) * 1000, 3)
+            telemetry.end_stream_span(span, StreamResult("", request_id, "error", 0, elapsed, None, code))
             raise
 
         def ended(session: StreamSession, result: StreamResult) -> None:
             lease.release()
+            telemetry.end_stream_span(span, result)
+            log_stream_end(result)
             grace = state.settings.resume_grace_s
             if grace > 0:
                 asyncio.get_running_loop().call_later(grace, state.registry.discard, session)
@@ -119,10 +139,12 @@ class Endpoints:
             policy=state.policy,
             observer=state.observer,
             on_end=ended,
+            on_first_token=lambda ms: telemetry.record_first_token(span, ms),
+            trace_id=trace_id_of(span),
         )
         state.registry.add(session)
         session.start(call, first)
-        return _StreamResponse(EventStreamResponse(session, 0, headers=admission.headers))
+        return _StreamResponse(EventStreamResponse(session, 0, headers=admission.headers), state.metrics)
 
     async def _start_call(
         self, message: rag_pb2.StreamChatRequest, request_id: str
@@ -172,7 +194,7 @@ class Endpoints:
         if session.finished and session.sent_seq >= session.last_seq == after_seq:
             return Response(status_code=204)  # the client has everything; 204 stops EventSource
         state.observer.reconnected()
-        return _StreamResponse(EventStreamResponse(session, after_seq))
+        return _StreamResponse(EventStreamResponse(session, after_seq), state.metrics)
 
     async def cancel_stream(self, request: Request) -> Response:
         state = self.state
@@ -215,6 +237,18 @@ class Endpoints:
         }
         return JSONResponse(body, headers=admission.headers)
 
+    # -- observability ---------------------------------------------------------------------------
+
+    async def metrics(self, request: Request) -> Response:
+        body, content_type = self.state.metrics.render()
+        return Response(body, headers={"content-type": content_type})
+
+    async def stream_stats(self, request: Request) -> Response:
+        snapshot = self.state.stats.snapshot()
+        snapshot["sessions_held"] = len(self.state.registry)
+        snapshot["open_connections_by_cap"] = self.state.caps.open_total
+        return JSONResponse(snapshot)
+
     # -- health ----------------------------------------------------------------------------------
 
     async def healthz(self, request: Request) -> Response:
@@ -240,12 +274,27 @@ def _expired_stream(stream_id: str, after_seq: int, error: BridgeError | None = 
 
 
 class _StreamResponse(Response):
-    """Adapts an EventStreamResponse to Starlette's Response interface (never rendered)."""
+    """Adapts an EventStreamResponse to Starlette's Response interface and counts the connection."""
 
-    def __init__(self, inner: EventStreamResponse) -> None:
+    def __init__(self, inner: EventStreamResponse, metrics: BridgeMetrics) -> None:
         self.inner = inner
+        self.metrics = metrics
         self.status_code = 200
         self.background = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await self.inner(scope, receive, send)
+        self.metrics.connection_opened()
+        try:
+            await self.inner(scope, receive, send)
+        finally:
+            self.metrics.connection_closed()
+
+
+def _trace_parent(request: Request) -> Context:
+    """The caller's trace: the ``traceparent`` header, or the query parameter EventSource must use."""
+    carrier = {
+        name: value
+        for name in ("traceparent", "tracestate")
+        if (value := request.headers.get(name) or request.query_params.get(name))
+    }
+    return Telemetry.extract_context(carrier)

@@ -28,7 +28,7 @@ import grpc
 class BridgeError(Exception):
     """An error with a stable machine-readable code, an HTTP status and a retry hint."""
 
-    status: ClassVar[int] = 500
+    status: int = 500
     default_code: ClassVar[str] = "INTERNAL"
 
     def __init__(

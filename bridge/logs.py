@@ -22,7 +22,9 @@ from bridge.types import StreamResult
 STREAM_LOGGER = "bridge.streams"
 _OURS = "_bali_zero_handler"  # marks handlers we installed, so reconfiguring replaces only them
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName"
+}
 
 
 class JsonFormatter(logging.Formatter):

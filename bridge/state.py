@@ -11,11 +11,13 @@ from bridge.config import Settings
 from bridge.errors import ServiceUnavailable
 from bridge.gate import Gate
 from bridge.inputs import Limits
+from bridge.metrics import BridgeMetrics
 from bridge.ratelimit import RateLimiter
 from bridge.sessions import SessionRegistry
+from bridge.stats import FanOut, StreamStats
 from bridge.streamcap import StreamCaps
 from bridge.streaming import StreamPolicy
-from bridge.types import NullObserver, StreamObserver
+from bridge.telemetry import Telemetry
 from bridge.upstream import Upstream
 
 log = logging.getLogger("bridge")
@@ -28,17 +30,31 @@ class BridgeState:
     caps: StreamCaps
     policy: StreamPolicy
     limits: Limits
+    telemetry: Telemetry
+    metrics: BridgeMetrics
+    stats: StreamStats
+    observer: FanOut
     registry: SessionRegistry = field(default_factory=SessionRegistry)
-    observer: StreamObserver = field(default_factory=NullObserver)
     upstream: Upstream | None = None
     _drain_task: asyncio.Task[None] | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> BridgeState:
+    def from_settings(cls, settings: Settings, telemetry: Telemetry | None = None) -> BridgeState:
+        metrics = BridgeMetrics()
+        stats = StreamStats(settings.stats_window_s)
+        limiter = RateLimiter(
+            settings,
+            on_violation=lambda key, decision: metrics.rate_limited("rate"),
+            on_storage_error=lambda exc: metrics.rate_limit_storage_failed(),
+        )
         return cls(
             settings=settings,
-            gate=Gate(settings, Authenticator(settings), RateLimiter(settings)),
+            gate=Gate(settings, Authenticator(settings), limiter),
             caps=StreamCaps(settings.max_streams_per_user, settings.max_streams_total),
+            telemetry=telemetry or Telemetry.from_settings(settings),
+            metrics=metrics,
+            stats=stats,
+            observer=FanOut(metrics, stats),
             policy=StreamPolicy(
                 heartbeat_interval_s=settings.heartbeat_interval_s,
                 send_timeout_s=settings.send_timeout_s,

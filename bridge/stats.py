@@ -6,10 +6,10 @@ of them, chosen by reservoir sampling (algorithm R), so the kept ones are a unif
 bucket. A percentile weights each kept sample by ``bucket count / kept``.
 
 Accuracy: while no bucket overflows, percentiles are exact (nearest rank). Beyond that they are
-estimates whose rank error shrinks like 1/sqrt(samples kept); with the defaults (60 buckets × 512)
+estimates whose rank error shrinks like 1/sqrt(samples kept); with the defaults (60 buckets x 512)
 p50/p95 are typically within a fraction of a percent in rank, p99 within about one percent. Samples
 leave the window a whole bucket at a time, so the window is exact to one bucket width
-(``window_s / 60``, at least 1 s). Memory is at most 2 × 60 × 512 floats whatever the load.
+(``window_s / 60``, at least 1 s). Memory is at most 2 x 60 x 512 floats whatever the load.
 """
 
 from __future__ import annotations
@@ -39,12 +39,15 @@ class _Bucket:
 class WindowedSamples:
     """Samples of one quantity over the last ``window_s`` seconds, reservoir-capped per bucket."""
 
-    def __init__(self, window_s: float, clock: Callable[[], float], samples_per_bucket: int, seed: int) -> None:
+    def __init__(
+        self, window_s: float, clock: Callable[[], float], samples_per_bucket: int, seed: int
+    ) -> None:
         self._bucket_s = max(1.0, window_s / MAX_BUCKETS)
         self._keep = math.ceil(window_s / self._bucket_s)
         self._clock = clock
         self._cap = samples_per_bucket
-        self._random = random.Random(seed)  # deterministic, and no shared global RNG state
+        # Seeded: deterministic, and no shared global RNG state. random() beats randrange() 5x.
+        self._random = random.Random(seed).random
         self._buckets: deque[_Bucket] = deque()
 
     def add(self, value: float) -> None:
@@ -58,7 +61,7 @@ class WindowedSamples:
         if len(bucket.samples) < self._cap:
             bucket.samples.append(value)
         else:
-            slot = self._random.randrange(bucket.count)
+            slot = int(self._random() * bucket.count)
             if slot < self._cap:
                 bucket.samples[slot] = value
 

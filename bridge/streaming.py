@@ -89,6 +89,7 @@ class StreamSession:
         policy: StreamPolicy,
         observer: StreamObserver | None = None,
         on_end: Callable[[StreamSession, StreamResult], None] | None = None,
+        on_first_token: Callable[[float], None] | None = None,
         trace_id: str | None = None,
     ) -> None:
         self.stream_id = stream_id
@@ -97,6 +98,7 @@ class StreamSession:
         self.policy = policy
         self.observer: StreamObserver = observer or NullObserver()
         self.on_end = on_end
+        self.on_first_token = on_first_token
         self.trace_id = trace_id
         self.started = time.monotonic()
         # Frames not yet written to a reader, and (with a resume window) frames already written,
@@ -173,6 +175,8 @@ class StreamSession:
             if self._first_token_at is None:
                 self._first_token_at = now
                 self.observer.first_token(now - self.started)
+                if self.on_first_token is not None:
+                    self.on_first_token(round((now - self.started) * 1000, 3))
             else:
                 assert self._last_token_at is not None
                 self.observer.token_gap(now - self._last_token_at)

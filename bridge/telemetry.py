@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from opentelemetry import trace
@@ -268,20 +268,12 @@ class _ClientInterceptorBase:
         return call
 
 
-if TYPE_CHECKING:  # grpc-stubs makes these generic; the runtime classes are not subscriptable
-    _UnaryUnaryBase = grpc.aio.UnaryUnaryClientInterceptor[Any, Any]
-    _UnaryStreamBase = grpc.aio.UnaryStreamClientInterceptor[Any, Any]
-else:
-    _UnaryUnaryBase = grpc.aio.UnaryUnaryClientInterceptor
-    _UnaryStreamBase = grpc.aio.UnaryStreamClientInterceptor
-
-
-class _UnaryUnaryTracing(_ClientInterceptorBase, _UnaryUnaryBase):
+class _UnaryUnaryTracing(_ClientInterceptorBase, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await self._intercept(continuation, client_call_details, request)
 
 
-class _UnaryStreamTracing(_ClientInterceptorBase, _UnaryStreamBase):
+class _UnaryStreamTracing(_ClientInterceptorBase, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
     async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await self._intercept(continuation, client_call_details, request)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,7 +17,20 @@ from bali_zero.rag.v1 import rag_pb2, rag_pb2_grpc
 
 SERVICE_NAME: str = rag_pb2.DESCRIPTOR.services_by_name["RagService"].full_name
 
-StreamCall = grpc.aio.UnaryStreamCall  # type: ignore[type-arg]
+class StreamCall(Protocol):
+    """The parts of grpc.aio's UnaryStreamCall the bridge uses (grpcio ships no type hints)."""
+
+    async def read(self) -> Any: ...
+
+    def cancel(self) -> bool: ...
+
+    def done(self) -> bool: ...
+
+    async def initial_metadata(self) -> Any: ...
+
+    async def code(self) -> grpc.StatusCode: ...
+
+    async def details(self) -> str: ...
 
 
 def channel_target(rag_target: str) -> str:
@@ -60,7 +73,7 @@ class Upstream:
         self._channel = grpc.aio.insecure_channel(
             self.target, options=channel_options(self.target), interceptors=list(interceptors) or None
         )
-        self._stub = rag_pb2_grpc.RagServiceStub(self._channel)
+        self._stub = rag_pb2_grpc.RagServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def stream_chat(
@@ -84,4 +97,4 @@ class Upstream:
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)

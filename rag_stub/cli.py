@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, StubConfig]:
 async def _serve(args: argparse.Namespace, config: StubConfig) -> None:
     from rag_stub.telemetry import server_interceptors
 
-    server, port = await start_server(config, args.host, args.port, interceptors=server_interceptors())
+    server, port = await start_server(config, args.host, args.port, interceptors=server_interceptors(os.environ))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

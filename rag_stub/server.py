@@ -82,13 +82,18 @@ def _invalid_status(error: _Invalid) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
+def _ended_by_caller(context: grpc.aio.ServicerContext[Any, Any]) -> Outcome:
+    remaining = context.time_remaining()
+    return "deadline_exceeded" if remaining is not None and remaining <= 0.001 else "cancelled"
+
+
 def _duration(seconds: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
     d.FromNanoseconds(int(seconds * 1e9))
     return d
 
 
-class RagStub(rag_pb2_grpc.RagServiceServicer):  # type: ignore[misc]
+class RagStub(rag_pb2_grpc.RagServiceServicer):
     def __init__(self, config: StubConfig, on_stream_end: StreamEndSink = print_stream_end) -> None:
         self.config = config
         self.on_stream_end = on_stream_end
@@ -102,7 +107,7 @@ class RagStub(rag_pb2_grpc.RagServiceServicer):  # type: ignore[misc]
         sources = [rag_pb2.Source(title=d.title, uri=d.uri, score=s) for d, s in hits]
         return rag_pb2.Metadata(sources=sources, model=MODEL_NAME), split_words(compose_answer(query, hits))
 
-    async def StreamChat(  # noqa: N802 - the generated servicer's name
+    async def StreamChat(
         self, request: rag_pb2.StreamChatRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         started = time.monotonic()
@@ -142,8 +147,13 @@ class RagStub(rag_pb2_grpc.RagServiceServicer):  # type: ignore[misc]
             await context.write(rag_pb2.StreamChatResponse(completion=completion))
             outcome = "completed"
         except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            outcome = "deadline_exceeded" if remaining is not None and remaining <= 0.001 else "cancelled"
+            outcome = _ended_by_caller(context)
+            raise
+        except Exception as exc:
+            # A write that was blocked by flow control when the caller cancelled fails with
+            # ExecuteBatchError instead of being cancelled; the call is gone either way.
+            if type(exc).__name__ == "ExecuteBatchError" or context.cancelled():
+                outcome = _ended_by_caller(context)
             raise
         finally:
             self.on_stream_end(
@@ -156,7 +166,7 @@ class RagStub(rag_pb2_grpc.RagServiceServicer):  # type: ignore[misc]
                 }
             )
 
-    async def Chat(  # noqa: N802
+    async def Chat(
         self, request: rag_pb2.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> rag_pb2.ChatResponse:
         started = time.monotonic()
@@ -190,7 +200,7 @@ async def start_server(
 ) -> tuple[grpc.aio.Server, int]:
     """Start the stub with health checking and reflection; return the server and its bound port."""
     server = grpc.aio.server(interceptors=interceptors or None)
-    rag_pb2_grpc.add_RagServiceServicer_to_server(RagStub(config, on_stream_end), server)
+    rag_pb2_grpc.add_RagServiceServicer_to_server(RagStub(config, on_stream_end), server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from opentelemetry import trace
@@ -68,13 +68,9 @@ def _finish(span: Span, context: grpc.aio.ServicerContext[Any, Any], error: Base
     span.end()
 
 
-if TYPE_CHECKING:  # grpc-stubs makes it generic; the runtime class is not subscriptable
-    _ServerInterceptorBase = grpc.aio.ServerInterceptor[Any, Any]
-else:
-    _ServerInterceptorBase = grpc.aio.ServerInterceptor
 
 
-class TracingServerInterceptor(_ServerInterceptorBase):
+class TracingServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """One SERVER span per unary-unary or unary-stream call, child of the caller's span."""
 
     def __init__(self, tracer: trace.Tracer, provider: TracerProvider | None = None) -> None:

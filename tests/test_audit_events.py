@@ -35,11 +35,12 @@ def build(kind: str, identity: Identity) -> dict[str, object]:
     if kind.startswith("stream_"):
         return dict(FACTORY.stream(kind, identity, "r1", "t" * 32, QUERY, result).body)  # type: ignore[arg-type]
     if kind == "chat":
-        return dict(FACTORY.chat(identity, "r1", None, QUERY, outcome="completed", duration_ms=80.0, tokens=9).body)
+        chat = FACTORY.chat(identity, "r1", None, QUERY, outcome="completed", duration_ms=80.0, tokens=9)
+        return dict(chat.body)
     if kind == "admin_read":
         return dict(FACTORY.admin_read(identity, "r1", None, filters={"limit": "10"}, returned=3).body)
     method = getattr(FACTORY, kind)
-    return dict(method(identity, "r1", None, path="/api/v2/bali-zero/chat-stream", reason="RATE_LIMITED").body)
+    return dict(method(identity, "r1", None, path="/api/v2/bali-zero/chat", reason="RATE_LIMITED").body)
 
 
 @pytest.mark.parametrize("kind", sorted(EXPECTED))
@@ -72,7 +73,8 @@ def test_ip_only_on_security_events_and_query_never_raw(kind: str) -> None:
 
 
 def test_trusted_proxy_user_id_is_kept_but_unverified_email_is_not() -> None:
-    body = build("stream_started", Identity(client_ip="10.0.0.1", user_id="proxy-user", email="x@example.com"))
+    proxied = Identity(client_ip="10.0.0.1", user_id="proxy-user", email="x@example.com")
+    body = build("stream_started", proxied)
     assert body["user_id"] == "proxy-user"
     assert "email" not in body
 

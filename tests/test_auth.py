@@ -131,6 +131,17 @@ async def test_bad_claims_rejected(payload: dict[str, Any], code: str, message: 
     assert (err.code, err.message) == (code, message)
 
 
+async def test_aud_and_iss_not_checked_when_not_configured() -> None:
+    auth = Authenticator(replace(BASE, jwt_secret=SECRET))
+    token = hs(claims(aud="anything", iss="anyone"))
+    assert (await auth.authenticate(f"Bearer {token}", None, IP, False)).authenticated
+
+
+async def test_token_ignored_when_verification_not_configured() -> None:
+    ident = await Authenticator(BASE).authenticate(f"Bearer {hs(claims(role='admin'))}", "bob", IP, True)
+    assert ident == Identity(client_ip=IP, user_id="bob")
+
+
 async def test_leeway_accepts_slightly_expired() -> None:
     auth = Authenticator(replace(BASE, jwt_secret=SECRET, jwt_leeway_s=30))
     token = hs(claims(exp=int(time.time()) - 5))

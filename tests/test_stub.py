@@ -43,7 +43,7 @@ async def test_rag_mode_streams_metadata_tokens_in_order_then_completion(stub_fa
     sources = messages[0].metadata.sources
     assert sources and "B211A" in sources[0].title
     assert messages[0].metadata.request_id == "order-1"
-    assert stub.wait_for_end("order-1")["outcome"] == "completed"
+    assert (await stub.ended("order-1"))["outcome"] == "completed"
 
 
 @pytest.mark.parametrize("name", sorted(EDGE_TOKENS))
@@ -81,7 +81,7 @@ async def test_cancel_after_three_tokens_is_seen_within_50ms(stub_factory: StubF
                 cancelled_at = time.time()
                 call.cancel()
                 break
-    end = stub.wait_for_end("cancel-3")
+    end = await stub.ended("cancel-3")
     assert end["outcome"] == "cancelled"
     assert end["tokens_sent"] <= 4, "the server must stop producing once cancelled"
     assert end["ended_at"] - cancelled_at < 0.050
@@ -97,7 +97,7 @@ async def test_deadline_exceeded_ends_stream_and_is_logged(stub_factory: StubFac
             async for _ in call:
                 pass
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert stub.wait_for_end("deadline-1")["outcome"] == "deadline_exceeded"
+    assert (await stub.ended("deadline-1"))["outcome"] == "deadline_exceeded"
 
 
 async def test_fail_after_gives_unavailable(stub_factory: StubFactory) -> None:
@@ -113,7 +113,7 @@ async def test_fail_after_gives_unavailable(stub_factory: StubFactory) -> None:
                     tokens.append(m.token.text)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert tokens == ["a ", "b "]
-    end = stub.wait_for_end("fail-1")
+    end = await stub.ended("fail-1")
     assert end["outcome"] == "failed" and end["tokens_sent"] == 2
 
 

@@ -65,6 +65,8 @@ class AuditTrail:
         self._inbox = Inbox(queue_size)
         self._thread: threading.Thread | None = None
         self._stopped: Task | None = None
+        self._current: Task | None = None
+        self._inflight = 0
         self._drop_lock = threading.Lock()
         self._drop_log_interval_s = drop_log_interval_s
         self._drops_unreported = 0
@@ -130,9 +132,8 @@ class AuditTrail:
         if self._stopped is None:
             self._stopped = Task(stop=True)
             self._inbox.submit(self._stopped, close=True)
-            if self._thread is None:
-                self.store.close()
-                return
+            if self._thread is None:  # never started: nothing will drain the inbox
+                self._finish(self._stopped)
         await asyncio.wrap_future(self._stopped.future)
 
     async def purge(self, older_than_days: int | None = None) -> int:
@@ -166,11 +167,41 @@ class AuditTrail:
     # -- writer thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:  # a dead writer must not leave aclose()/flush() waiting forever
+            log.critical("audit writer crashed; the audit trail is no longer recording", exc_info=True)
+            if self._inflight:  # the batch being written when it died
+                self._dropped("write_error", self._inflight)
+            if self._current is not None and not self._current.future.done():  # taken, not finished
+                self._fail(self._current)
+            self._fail_loop()
+
+    def _fail_loop(self) -> None:
+        """After a crash: count queued events as dropped, fail flushes, still honour aclose."""
+        while True:
+            events, task = self._inbox.take(self._batch_size, None)
+            if events:
+                self._dropped("write_error", len(events))
+            if task is not None and self._fail(task):
+                return
+
+    def _fail(self, task: Task) -> bool:
+        """Fail a flush or purge; a stop still closes the store. True for a stop."""
+        if task.stop:
+            self._finish(task)
+        else:
+            task.future.set_exception(RuntimeError("the audit writer crashed"))
+        return task.stop
+
+    def _loop(self) -> None:
         next_purge = time.monotonic() + self.purge_interval_s
         while True:
             events, task = self._inbox.take(self._batch_size, max(0.0, next_purge - time.monotonic()))
+            self._current, self._inflight = task, len(events)
             if events:
                 self._write(events)
+            self._inflight = 0
             if task is not None:
                 self._finish(task)
                 if task.stop:

@@ -214,6 +214,7 @@
     fetch: null,
     EventSource: null,
     traceparent: true,
+    restartWhenExpired: true, // STREAM_EXPIRED on resume: start the answer over once (onReset is called)
   };
 
   const noop = () => {};
@@ -281,6 +282,7 @@
       this.reconnects = 0;
       this.heartbeatMs = this.o.heartbeatIntervalMs;
       this.finished = false;
+      this.restarted = false;
       this.conn = null;
       this.timer = null;
       this.watchdog = null;
@@ -355,8 +357,8 @@
       es.addEventListener('open', () => {
         if (this.conn !== conn) return;
         opened = true;
-        this.client._setState('streaming');
         this.armWatchdog();
+        this.client._setState('streaming');
       });
       es.addEventListener('message', (ev) => {
         if (this.conn === conn) this.handleEvent({ type: 'message', data: ev.data, id: ev.lastEventId });
@@ -415,6 +417,12 @@
         await this.httpError(response);
         return;
       }
+      if (response.status === 204) {
+        // The bridge says there is nothing left to send (204 also stops EventSource for good).
+        controller.abort();
+        this.complete({ finish_reason: 'stop', metrics: null });
+        return;
+      }
       const type = response.headers.get('content-type') || '';
       if (!/^text\/event-stream/i.test(type)) {
         controller.abort();
@@ -425,8 +433,9 @@
       }
       const hb = parseFloat(response.headers.get('x-heartbeat-interval') || '');
       if (hb > 0) this.heartbeatMs = hb * 1000;
-      this.client._setState('streaming');
       this.armWatchdog();
+      this.client._setState('streaming');
+      if (this.conn !== conn || this.finished) return; // aborted from onStateChange
       const parser = new EventStreamParser();
       const reader = response.body.getReader();
       try {
@@ -538,8 +547,20 @@
       const error = new StreamError(frame.code || 'error', frame.message || 'the stream failed', {
         retryable: !!frame.retryable,
       });
-      if (error.retryable) this.dropped(error);
-      else this.fail(error);
+      if (error.retryable) {
+        this.dropped(error);
+      } else if (error.code === 'STREAM_EXPIRED' && this.o.restartWhenExpired && !this.restarted) {
+        // The bridge lost the stream (restart, or the resume window passed): ask again, once.
+        this.restarted = true;
+        this.lastEventId = '';
+        this.streamId = null;
+        this.pieces = [];
+        this.nextIndex = 0;
+        this.client.onReset(frame);
+        this.dropped(error);
+      } else {
+        this.fail(error);
+      }
     }
 
     metrics(serverMetrics) {
@@ -576,7 +597,9 @@
 
     armWatchdog() {
       if (this.watchdog !== null) this.o.clearTimeout(this.watchdog);
-      const limit = this.heartbeatMs * this.o.watchdogFactor;
+      this.watchdog = null;
+      if (this.finished) return;
+      const limit = Math.min(2147483647, this.heartbeatMs * this.o.watchdogFactor); // setTimeout is 32-bit
       this.watchdog = this.o.setTimeout(() => {
         this.watchdog = null;
         if (this.finished) return;

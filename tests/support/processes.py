@@ -6,6 +6,7 @@ The stub's stream-end JSON lines are collected so a test can await "request X en
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -154,6 +155,11 @@ class Stub(Process):
                 raise TimeoutError(f"no stream ended within {timeout}s")
             return ends[seen]
         return dict(json.loads(self.wait_for_line(match, timeout)))
+
+
+    async def ended(self, request_id: str | None = None, timeout: float = 10) -> dict[str, Any]:
+        """``wait_for_end`` for async tests: waits on a thread so the event loop keeps running."""
+        return await asyncio.to_thread(self.wait_for_end, request_id, timeout)
 
 
 class Bridge(Process):

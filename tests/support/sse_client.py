@@ -1,0 +1,69 @@
+"""A small real SSE client for tests: httpx streaming + the bridge's WHATWG parser."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from bridge.sse import Event, Parser
+
+STREAM_PATH = "/api/v2/bali-zero/chat-stream"
+
+
+@dataclass
+class StreamReply:
+    status: int
+    headers: httpx.Headers
+    events: list[Event] = field(default_factory=list)
+    body: bytes = b""
+
+    @property
+    def frames(self) -> list[dict[str, Any]]:
+        """Data frames (default ``message`` events) as JSON."""
+        return [json.loads(e.data) for e in self.events if e.type == "message"]
+
+    @property
+    def heartbeats(self) -> list[Event]:
+        return [e for e in self.events if e.type == "heartbeat"]
+
+    def tokens(self) -> list[str]:
+        return [f["text"] for f in self.frames if f["type"] == "token"]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def open_stream(
+    base_url: str,
+    *,
+    method: str = "GET",
+    params: dict[str, str] | None = None,
+    json_body: Any = None,
+    headers: dict[str, str] | None = None,
+    stop_after_tokens: int | None = None,
+    timeout: float = 30,
+) -> StreamReply:
+    """Read a whole stream (or stop after N tokens, closing the connection)."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout) as client:
+        request = client.build_request(method, STREAM_PATH, params=params, json=json_body, headers=headers)
+        response = await client.send(request, stream=True)
+        try:
+            reply = StreamReply(response.status_code, response.headers)
+            if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                reply.body = await response.aread()
+                return reply
+            parser = Parser()
+            tokens = 0
+            async for chunk in response.aiter_raw():
+                for event in parser.feed(chunk):
+                    reply.events.append(event)
+                    if event.type == "message" and json.loads(event.data)["type"] == "token":
+                        tokens += 1
+                        if stop_after_tokens is not None and tokens >= stop_after_tokens:
+                            return reply
+            return reply
+        finally:
+            await response.aclose()

@@ -1,0 +1,74 @@
+"""Smoke test of the benchmark harness: `python -m bench.run --quick` produces a complete report.
+
+Benchmarks are not timed tests: this checks that every scenario ran and produced numbers for
+every target it measures, never what the numbers are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.procs import bridge_available
+from tests.support.processes import ROOT, base_env
+
+SCENARIOS = {
+    # scenario: (targets measured, a path to one number per target)
+    "first_token_latency": (("bridge", "direct", "peer"), ("first_token_ms", "p99")),
+    "throughput": (("bridge", "direct", "peer"), ("tokens_per_s",)),
+    "paced_concurrency": (("bridge", "direct", "peer"), ("max_paced_streams",)),
+    "idle_connections": (("bridge", "peer"), ("rss_per_stream_kib",)),
+    "cancellation": (("bridge", "direct", "peer"), ("close_to_cancelled_ms", "p99")),
+    "slow_reader": (("bridge", "peer"), ("rss_growth_mib",)),
+}
+
+
+def dig(data: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        data = data[key]
+    return data
+
+
+@pytest.mark.timeout(150)
+def test_quick_bench_reports_every_scenario(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--out", str(out)],
+        cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=140,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "chart.png").stat().st_size > 10_000
+    assert "| measure | bridge | direct gRPC | reference peer |" in proc.stdout
+
+    meta = report["meta"]
+    assert meta["quick"] is True
+    assert meta["machine"]["nproc"] >= 1 and meta["machine"]["cpu_model"]
+    assert meta["git_commit"]
+    expected_targets = {"direct", "peer"} | ({"bridge"} if bridge_available() else set())
+    assert set(meta["targets"]) == expected_targets
+
+    for scenario, (targets, path) in SCENARIOS.items():
+        data = report["scenarios"][scenario]
+        assert "error" not in data, f"{scenario}: {data.get('error')}"
+        for target in set(targets) & expected_targets:
+            entry = data["targets"][target]
+            value = dig(entry, path)
+            assert isinstance(value, int | float) and math.isfinite(value), f"{scenario}/{target}: {value!r}"
+
+    # Streams really ran end to end (not numbers from empty runs).
+    for target in expected_targets:
+        assert report["scenarios"]["throughput"]["targets"][target]["completed"] > 0
+        cancelled = report["scenarios"]["cancellation"]["targets"][target]["outcomes"].get("cancelled", 0)
+        assert cancelled > 0, report["scenarios"]["cancellation"]["targets"][target]
+
+    names = {c["name"] for c in report["checks"]}
+    assert len(names) == 7
+    for check in report["checks"]:
+        assert check["met"] in (True, False, None)

@@ -1,0 +1,276 @@
+"""The SSE bridge end to end: uvicorn on a real socket in front of the real stub."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import BridgeFactory, StubFactory
+from tests.payloads import BIG_TOKEN, DELIM, EDGE_TOKENS, MANY_TOKENS, as_query
+from tests.support.processes import Bridge, Stub
+from tests.support.sse_client import STREAM_PATH, StreamReply, open_stream
+
+
+def assert_well_formed(reply: StreamReply) -> None:
+    assert reply.status == 200
+    assert reply.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert reply.headers["cache-control"].startswith("no-cache")
+    assert reply.headers["x-accel-buffering"] == "no"
+    assert "content-length" not in reply.headers
+    ids = [e.last_event_id for e in reply.events]
+    assert all(ids), "every frame has an id"
+    frames = reply.frames
+    assert [f["type"] for f in frames].count("done") + [f["type"] for f in frames].count("error") == 1
+    assert frames[-1]["type"] in {"done", "error"}
+    indices = [f["index"] for f in frames if f["type"] == "token"]
+    assert indices == list(range(len(indices)))
+
+
+@pytest.fixture(scope="module")
+def delim_stub() -> Stub:
+    stub = Stub("--mode", "echo", "--echo-delimiter", DELIM, "--max-query-bytes", "70000")
+    yield stub  # type: ignore[misc]
+    stub.stop()
+
+
+@pytest.fixture(scope="module")
+def delim_bridge(delim_stub: Stub, tmp_path_factory: pytest.TempPathFactory) -> Bridge:
+    bridge = Bridge({
+        "RAG_TARGET": delim_stub.target, "ENABLE_SSE_STREAMING": "true", "RATE_LIMIT": "10000/minute",
+        "MAX_QUERY_BYTES": "70000", "MAX_BODY_BYTES": "300000", "MAX_STREAMS_PER_USER": "50",
+        "AUDIT_DB": str(tmp_path_factory.mktemp("audit") / "a.sqlite3"), "LOG_LEVEL": "WARNING",
+    })
+    yield bridge  # type: ignore[misc]
+    bridge.stop()
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize("name", sorted(EDGE_TOKENS))
+async def test_edge_payloads_round_trip_exactly(delim_bridge: Bridge, name: str, method: str) -> None:
+    tokens = EDGE_TOKENS[name]
+    query = as_query(tokens)
+    kwargs = {"params": {"query": query}} if method == "GET" else {"json_body": {"query": query}}
+    reply = await open_stream(delim_bridge.url, method=method, **kwargs)  # type: ignore[arg-type]
+    assert_well_formed(reply)
+    assert reply.tokens() == tokens
+    assert reply.frames[-1]["type"] == "done"
+    assert reply.frames[-1]["metrics"]["tokens"] == len(tokens)
+
+
+async def test_64k_token_and_10000_tokens(delim_bridge: Bridge) -> None:
+    big = await open_stream(delim_bridge.url, method="POST", json_body={"query": as_query(BIG_TOKEN)})
+    assert_well_formed(big)
+    assert big.tokens() == BIG_TOKEN
+    many = await open_stream(delim_bridge.url, method="POST", json_body={"query": as_query(MANY_TOKENS)})
+    assert_well_formed(many)
+    assert many.tokens() == MANY_TOKENS
+
+
+async def test_rag_stream_has_metadata_tokens_done(stub_factory: StubFactory, bridge_factory: BridgeFactory) -> None:
+    bridge = bridge_factory(stub_factory())
+    reply = await open_stream(bridge.url, params={"query": "What do I need for a B211A visa?"})
+    assert_well_formed(reply)
+    first, last = reply.frames[0], reply.frames[-1]
+    assert first["type"] == "metadata" and first["sources"] and first["stream_id"]
+    assert reply.headers["x-connection-id"] == first["stream_id"]
+    assert last == {
+        "type": "done",
+        "finish_reason": "stop",
+        "metrics": {
+            "first_token_ms": last["metrics"]["first_token_ms"],
+            "tokens": len(reply.tokens()),
+            "duration_ms": last["metrics"]["duration_ms"],
+        },
+    }
+    assert 0 < last["metrics"]["first_token_ms"] <= last["metrics"]["duration_ms"]
+
+
+async def _close_after_headers(url: str, query: str) -> tuple[float, str]:
+    """Open a stream with a raw socket, wait for the first frame, then close; return (close time, request id)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"GET {STREAM_PATH}?query={query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    data = b""
+    while b'"request_id":"' not in data:
+        data += await reader.read(65536)
+    request_id = data.split(b'"request_id":"', 1)[1].split(b'"', 1)[0].decode()
+    writer.transport.abort()
+    await asyncio.sleep(0)  # abort() closes the socket on the next loop iteration
+    return time.time(), request_id
+
+
+@pytest.mark.parametrize("phase", ["before_first_token", "mid_stream"])
+async def test_disconnect_cancels_upstream_within_100ms(
+    stub_factory: StubFactory, bridge_factory: BridgeFactory, phase: str
+) -> None:
+    args = ["--first-token-delay-ms", "5000"] if phase == "before_first_token" else ["--token-delay-ms", "10"]
+    stub = stub_factory("--mode", "echo", "--repeat", "500", *args)
+    bridge = bridge_factory(stub)
+    if phase == "mid_stream":
+        reply = await open_stream(bridge.url, params={"query": "tick tock"}, stop_after_tokens=5)
+        closed_at = time.time()
+        request_id = reply.frames[0]["request_id"]
+    else:
+        closed_at, request_id = await _close_after_headers(bridge.url, "hello")
+    end = await stub.ended(request_id)
+    assert end["outcome"] == "cancelled"
+    assert end["ended_at"] - closed_at < 0.100
+
+
+async def test_stalled_reader_bounds_memory_and_pauses_upstream(
+    stub_factory: StubFactory, bridge_factory: BridgeFactory
+) -> None:
+    stub = stub_factory("--mode", "echo", "--repeat", "50000")
+    bridge = bridge_factory(stub, SEND_TIMEOUT_S="4")
+    proc = psutil.Process(bridge.proc.pid)
+    await open_stream(bridge.url, params={"query": "warm up"})  # first-use allocations out of the way
+    before = proc.memory_info().rss
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small TCP window
+    sock.connect(("127.0.0.1", bridge.port))
+    sock.sendall(f"GET {STREAM_PATH}?query=a%20b HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = sock.recv(4096)  # read the headers and a little, then stop reading
+    assert b"200 OK" in head
+    # The bridge gives up after SEND_TIMEOUT_S of a blocked send and cancels upstream.
+    end = await stub.ended(timeout=30)
+    growth = proc.memory_info().rss - before
+    sock.close()
+    assert end["outcome"] == "cancelled"
+    assert end["tokens_sent"] < 100_000 / 2, "the stub was paused, not drained into the bridge"
+    assert growth < 8 * 1024 * 1024, f"bridge RSS grew by {growth / 1e6:.1f} MB"
+
+
+async def test_heartbeat_during_slow_first_token(stub_factory: StubFactory, bridge_factory: BridgeFactory) -> None:
+    stub = stub_factory("--mode", "echo", "--first-token-delay-ms", "2000")
+    bridge = bridge_factory(stub, HEARTBEAT_INTERVAL_S="0.4")
+    reply = await open_stream(bridge.url, params={"query": "wait for it"})
+    assert_well_formed(reply)
+    kinds = [e.type for e in reply.events]
+    first_token = next(i for i, e in enumerate(reply.events) if e.type == "message" and '"token"' in e.data)
+    assert kinds[:first_token].count("heartbeat") >= 3
+    assert all(json.loads(h.data) == {"type": "heartbeat"} for h in reply.heartbeats)
+
+
+async def test_failure_mid_stream_gives_exactly_one_error_frame(
+    stub_factory: StubFactory, bridge_factory: BridgeFactory
+) -> None:
+    bridge = bridge_factory(stub_factory("--mode", "echo", "--fail-after", "3"))
+    reply = await open_stream(bridge.url, params={"query": "a b c d e f"})
+    assert_well_formed(reply)
+    assert reply.tokens() == ["a ", "b ", "c "]
+    errors = [f for f in reply.frames if f["type"] == "error"]
+    assert errors == [{"type": "error", "code": "UPSTREAM_UNAVAILABLE", "message": errors[0]["message"],
+                       "retryable": True}]
+
+
+async def test_flag_off_gives_404_but_chat_works(stub_factory: StubFactory, bridge_factory: BridgeFactory) -> None:
+    bridge = bridge_factory(stub_factory("--mode", "echo"), ENABLE_SSE_STREAMING="false")
+    async with httpx.AsyncClient(base_url=bridge.url) as client:
+        for method in ("GET", "POST"):
+            r = await client.request(method, STREAM_PATH, params={"query": "hi"}, json={"query": "hi"})
+            assert r.status_code == 404
+            assert r.json()["error"]["code"] == "STREAMING_DISABLED"
+            assert "ENABLE_SSE_STREAMING" in r.json()["error"]["message"]
+        r = await client.post("/api/v2/bali-zero/chat", json={"query": "hello there"})
+        assert r.status_code == 200
+        assert r.json()["answer"] == "hello there"
+
+
+async def test_upstream_down_before_stream_is_503_with_retry_after(bridge_factory: BridgeFactory) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    bridge = bridge_factory(RAG_TARGET=f"127.0.0.1:{dead}")
+    async with httpx.AsyncClient(base_url=bridge.url) as client:
+        r = await client.get(STREAM_PATH, params={"query": "hi"})
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "UPSTREAM_UNAVAILABLE"
+        assert int(r.headers["retry-after"]) >= 1
+        r = await client.post("/api/v2/bali-zero/chat", json={"query": "hi"})
+        assert r.status_code == 503
+        assert (await client.get("/readyz")).status_code == 503
+        assert (await client.get("/healthz")).status_code == 200
+
+
+BAD_INPUTS = [
+    ("GET", {}, None, {}, 400, "QUERY_REQUIRED"),
+    ("GET", {"query": "   "}, None, {}, 400, "QUERY_REQUIRED"),
+    ("POST", {}, b'{"query":"' + b"x" * 70_001 + b'"}', {"content-type": "application/json"}, 400,
+     "QUERY_TOO_LONG"),
+    ("GET", {"query": "hi", "conversation_history": "{not json"}, None, {}, 400, "INVALID_JSON"),
+    ("GET", {"query": "hi", "conversation_history": '{"role":"user"}'}, None, {}, 400, "INVALID_HISTORY"),
+    ("GET", {"query": "hi", "conversation_history": '[{"role":"god","content":"x"}]'}, None, {}, 400,
+     "INVALID_HISTORY"),
+    ("GET", {"query": "hi", "conversation_history": '[{"role":"user","content":""}]'}, None, {}, 400,
+     "INVALID_HISTORY"),
+    ("GET", {"query": "hi", "conversation_history": "[" * 5000 + "]" * 5000}, None, {}, 400, None),
+    ("POST", {}, b"query=hi", {"content-type": "application/x-www-form-urlencoded"}, 415, "UNSUPPORTED_MEDIA_TYPE"),
+    ("POST", {}, b"{bad json", {"content-type": "application/json"}, 400, "INVALID_JSON"),
+    ("POST", {}, b"[1,2]", {"content-type": "application/json"}, 400, "INVALID_JSON"),
+    ("POST", {}, b'{"query": 5}', {"content-type": "application/json"}, 400, "QUERY_REQUIRED"),
+    ("POST", {}, b'{"query": "\\ud800"}', {"content-type": "application/json"}, 400, "INVALID_REQUEST"),
+    ("POST", {}, b'{"query":"' + b"x" * 300_000 + b'"}', {"content-type": "application/json"}, 413,
+     "PAYLOAD_TOO_LARGE"),
+    ("POST", {}, b'{"query":"hi","user_email":"not an email"}', {"content-type": "application/json"}, 400,
+     "INVALID_REQUEST"),
+    ("PUT", {}, b"{}", {"content-type": "application/json"}, 405, "METHOD_NOT_ALLOWED"),
+]
+
+
+@pytest.mark.parametrize(("method", "params", "body", "headers", "status", "code"), BAD_INPUTS)
+async def test_bad_input_gets_typed_4xx(
+    delim_bridge: Bridge, method: str, params: dict[str, str], body: bytes | None, headers: dict[str, str],
+    status: int, code: str | None,
+) -> None:
+    async with httpx.AsyncClient(base_url=delim_bridge.url) as client:
+        for path in (STREAM_PATH, "/api/v2/bali-zero/chat"):
+            if path.endswith("/chat") and method == "GET":
+                continue
+            r = await client.request(method, path, params=params, content=body, headers=headers)
+            assert r.status_code == status, (path, r.text)
+            error = r.json()["error"]
+            assert error["message"] and "Traceback" not in r.text
+            if code:
+                assert error["code"] == code
+
+
+async def test_unknown_route_is_json_404(delim_bridge: Bridge) -> None:
+    async with httpx.AsyncClient(base_url=delim_bridge.url) as client:
+        r = await client.get("/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "NOT_FOUND"
+
+
+async def test_sigterm_drains_then_ends_streams_with_shutting_down(
+    stub_factory: StubFactory, bridge_factory: BridgeFactory
+) -> None:
+    stub = stub_factory("--mode", "echo", "--token-delay-ms", "20", "--repeat", "1000")
+    bridge = bridge_factory(stub, SHUTDOWN_GRACE_S="1")
+    started = asyncio.Event()
+
+    async def long_stream() -> StreamReply:
+        task_reply = asyncio.create_task(open_stream(bridge.url, params={"query": "long answer"}))
+        started.set()
+        return await task_reply
+
+    task = asyncio.create_task(long_stream())
+    await started.wait()
+    await asyncio.sleep(0.3)  # let the stream get going (tokens flow every 20 ms)
+    signalled = time.monotonic()
+    bridge.signal(signal.SIGTERM)
+    reply = await task
+    elapsed = time.monotonic() - signalled
+    assert_well_formed(reply)
+    assert reply.frames[-1] == {"type": "error", "code": "SHUTTING_DOWN", "retryable": True,
+                                "message": reply.frames[-1]["message"]}
+    assert 0.9 < elapsed < 5
+    assert len(reply.tokens()) > 40, "streams kept running during the grace period"
+    assert (await stub.ended(reply.frames[0]["request_id"]))["outcome"] == "cancelled"
+    assert bridge.wait(10) == 0
