@@ -532,7 +532,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Benchmark of {m['git_commit']} on {m['date']}: {m['machine']['nproc']} x {m['machine']['cpu_model']}, "
         f"Python {m['machine']['python']}, {'quick' if m['quick'] else 'full'} run, "
-        f"pinning {'on' if m['pinned'] else 'off'}.",
+        f"pinning {'on' if m['pinned'] else 'off'}, load average {m['loadavg_start'][0]:.1f} at start "
+        f"and {m.get('loadavg_end', (float('nan'),))[0]:.1f} at the end (other work on the host skews results).",
         "",
         "| measure | bridge | direct gRPC | reference peer |",
         "|---|---:|---:|---:|",
@@ -700,6 +701,8 @@ def main(argv: list[str] | None = None) -> int:
             "targets": targets,
             "profile": asdict(profile),
             "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            # Other work on the host skews every number: the load average says how quiet it was.
+            "loadavg_start": os.getloadavg(),
         },
         "scenarios": {},
     }
@@ -724,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
             report["scenarios"][name]["elapsed_s"] = time.monotonic() - t0
         bench.stop_all()
     report["meta"]["elapsed_s"] = time.monotonic() - started
+    report["meta"]["loadavg_end"] = os.getloadavg()
     report["checks"] = checks(report["scenarios"])
     try:
         chart(report, args.out / "chart.png")

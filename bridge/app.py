@@ -10,6 +10,8 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
@@ -83,8 +85,25 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
         Route("/", index, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
+    middleware = []
+    if settings.cors_origins:
+        # A pure ASGI middleware: unlike BaseHTTPMiddleware it passes http.disconnect through,
+        # so cancellation still reaches the stream.
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["authorization", "content-type", "last-event-id", "x-connection-id",
+                               "x-user-id", "traceparent", "tracestate"],
+                expose_headers=["x-connection-id", "x-request-id", "retry-after", "ratelimit-limit",
+                                "ratelimit-remaining", "ratelimit-reset"],
+                max_age=600,
+            )
+        )
     app = Starlette(
         routes=routes,
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={BridgeError: bridge_error, HTTPException: http_error, Exception: unexpected},
     )

@@ -259,7 +259,9 @@ async def test_a_crashed_writer_fails_flush_and_still_closes(tmp_path: Path) -> 
     assert trail.dropped == 5
 
 
-async def test_aclose_without_start_returns_and_is_idempotent(tmp_path: Path) -> None:
+async def test_aclose_without_start_still_writes_what_was_queued(tmp_path: Path) -> None:
     trail = make_trail(tmp_path / "audit.sqlite3")
+    started(trail, 4)
     await trail.aclose()
     await trail.aclose()
+    assert count(tmp_path / "audit.sqlite3") == 4

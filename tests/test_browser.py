@@ -6,6 +6,7 @@ Chromium's own EventSource, POST through fetch and the client's streaming parser
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 from collections.abc import Iterator
@@ -107,11 +108,15 @@ def wait_js(page: Any, condition: str, timeout_ms: int = 30_000) -> None:
     (script-src 'self', no unsafe-eval) forbids; this compiles the check through the DevTools
     protocol instead and re-checks it on every animation frame.
     """
-    page.evaluate(
-        "async () => { const deadline = performance.now() + %d;"
-        " while (!(%s)) { if (performance.now() > deadline) throw new Error('timed out waiting for ' + %s);"
+    script = (
+        "async () => { const deadline = performance.now() + TIMEOUT;"
+        " while (!(CONDITION)) { if (performance.now() > deadline) throw new Error('timed out: ' + LABEL);"
         " await new Promise((r) => requestAnimationFrame(r)); } }"
-        % (timeout_ms, condition, json.dumps(condition))
+    )
+    page.evaluate(
+        script.replace("TIMEOUT", str(timeout_ms))
+        .replace("LABEL", json.dumps(condition))
+        .replace("CONDITION", condition)
     )
 
 
@@ -137,8 +142,16 @@ def bridge_env(stub: Stub, tmp: Path, **extra: str) -> dict[str, str]:
 def echo_bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
     stub = Stub("--mode", "echo", "--echo-delimiter", DELIM, "--max-query-bytes", "70000")
     tmp = tmp_path_factory.mktemp("echo-bridge")
-    bridge = Bridge(bridge_env(stub, tmp, MAX_QUERY_BYTES="70000", MAX_BODY_BYTES="200000",
-                               RATE_LIMIT="10000/minute", MAX_STREAMS_PER_USER="50"))
+    bridge = Bridge(
+        bridge_env(
+            stub,
+            tmp,
+            MAX_QUERY_BYTES="70000",
+            MAX_BODY_BYTES="200000",
+            RATE_LIMIT="10000/minute",
+            MAX_STREAMS_PER_USER="50",
+        )
+    )
     yield bridge
     bridge.stop()
     stub.stop()
@@ -171,9 +184,7 @@ def test_edge_payload_reassembled_exactly(echo_page: tuple[Any, list[str]], payl
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])
-def test_ten_thousand_one_character_tokens(
-    page: Any, stub_factory: Any, bridge_factory: Any, method: str
-) -> None:
+def test_ten_thousand_one_character_tokens(page: Any, stub_factory: Any, bridge_factory: Any, method: str) -> None:
     # "~" is unreserved in URLs, so the 10 000 tokens fit in a GET query string (␞ would triple it).
     stub = stub_factory("--mode", "echo", "--echo-delimiter", "~", "--max-query-bytes", "70000")
     bridge = bridge_factory(stub, MAX_QUERY_BYTES="70000", MAX_BODY_BYTES="200000")
@@ -237,8 +248,9 @@ def test_bridge_restart_reconnects_with_growing_backoff(
     try:
         open_demo(page, first)
         base, cap = 100, 800
-        run(page, DELIM.join(pieces), method, background=True,
-            backoff={"baseMs": base, "maxMs": cap, "maxAttempts": 20})
+        run(
+            page, DELIM.join(pieces), method, background=True, backoff={"baseMs": base, "maxMs": cap, "maxAttempts": 20}
+        )
         wait_js(page, "window.__bz.log.tokens.length >= 10")
         first.kill()  # a crash: no goodbye frame
         wait_js(page, "window.__bz.log.reconnects.length >= 4")
@@ -263,7 +275,7 @@ def test_bridge_restart_reconnects_with_growing_backoff(
     delays = [a["delayMs"] for a in attempts[:4]]
     assert delays == sorted(delays) and delays[-1] > delays[0], delays
     # the pauses really happened (the page clock): each gap at least the announced delay
-    for prev, nxt in zip(attempts, attempts[1:], strict=False):
+    for prev, nxt in itertools.pairwise(attempts):
         assert nxt["at"] - prev["at"] >= prev["delayMs"] - 5, (prev, nxt)
     assert result["metrics"]["reconnects"] == len(attempts)
 
@@ -319,8 +331,14 @@ def test_watchdog_reconnects_when_the_bridge_goes_silent(
     bridge = bridge_factory(stub, HEARTBEAT_INTERVAL_S="0.4", RESUME_GRACE_S="30")
     open_demo(page, bridge)
     pieces = ["a", "b", "c"]
-    run(page, DELIM.join(pieces), method, background=True, heartbeatIntervalMs=400,
-        backoff={"baseMs": 50, "maxMs": 200, "maxAttempts": 20})
+    run(
+        page,
+        DELIM.join(pieces),
+        method,
+        background=True,
+        heartbeatIntervalMs=400,
+        backoff={"baseMs": 50, "maxMs": 200, "maxAttempts": 20},
+    )
     wait_js(page, "window.__bz.log.heartbeats >= 1")
     bridge.signal(signal.SIGSTOP)  # the process freezes: the socket stays open, nothing flows
     try:

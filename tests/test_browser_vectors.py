@@ -44,12 +44,15 @@ def vector_page() -> Iterator[Any]:
         bodies: dict[str, bytes] = {}
 
         def handle(route: Any) -> None:
-            path = route.request.url[len(ORIGIN):]
+            path = route.request.url[len(ORIGIN) :]
             if path == "/":
                 route.fulfill(status=200, content_type="text/html", body="<!doctype html><title>v</title>")
             else:
-                route.fulfill(status=200, headers={"content-type": "text/event-stream", "cache-control": "no-cache"},
-                              body=bodies[path])
+                route.fulfill(
+                    status=200,
+                    headers={"content-type": "text/event-stream", "cache-control": "no-cache"},
+                    body=bodies[path],
+                )
 
         page.route(ORIGIN + "/**", handle)
         page.goto(ORIGIN + "/")

@@ -103,5 +103,7 @@ def test_ten_thousand_one_character_tokens() -> None:
 
 def test_vectors_cover_every_edge_payload() -> None:
     covered = {v.get("token_text") for v in VECTORS}
-    missing = [k for k, t in EDGE_PAYLOADS.items() if len(t) < 100 and t not in covered and k not in ("U+2028", "U+2029")]
+    missing = [
+        k for k, t in EDGE_PAYLOADS.items() if len(t) < 100 and t not in covered and k not in ("U+2028", "U+2029")
+    ]
     assert not missing

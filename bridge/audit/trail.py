@@ -132,8 +132,9 @@ class AuditTrail:
         if self._stopped is None:
             self._stopped = Task(stop=True)
             self._inbox.submit(self._stopped, close=True)
-            if self._thread is None:  # never started: nothing will drain the inbox
-                self._finish(self._stopped)
+            if self._thread is None:  # never started: run the writer just to drain what was queued
+                self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+                self._thread.start()
         await asyncio.wrap_future(self._stopped.future)
 
     async def purge(self, older_than_days: int | None = None) -> int:
