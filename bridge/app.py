@@ -17,6 +17,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from bridge.audit.http import admin_audit_endpoint
 from bridge.config import Settings
 from bridge.endpoints import Endpoints
 from bridge.errors import BridgeError, MethodNotAllowed, NotFound
@@ -46,12 +47,14 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state.upstream = Upstream(settings.rag_target, state.telemetry.client_interceptors())
+        await state.audit.start()
         try:
             yield
         finally:
             await state.registry.wait_all(0)
             await state.gate.limiter.aclose()
             await state.upstream.close()
+            await state.audit.aclose()  # after the streams: their end records are written too
             await asyncio.to_thread(state.telemetry.shutdown)
 
     async def index(request: Request) -> Response:
@@ -80,6 +83,7 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
         Route("/api/v2/bali-zero/chat", endpoints.chat, methods=["POST"]),
         Route("/api/v2/bali-zero/stream-stats", endpoints.stream_stats, methods=["GET"]),
         Route("/metrics", endpoints.metrics, methods=["GET"]),
+        Route("/api/admin/audit", admin_audit_endpoint(state.audit, state.gate.identify), methods=["GET"]),
         Route("/healthz", endpoints.healthz, methods=["GET"]),
         Route("/readyz", endpoints.readyz, methods=["GET"]),
         Route("/", index, methods=["GET"]),

@@ -17,6 +17,7 @@ from types import FrameType
 
 import uvicorn
 
+from bridge.audit.cli import add_audit_commands
 from bridge.config import ConfigError, Settings
 
 
@@ -98,8 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env-file", default=None, help="load settings from a .env file")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="serve HTTP (the default)")
+    add_audit_commands(sub, lambda args: Settings.from_env(load_environment(args.env_file)))
     args = parser.parse_args(argv)
     try:
+        if args.command == "audit":
+            code: int = args.func(args)
+            return code
         settings = Settings.from_env(load_environment(args.env_file))
     except ConfigError as exc:
         print(f"bali-zero-bridge: invalid configuration: {exc}", file=sys.stderr)

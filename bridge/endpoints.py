@@ -4,9 +4,7 @@ modules they call (gate, inputs, streaming, upstream)."""
 from __future__ import annotations
 
 import asyncio
-import re
 import time
-import uuid
 from typing import Any
 
 import grpc
@@ -16,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from bali_zero.rag.v1 import rag_pb2
+from bridge.audit.http import request_ids
 from bridge.auth import effective_role
 from bridge.errors import BridgeError, NotFound, from_grpc_status
 from bridge.gate import Admission, Rejected
@@ -36,13 +35,7 @@ from bridge.telemetry import Telemetry, trace_id_of
 from bridge.types import Identity, StreamResult
 from bridge.upstream import StreamCall
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 _ROLES = {"user": rag_pb2.CHAT_ROLE_USER, "assistant": rag_pb2.CHAT_ROLE_ASSISTANT, "system": rag_pb2.CHAT_ROLE_SYSTEM}
-
-
-def _request_id(request: Request) -> str:
-    given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
 def _upstream_fields(chat: ChatInput, identity: Identity, request_id: str) -> dict[str, Any]:
@@ -99,12 +92,14 @@ class Endpoints:
             raise NotFound("streaming is not yet enabled for this user; use POST /api/v2/bali-zero/chat",
                            code="STREAMING_DISABLED")
         chat = await read_input(request, state.limits)
+        request_id, _ = request_ids(request)
         try:
             lease = state.caps.acquire(identity.key)
-        except BridgeError:
+        except BridgeError as exc:
             state.metrics.rate_limited("streams")
+            state.audit.record(state.audit.events.rate_limited(identity, request_id, None, path=request.url.path,
+                                                               reason=exc.code))
             raise
-        request_id = _request_id(request)
         telemetry = state.telemetry
         span = telemetry.start_stream_span(
             "chat-stream", _trace_parent(request), {"http.request.method": request.method, "request_id": request_id}
@@ -122,10 +117,15 @@ class Endpoints:
             telemetry.end_stream_span(span, StreamResult("", request_id, "error", 0, elapsed, None, code))
             raise
 
+        audit = state.audit
+        trace_id = trace_id_of(span)
+        audit.record(audit.events.stream("stream_started", identity, request_id, trace_id, chat.query))
+
         def ended(session: StreamSession, result: StreamResult) -> None:
             lease.release()
             telemetry.end_stream_span(span, result)
             log_stream_end(result)
+            audit.record(audit.events.stream_ended(identity, chat.query, result))
             grace = state.settings.resume_grace_s
             if grace > 0:
                 asyncio.get_running_loop().call_later(grace, state.registry.discard, session)
@@ -140,7 +140,7 @@ class Endpoints:
             observer=state.observer,
             on_end=ended,
             on_first_token=lambda ms: telemetry.record_first_token(span, ms),
-            trace_id=trace_id_of(span),
+            trace_id=trace_id,
         )
         state.registry.add(session)
         session.start(call, first)
@@ -209,16 +209,18 @@ class Endpoints:
 
     async def chat(self, request: Request) -> Response:
         state = self.state
-        if request.method != "POST":
-            raise NotFound("use POST")
         try:
             admission = await state.gate.admit(request)
         except Rejected as rejected:
             return error_response(rejected.error, rejected.headers)
+        identity = admission.identity
+        request_id, trace_id = request_ids(request)
+        started = time.monotonic()
+        query: str | None = None
         try:
             chat = await read_input(request, state.limits)
-            request_id = _request_id(request)
-            message = rag_pb2.ChatRequest(**_upstream_fields(chat, admission.identity, request_id))
+            query = chat.query
+            message = rag_pb2.ChatRequest(**_upstream_fields(chat, identity, request_id))
             try:
                 reply = await state.rag.chat(
                     message, timeout=state.settings.upstream_timeout_s, metadata=(("x-request-id", request_id),)
@@ -226,14 +228,22 @@ class Endpoints:
             except grpc.aio.AioRpcError as exc:
                 raise from_grpc_status(exc.code(), exc.details()) from None
         except BridgeError as exc:
+            if query is not None:
+                state.audit.record(state.audit.events.chat(
+                    identity, request_id, trace_id, query, outcome="error", error_code=exc.code,
+                    duration_ms=round((time.monotonic() - started) * 1000, 3)))
             return error_response(exc, admission.headers)
+        duration_ms = round((time.monotonic() - started) * 1000, 3)
+        state.audit.record(state.audit.events.chat(
+            identity, request_id, trace_id, chat.query, outcome="completed", duration_ms=duration_ms,
+            tokens=reply.completion.token_count))
         body = {
             "answer": reply.answer,
             "sources": [{"title": s.title, "uri": s.uri, "score": s.score} for s in reply.metadata.sources],
             "model": reply.metadata.model,
             "request_id": request_id,
             "finish_reason": "length" if reply.completion.finish_reason == rag_pb2.FINISH_REASON_LENGTH else "stop",
-            "metrics": {"tokens": reply.completion.token_count, "duration_ms": _ms(reply.completion.total_time)},
+            "metrics": {"tokens": reply.completion.token_count, "duration_ms": duration_ms},
         }
         return JSONResponse(body, headers=admission.headers)
 

@@ -20,6 +20,7 @@ from bridge.ratelimit import RateDecision, RateLimiter
 from bridge.types import Identity
 
 AuthFailureHook = Callable[[Request, str, Unauthorized], None]
+RejectionHook = Callable[[Request, Identity, BridgeError], None]
 
 
 @dataclass(slots=True)
@@ -35,11 +36,13 @@ class Gate:
         authenticator: Authenticator,
         limiter: RateLimiter,
         on_auth_failure: AuthFailureHook | None = None,
+        on_rejected: RejectionHook | None = None,
     ) -> None:
         self.settings = settings
         self.authenticator = authenticator
         self.limiter = limiter
         self.on_auth_failure = on_auth_failure
+        self.on_rejected = on_rejected
         self.draining = False
 
     def client(self, request: Request) -> tuple[str, bool]:
@@ -67,6 +70,8 @@ class Gate:
         headers = decision.headers()
         error: BridgeError | None = decision.error()
         if error is not None:
+            if self.on_rejected is not None:
+                self.on_rejected(request, identity, error)
             raise Rejected(error, headers, identity)
         return Admission(identity, headers)
 

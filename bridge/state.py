@@ -6,9 +6,13 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
+from starlette.requests import Request
+
+from bridge.audit import AuditTrail
+from bridge.audit.http import request_ids
 from bridge.auth import Authenticator
 from bridge.config import Settings
-from bridge.errors import ServiceUnavailable
+from bridge.errors import BridgeError, ServiceUnavailable, Unauthorized
 from bridge.gate import Gate
 from bridge.inputs import Limits
 from bridge.metrics import BridgeMetrics
@@ -18,6 +22,7 @@ from bridge.stats import FanOut, StreamStats
 from bridge.streamcap import StreamCaps
 from bridge.streaming import StreamPolicy
 from bridge.telemetry import Telemetry
+from bridge.types import Identity
 from bridge.upstream import Upstream
 
 log = logging.getLogger("bridge")
@@ -34,6 +39,7 @@ class BridgeState:
     metrics: BridgeMetrics
     stats: StreamStats
     observer: FanOut
+    audit: AuditTrail
     registry: SessionRegistry = field(default_factory=SessionRegistry)
     upstream: Upstream | None = None
     _drain_task: asyncio.Task[None] | None = None
@@ -42,19 +48,32 @@ class BridgeState:
     def from_settings(cls, settings: Settings, telemetry: Telemetry | None = None) -> BridgeState:
         metrics = BridgeMetrics()
         stats = StreamStats(settings.stats_window_s)
+        audit = AuditTrail.from_settings(settings, on_drop=lambda reason, count: metrics.audit_dropped(count))
         limiter = RateLimiter(
             settings,
             on_violation=lambda key, decision: metrics.rate_limited("rate"),
             on_storage_error=lambda exc: metrics.rate_limit_storage_failed(),
         )
+
+        def auth_failed(request: Request, ip: str, error: Unauthorized) -> None:
+            request_id, trace_id = request_ids(request)
+            audit.record(audit.events.auth_failed(Identity(client_ip=ip), request_id, trace_id,
+                                                  path=request.url.path, reason=error.code))
+
+        def rejected(request: Request, identity: Identity, error: BridgeError) -> None:
+            request_id, trace_id = request_ids(request)
+            audit.record(audit.events.rate_limited(identity, request_id, trace_id,
+                                                   path=request.url.path, reason=error.code))
+
         return cls(
             settings=settings,
-            gate=Gate(settings, Authenticator(settings), limiter),
+            gate=Gate(settings, Authenticator(settings), limiter, on_auth_failure=auth_failed, on_rejected=rejected),
             caps=StreamCaps(settings.max_streams_per_user, settings.max_streams_total),
             telemetry=telemetry or Telemetry.from_settings(settings),
             metrics=metrics,
             stats=stats,
             observer=FanOut(metrics, stats),
+            audit=audit,
             policy=StreamPolicy(
                 heartbeat_interval_s=settings.heartbeat_interval_s,
                 send_timeout_s=settings.send_timeout_s,
