@@ -21,6 +21,7 @@ from bridge.audit.http import admin_audit_endpoint
 from bridge.config import Settings
 from bridge.endpoints import Endpoints
 from bridge.errors import BridgeError, MethodNotAllowed, NotFound
+from bridge.guards import HeaderSizeLimit
 from bridge.responses import error_response
 from bridge.state import BridgeState
 from bridge.upstream import Upstream
@@ -89,7 +90,7 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
         Route("/", index, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    middleware = []
+    middleware = [Middleware(HeaderSizeLimit, max_bytes=settings.max_header_bytes)]
     if settings.cors_origins:
         # A pure ASGI middleware: unlike BaseHTTPMiddleware it passes http.disconnect through,
         # so cancellation still reaches the stream.

@@ -49,6 +49,7 @@ class Settings:
     max_streams_total: int = 2000
     max_query_bytes: int = 8 * 1024
     max_body_bytes: int = 64 * 1024
+    max_header_bytes: int = 32 * 1024
     max_history_messages: int = 50
     auth_required: bool = False
     jwt_secret: str = ""
@@ -77,7 +78,7 @@ class Settings:
             if f.name == "otel":
                 continue
             raw = environ.get(f.name.upper())
-            if raw is None or (raw.strip() == "" and f.name not in _EMPTY_IS_VALUE):
+            if raw is None or raw.strip() == "":
                 continue
             parser = _PARSERS.get(f.name, _PARSERS_BY_TYPE.get(str(f.type), str))
             try:
@@ -103,6 +104,7 @@ class Settings:
             (self.max_streams_total >= 1, "MAX_STREAMS_TOTAL must be >= 1"),
             (self.max_query_bytes >= 1, "MAX_QUERY_BYTES must be >= 1"),
             (self.max_body_bytes >= 1024, "MAX_BODY_BYTES must be >= 1024"),
+            (self.max_header_bytes >= 4096, "MAX_HEADER_BYTES must be >= 4096"),
             (self.audit_retention_days >= 1, "AUDIT_RETENTION_DAYS must be >= 1"),
             (self.audit_queue_size >= 1, "AUDIT_QUEUE_SIZE must be >= 1"),
             (self.resume_buffer_frames >= 1, "RESUME_BUFFER_FRAMES must be >= 1"),
@@ -176,4 +178,3 @@ def _int(raw: str) -> int:
 
 _PARSERS_BY_TYPE: dict[str, Callable[[str], object]] = {"bool": _bool, "float": _float, "int": _int, "str": str}
 _PARSERS: dict[str, Callable[[str], object]] = {"trusted_proxies": _networks, "cors_origins": _csv}
-_EMPTY_IS_VALUE: frozenset[str] = frozenset()

@@ -76,7 +76,8 @@ class Parser:
 
     def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._pending = ""
+        self._pending: list[str] = []  # pieces of a line whose end has not arrived yet
+        self._skip_lf = False  # the last chunk ended in CR: an LF first in the next one is its pair
         self._first = True
         self._data: list[str] = []
         self._type = ""
@@ -89,25 +90,37 @@ class Parser:
         if self._first and text:
             text = text.removeprefix("\ufeff")
             self._first = False
-        return self._lines(self._pending + text, final=False)
+        return self._consume(text)
 
     def close(self) -> list[Event]:
-        """End of stream: an incomplete event is discarded, as the standard says."""
-        self._lines(self._pending + self._decoder.decode(b"", final=True), final=True)
+        """End of stream: an incomplete line or event is discarded, as the standard says."""
+        self._consume(self._decoder.decode(b"", final=True))
+        self._pending = []
         return []
 
-    def _lines(self, text: str, final: bool) -> list[Event]:
+    def _consume(self, text: str) -> list[Event]:
+        # A CR ends its line at once (a browser does not wait for a possible LF), so an event
+        # closed by a lone CR is dispatched even when nothing follows it.
+        if not text:
+            return []
+        if self._skip_lf and text[0] == "\n":
+            text = text[1:]
+        self._skip_lf = False
         events: list[Event] = []
         start = 0
         for match in _LINE_BREAK.finditer(text):
-            # A CR at the very end may be the first half of a CRLF split across chunks.
-            if match.group() == "\r" and match.end() == len(text) and not final:
-                break
-            event = self._line(text[start : match.start()])
+            line = text[start : match.start()]
+            if self._pending:
+                line = "".join(self._pending) + line
+                self._pending = []
+            event = self._line(line)
             if event is not None:
                 events.append(event)
             start = match.end()
-        self._pending = text[start:]
+            if match.group() == "\r" and start == len(text):
+                self._skip_lf = True
+        if start < len(text):
+            self._pending.append(text[start:])
         return events
 
     def _line(self, line: str) -> Event | None:

@@ -105,13 +105,6 @@ async def stop_all(*processes: Process) -> None:
         await asyncio.to_thread(process.stop)
 
 
-def in_trace(trace_id: str) -> Callable[[list[FullSpan]], list[FullSpan]]:
-    def select(spans: list[FullSpan]) -> list[FullSpan]:
-        return [s for s in spans if s.trace_id == trace_id]
-
-    return select
-
-
 def has_stream_trio(trace_id: str) -> Callable[[list[FullSpan]], bool]:
     """Bridge SERVER, bridge CLIENT and stub SERVER spans of one stream have all arrived."""
 
@@ -220,12 +213,37 @@ async def test_one_trace_across_bridge_and_stub(
     assert attributes["request_id"] == request_id
     (first_token,) = [e for e in chain.bridge.events if e.name == "first_token"]
     assert chain.bridge.start_time_unix_nano <= first_token.time_unix_nano <= chain.bridge.end_time_unix_nano
-    assert chain.client.attributes["rpc.grpc.status_code"] == 0
-    assert chain.stub.attributes["rpc.grpc.status_code"] == 0
+    assert chain.stub.attributes["rpc.grpc.status_code"] == 0  # the client span: see the xfail below
     # The log line of the same stream carries the same trace id (log ↔ trace correlation).
     assert ended["trace_id"] == trace_id
     # The bridge span covers the whole gRPC call.
     assert chain.bridge.end_time_unix_nano >= chain.client.end_time_unix_nano
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a completed stream's gRPC CLIENT span says CANCELLED/ERROR ('Locally cancelled by application!'): "
+    "StreamSession._run (bridge/streaming.py ~L156) calls call.cancel() in its finally even after the "
+    "completion message, before the OK trailing status is read",
+)
+async def test_completed_stream_client_span_is_ok(stub_factory: StubFactory, bridge_factory: BridgeFactory) -> None:
+    traces = [new_traceparent() for _ in range(3)]
+    with TraceReceiver() as receiver:
+        stub = stub_factory("--mode", "echo", env=otel_env(receiver, "rag-stub"))
+        bridge = bridge_factory(stub, LOG_LEVEL="INFO", **otel_env(receiver, "bali-zero-bridge"))
+        for traceparent, _, _ in traces:
+            request_id = new_request_id("ok")
+            reply = await open_stream(bridge.url, params={"query": "a complete answer"},
+                                      headers={"traceparent": traceparent, "x-request-id": request_id})
+            assert reply.frames[-1]["type"] == "done"
+            assert (await stub.ended(request_id))["outcome"] == "completed"
+            await bridge_stream_end(bridge, request_id)
+        await stop_all(bridge, stub)
+        spans = receiver.wait_until(lambda got: all(has_stream_trio(t)(got) for _, t, _ in traces))
+    chains = [stream_trace(spans, trace_id) for _, trace_id, _ in traces]
+    assert all(c.stub.attributes["rpc.grpc.status_code"] == 0 for c in chains)
+    client_status = [(c.client.attributes["rpc.grpc.status_code"], c.client.status_message) for c in chains]
+    assert client_status == [(0, "")] * len(chains)
 
 
 @pytest.mark.xfail(

@@ -53,13 +53,7 @@ def _run(chunks: list[bytes]) -> tuple[list[dict[str, str]], Parser]:
 
 
 def _params() -> list[Any]:
-    out = []
-    for v in VECTORS:
-        marks = []
-        if "python_known_gap" in v:
-            marks.append(pytest.mark.xfail(reason=v["python_known_gap"], strict=True))
-        out.append(pytest.param(v, id=v["name"], marks=marks))
-    return out
+    return [pytest.param(v, id=v["name"]) for v in VECTORS]
 
 
 @pytest.mark.parametrize("vector", _params())

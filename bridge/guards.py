@@ -1,0 +1,39 @@
+"""ASGI guards that run before routing.
+
+They are plain ASGI callables, not ``BaseHTTPMiddleware``: that base class runs the endpoint in
+a separate task and hides ``http.disconnect`` from streaming responses, so a browser that goes
+away would never cancel its gRPC call.
+"""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from bridge.errors import BridgeError
+from bridge.responses import error_response
+
+
+class HeaderSizeLimit:
+    """Answer 431 when the request's headers exceed ``max_bytes`` in total.
+
+    httptools (uvicorn's fast parser) sets no header limit of its own, so without this a client
+    could make every request carry megabytes of headers into JWT parsing and logging.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+            size += len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+            if size > self.max_bytes:
+                error = BridgeError(
+                    f"request headers and URL must total at most {self.max_bytes} bytes",
+                    code="HEADERS_TOO_LARGE",
+                    status=431,
+                )
+                await error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
