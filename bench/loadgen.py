@@ -391,12 +391,10 @@ class Run:
                         stream.error = f"error frame: {message.get('code')}"
                     elif kind == "token":  # a token frame the fast path did not recognise
                         stream.on_tokens(1, now)
-                if opts.close_after_tokens is not None and stream.tokens >= opts.close_after_tokens \
-                        and not stream.done:
+                if opts.close_after_tokens is not None and stream.tokens >= opts.close_after_tokens and not stream.done:
                     stream.closed_at = time.time()
                     return False
-                if opts.stall_after_tokens is not None and stream.tokens >= opts.stall_after_tokens \
-                        and not stream.done:
+                if opts.stall_after_tokens is not None and stream.tokens >= opts.stall_after_tokens and not stream.done:
                     await self.stall(stream)
                     return False
                 if decoder is not None and decoder.finished:
@@ -432,13 +430,19 @@ class Run:
                     elif kind == "completion":
                         stream.done = True
                     stream.frames += 1
-                    if opts.close_after_tokens is not None and stream.tokens >= opts.close_after_tokens \
-                            and not stream.done:
+                    if (
+                        opts.close_after_tokens is not None
+                        and stream.tokens >= opts.close_after_tokens
+                        and not stream.done
+                    ):
                         stream.closed_at = time.time()
                         call.cancel()
                         break
-                    if opts.stall_after_tokens is not None and stream.tokens >= opts.stall_after_tokens \
-                            and not stream.done:
+                    if (
+                        opts.stall_after_tokens is not None
+                        and stream.tokens >= opts.stall_after_tokens
+                        and not stream.done
+                    ):
                         await self.stall(stream)
                         call.cancel()
                         break
@@ -458,7 +462,7 @@ class Run:
             from bali_zero.rag.v1 import rag_pb2_grpc
 
             channels = [grpc.aio.insecure_channel(opts.target) for _ in range(max(1, opts.channels))]
-            stubs = [rag_pb2_grpc.RagServiceStub(c) for c in channels]
+            stubs = [rag_pb2_grpc.RagServiceStub(c) for c in channels]  # type: ignore[no-untyped-call]
             tasks = [asyncio.ensure_future(self.grpc_worker(d, stubs[i % len(stubs)])) for i, d in enumerate(delays)]
         else:
             tasks = [asyncio.ensure_future(self.sse_worker(d)) for d in delays]
@@ -538,8 +542,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     p.add_argument("--close-after-tokens", type=int, default=None, help="close each stream after N tokens")
     p.add_argument("--stall-after-tokens", type=int, default=None, help="stop reading after N tokens")
     p.add_argument("--stall-s", type=float, default=5.0, help="how long a stalled reader stalls")
-    p.add_argument("--hold-s", type=float, default=None,
-                   help="idle test: once every stream has its first frame, hold them open this long")
+    p.add_argument(
+        "--hold-s",
+        type=float,
+        default=None,
+        help="idle test: once every stream has its first frame, hold them open this long",
+    )
     p.add_argument("--rcvbuf", type=int, default=None, help="SO_RCVBUF of each client socket")
     p.add_argument("--parser", choices=("fast", "whatwg"), default="fast")
     p.add_argument("--no-keep-alive", action="store_true", help="a new connection per stream")
@@ -552,11 +560,23 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     if (a.kind == "sse" and not a.url) or (a.kind == "grpc" and not a.target):
         p.error("sse needs --url, grpc needs --target")
     return Options(
-        kind=a.kind, url=a.url, target=a.target, query=a.query, concurrency=max(1, a.concurrency),
-        requests=(a.requests if a.requests is not None else max(1, a.concurrency)) + a.warmup, ramp_s=a.ramp_s,
-        max_s=min(a.max_s, 3600.0), close_after_tokens=a.close_after_tokens,
-        stall_after_tokens=a.stall_after_tokens, stall_s=a.stall_s, hold_s=a.hold_s, rcvbuf=a.rcvbuf,
-        parser=a.parser, keep_alive=not a.no_keep_alive, channels=a.channels, warmup=a.warmup,
+        kind=a.kind,
+        url=a.url,
+        target=a.target,
+        query=a.query,
+        concurrency=max(1, a.concurrency),
+        requests=(a.requests if a.requests is not None else max(1, a.concurrency)) + a.warmup,
+        ramp_s=a.ramp_s,
+        max_s=min(a.max_s, 3600.0),
+        close_after_tokens=a.close_after_tokens,
+        stall_after_tokens=a.stall_after_tokens,
+        stall_s=a.stall_s,
+        hold_s=a.hold_s,
+        rcvbuf=a.rcvbuf,
+        parser=a.parser,
+        keep_alive=not a.no_keep_alive,
+        channels=a.channels,
+        warmup=a.warmup,
     )
 
 

@@ -40,8 +40,9 @@ def bridge_available() -> bool:
 class Child(Process):
     """A child process with a ready line given per instance, and psutil views of it."""
 
-    def __init__(self, name: str, argv: list[str], env: Mapping[str, str], ready: re.Pattern[str],
-                 ready_timeout: float = 30) -> None:
+    def __init__(
+        self, name: str, argv: list[str], env: Mapping[str, str], ready: re.Pattern[str], ready_timeout: float = 30
+    ) -> None:
         self.name = name
         self.ready_pattern = ready
         super().__init__(argv, env, ROOT, ready_timeout=ready_timeout)
@@ -110,7 +111,7 @@ class Loadgen(Child):
         super().__init__("loadgen", python_argv("bench.loadgen", [*args, *pin], None), base_env(), LOADGEN_READY)
 
     def event(self, name: str, timeout: float) -> dict[str, Any]:
-        prefix = '{"event":"%s"' % name
+        prefix = '{"event":"' + name + '"'
         line = self.wait_for_line(lambda x: x.startswith(prefix), timeout)
         return dict(json.loads(line))
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -56,8 +57,14 @@ from bench.procs import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("first_token_latency", "throughput", "paced_concurrency", "idle_connections", "cancellation",
-             "slow_reader")
+SCENARIOS = (
+    "first_token_latency",
+    "throughput",
+    "paced_concurrency",
+    "idle_connections",
+    "cancellation",
+    "slow_reader",
+)
 HTTP_TARGETS = ("bridge", "peer")
 
 
@@ -84,10 +91,23 @@ class Profile:
 
 
 QUICK = Profile(
-    latency_rounds=1, latency_requests=40, throughput_rounds=1, throughput_clients=4,
-    throughput_streams_per_client=1, throughput_tokens=300, paced_levels=[10, 40], paced_tokens=10,
-    pacing_ms=20.0, idle_streams=40, idle_hold_s=0.7, heartbeat_s=0.3, cancel_streams=40, cancel_after_tokens=3,
-    slow_tokens=100_000, slow_stall_s=0.7, slow_after_tokens=50,
+    latency_rounds=1,
+    latency_requests=40,
+    throughput_rounds=1,
+    throughput_clients=4,
+    throughput_streams_per_client=1,
+    throughput_tokens=300,
+    paced_levels=[10, 40],
+    paced_tokens=10,
+    pacing_ms=20.0,
+    idle_streams=40,
+    idle_hold_s=0.7,
+    heartbeat_s=0.3,
+    cancel_streams=40,
+    cancel_after_tokens=3,
+    slow_tokens=100_000,
+    slow_stall_s=0.7,
+    slow_after_tokens=50,
 )
 
 
@@ -114,13 +134,14 @@ class Bench:
         ncpu = len(os.sched_getaffinity(0))
         # Two cores: the system under test (bridge / peer / the direct gRPC client) gets one core,
         # the stub and the HTTP load generator share the other. More cores: spread further.
+        self.cpu_stub: list[int] = []
+        self.cpu_sut: list[int] = []
+        self.cpu_client: list[int] = []
         if pin and ncpu >= 2:
             cpus = sorted(os.sched_getaffinity(0))
             self.cpu_stub = [cpus[0]]
             self.cpu_sut = [cpus[1]]
             self.cpu_client = [cpus[2]] if ncpu >= 3 else [cpus[0]]
-        else:
-            self.cpu_stub = self.cpu_sut = self.cpu_client = []  # type: ignore[assignment]
         self.pin = pin and ncpu >= 2
         self.kept: dict[str, tuple[StubProc, dict[str, HttpServer]]] = {}
         self.settle = 0.05 if quick else 0.5  # pause between runs so sockets and streams wind down
@@ -142,16 +163,20 @@ class Bench:
         """Start the named groups at once: every stub, then every server (a gRPC channel that first
         finds its target down backs off for a second or more, so servers start after the stubs)."""
         specs = self.group_specs()
-        stubs = in_parallel({n: (lambda n=n: StubProc(["--mode", "echo", *specs[n][0]], self.cpu_stub or None))
-                             for n in names})
+        stub_cpus = self.cpu_stub or None
+        sut_cpus = self.cpu_sut or None
+        stubs = in_parallel(
+            {n: functools.partial(StubProc, ["--mode", "echo", *specs[n][0]], stub_cpus) for n in names}
+        )
         factories: dict[str, Callable[[], Any]] = {}
         for n in names:
             target = stubs[n].target
             if "bridge" in self.targets:
-                factories[f"{n}/bridge"] = (lambda t=target, e=specs[n][1]: start_bridge(
-                    t, self.cpu_sut or None, self.workdir, **e))
+                factories[f"{n}/bridge"] = functools.partial(
+                    start_bridge, target, sut_cpus, self.workdir, **specs[n][1]
+                )
             if "peer" in self.targets:
-                factories[f"{n}/peer"] = lambda t=target, e=specs[n][2]: start_peer(t, self.cpu_sut or None, **e)
+                factories[f"{n}/peer"] = functools.partial(start_peer, target, sut_cpus, **specs[n][2])
         try:
             servers = in_parallel(factories)
         except BaseException:
@@ -197,8 +222,9 @@ class Bench:
             return Loadgen(["grpc", "--target", stub.target, *args], self.cpu_sut or None)
         return Loadgen(["sse", "--url", servers[target].stream_url, *args], self.cpu_client or None)
 
-    def run_loadgen(self, target: str, stub: StubProc, servers: dict[str, HttpServer], *args: str,
-                    timeout: float) -> dict[str, Any]:
+    def run_loadgen(
+        self, target: str, stub: StubProc, servers: dict[str, HttpServer], *args: str, timeout: float
+    ) -> dict[str, Any]:
         """Run one load generator to its end; server and stub CPU deltas are added to the result."""
         server = servers.get(target)
         cpu0 = server.cpu_s() if server else None
@@ -218,14 +244,35 @@ class Bench:
             for round_ in range(p.latency_rounds):
                 for target in self.targets:  # interleaved, so slow phases of a noisy host hit everyone
                     log(f"first_token_latency round {round_ + 1}/{p.latency_rounds}: {target}")
-                    per[target].append(self.run_loadgen(
-                        target, stub, servers, "--query", words(p.latency_tokens, FAST_REPEAT), "--concurrency", "1",
-                        "--requests", str(p.latency_requests), "--warmup", "5", "--max-s", "120", timeout=180))
+                    per[target].append(
+                        self.run_loadgen(
+                            target,
+                            stub,
+                            servers,
+                            "--query",
+                            words(p.latency_tokens, FAST_REPEAT),
+                            "--concurrency",
+                            "1",
+                            "--requests",
+                            str(p.latency_requests),
+                            "--warmup",
+                            "5",
+                            "--max-s",
+                            "120",
+                            timeout=180,
+                        )
+                    )
         finally:
             self.stop(stub, servers)
-        out: dict[str, Any] = {"params": {"clients": 1, "tokens": p.latency_tokens, "delay_ms": 0,
-                                          "requests_per_target": p.latency_rounds * p.latency_requests},
-                               "targets": {}}
+        out: dict[str, Any] = {
+            "params": {
+                "clients": 1,
+                "tokens": p.latency_tokens,
+                "delay_ms": 0,
+                "requests_per_target": p.latency_rounds * p.latency_requests,
+            },
+            "targets": {},
+        }
         for target, results in per.items():
             values = [v for r in results for v in r.get("first_token_ms_all", [])]
             out["targets"][target] = {
@@ -240,7 +287,8 @@ class Bench:
         if direct:
             out["added_ms"] = {
                 t: {q: sub(out["targets"][t]["first_token_ms"][q], direct[q]) for q in ("p50", "p95", "p99")}
-                for t in HTTP_TARGETS if t in out["targets"]
+                for t in HTTP_TARGETS
+                if t in out["targets"]
             }
         return out
 
@@ -253,15 +301,33 @@ class Bench:
             for round_ in range(p.throughput_rounds):
                 for target in self.targets:
                     log(f"throughput round {round_ + 1}/{p.throughput_rounds}: {target}")
-                    per[target].append(self.run_loadgen(
-                        target, stub, servers, "--query", words(p.throughput_tokens, FAST_REPEAT),
-                        "--concurrency", str(p.throughput_clients), "--requests", str(requests),
-                        "--max-s", "120", timeout=180))
+                    per[target].append(
+                        self.run_loadgen(
+                            target,
+                            stub,
+                            servers,
+                            "--query",
+                            words(p.throughput_tokens, FAST_REPEAT),
+                            "--concurrency",
+                            str(p.throughput_clients),
+                            "--requests",
+                            str(requests),
+                            "--max-s",
+                            "120",
+                            timeout=180,
+                        )
+                    )
         finally:
             self.stop(stub, servers)
-        out: dict[str, Any] = {"params": {"clients": p.throughput_clients, "tokens": p.throughput_tokens,
-                                          "streams_per_round": requests, "rounds": p.throughput_rounds},
-                               "targets": {}}
+        out: dict[str, Any] = {
+            "params": {
+                "clients": p.throughput_clients,
+                "tokens": p.throughput_tokens,
+                "streams_per_round": requests,
+                "rounds": p.throughput_rounds,
+            },
+            "targets": {},
+        }
         for target, results in per.items():
             best = {
                 "tokens_per_s": statistics.median(r["tokens_per_s"] or 0 for r in results),
@@ -277,7 +343,8 @@ class Bench:
             if target != "direct":
                 best["server_cpu_s_per_1k_tokens"] = per_1k(results, "server_cpu_s")
                 best["server_cpu_utilisation"] = sum(r["server_cpu_s"] for r in results) / max(
-                    1e-9, sum(r["wall_s"] for r in results))
+                    1e-9, sum(r["wall_s"] for r in results)
+                )
             out["targets"][target] = best
         return out
 
@@ -292,56 +359,108 @@ class Bench:
                     log(f"paced_concurrency {level} streams: {target}")
                     ramp = min(2.0, level / 1000)
                     r = self.run_loadgen(
-                        target, stub, servers, "--query", words(p.paced_tokens), "--concurrency", str(level),
-                        "--ramp-s", str(ramp), "--max-s", str(stream_s * 4 + ramp + 20),
-                        timeout=stream_s * 4 + ramp + 60)
-                    levels[target].append({
-                        "streams": level,
-                        "completed": r["completed"],
-                        "errors": r["errors"],
-                        "error_examples": r["error_examples"],
-                        "gap_ms": r["gap_ms"],
-                        "first_token_ms": {k: r["first_token_ms"][k] for k in ("p50", "p99", "max")},
-                        "loadgen_cpu_utilisation": r["cpu_utilisation"],
-                        "server_cpu_utilisation": (r["server_cpu_s"] / r["wall_s"]) if r["server_cpu_s"]
-                        is not None else None,
-                        "stub_cpu_utilisation": r["stub_cpu_s"] / r["wall_s"],
-                    })
+                        target,
+                        stub,
+                        servers,
+                        "--query",
+                        words(p.paced_tokens),
+                        "--concurrency",
+                        str(level),
+                        "--ramp-s",
+                        str(ramp),
+                        "--max-s",
+                        str(stream_s * 4 + ramp + 20),
+                        timeout=stream_s * 4 + ramp + 60,
+                    )
+                    levels[target].append(
+                        {
+                            "streams": level,
+                            "completed": r["completed"],
+                            "errors": r["errors"],
+                            "error_examples": r["error_examples"],
+                            "gap_ms": r["gap_ms"],
+                            "first_token_ms": {k: r["first_token_ms"][k] for k in ("p50", "p99", "max")},
+                            "loadgen_cpu_utilisation": r["cpu_utilisation"],
+                            "server_cpu_utilisation": (r["server_cpu_s"] / r["wall_s"])
+                            if r["server_cpu_s"] is not None
+                            else None,
+                            "stub_cpu_utilisation": r["stub_cpu_s"] / r["wall_s"],
+                            # The stub is Python too; pinned to one core it cannot pace more than about
+                            # 1 / (its CPU per token) tokens/s, and then every target misses the pace.
+                            "stub_saturated": bool(self.pin and r["stub_cpu_s"] / r["wall_s"] > 0.85),
+                        }
+                    )
                     time.sleep(self.settle)  # let the previous level's sockets and streams wind down
         finally:
             self.stop(stub, servers)
         limit = 2 * p.pacing_ms
-        out: dict[str, Any] = {"params": {"pacing_ms": p.pacing_ms, "tokens": p.paced_tokens,
-                                          "levels": p.paced_levels, "knee_p99_gap_ms": limit}, "targets": {}}
+        out: dict[str, Any] = {
+            "params": {
+                "pacing_ms": p.pacing_ms,
+                "tokens": p.paced_tokens,
+                "levels": p.paced_levels,
+                "knee_p99_gap_ms": limit,
+            },
+            "targets": {},
+        }
         for target, rows in levels.items():
             passing = [row["streams"] for row in rows if ok_level(row, limit)]
             failing = [row["streams"] for row in rows if not ok_level(row, limit)]
             # The highest level before the first failing one holds the pace.
             first_fail = min(failing) if failing else None
             held = max((s for s in passing if first_fail is None or s < first_fail), default=0)
-            out["targets"][target] = {"levels": rows, "knee_streams": first_fail, "max_paced_streams": held,
-                                      "knee_is_lower_bound": first_fail is None}
+            out["targets"][target] = {
+                "levels": rows,
+                "knee_streams": first_fail,
+                "max_paced_streams": held,
+                "knee_is_lower_bound": first_fail is None,
+            }
         return out
 
     def idle_connections(self) -> dict[str, Any]:
         p = self.p
         stub, servers = self.group("idle")
-        out: dict[str, Any] = {"params": {"streams": p.idle_streams, "heartbeat_s": p.heartbeat_s,
-                                          "first_token_delay_ms": 600000}, "targets": {}}
+        out: dict[str, Any] = {
+            "params": {"streams": p.idle_streams, "heartbeat_s": p.heartbeat_s, "first_token_delay_ms": 600000},
+            "targets": {},
+        }
         try:
             for target in [t for t in self.targets if t in HTTP_TARGETS]:
                 server = servers[target]
                 log(f"idle_connections {p.idle_streams} streams: {target}")
                 # Warm-up: the first streams pay for imports, pools and caches, not per connection.
                 if not self.quick:
-                    warm = self.loadgen(target, stub, servers, "--query", "idle", "--concurrency", "50",
-                                        "--hold-s", "0.5", "--max-s", "20")
+                    warm = self.loadgen(
+                        target,
+                        stub,
+                        servers,
+                        "--query",
+                        "idle",
+                        "--concurrency",
+                        "50",
+                        "--hold-s",
+                        "0.5",
+                        "--max-s",
+                        "20",
+                    )
                     warm.result(40)
                 time.sleep(self.settle)
                 before = server.rss()
-                lg = self.loadgen(target, stub, servers, "--query", "idle", "--concurrency", str(p.idle_streams),
-                                  "--ramp-s", str(min(2.0, p.idle_streams / 1000)), "--hold-s", str(p.idle_hold_s),
-                                  "--max-s", str(p.idle_hold_s + 60))
+                lg = self.loadgen(
+                    target,
+                    stub,
+                    servers,
+                    "--query",
+                    "idle",
+                    "--concurrency",
+                    str(p.idle_streams),
+                    "--ramp-s",
+                    str(min(2.0, p.idle_streams / 1000)),
+                    "--hold-s",
+                    str(p.idle_hold_s),
+                    "--max-s",
+                    str(p.idle_hold_s + 60),
+                )
                 ready = lg.event("ready", 90)
                 time.sleep(min(p.idle_hold_s / 2, 2 * p.heartbeat_s))  # a couple of heartbeats go out
                 during = server.rss()
@@ -358,6 +477,38 @@ class Bench:
                     "heartbeats_received": result["heartbeats"],
                     "errors": result["errors"],
                 }
+            if "direct" in self.targets and not self.quick:
+                # No middle process: measure the gRPC client itself, by difference of two stream counts,
+                # to show how much of a bridge's per-stream memory is grpc.aio's own cost.
+                log(f"idle_connections {p.idle_streams} streams: direct (gRPC client RSS by difference)")
+                small = max(1, p.idle_streams // 20)
+                rss: dict[int, int] = {}
+                for n in (small, p.idle_streams):
+                    lg = self.loadgen(
+                        "direct",
+                        stub,
+                        servers,
+                        "--query",
+                        "idle",
+                        "--concurrency",
+                        str(n),
+                        "--hold-s",
+                        str(min(1.0, p.idle_hold_s)),
+                        "--max-s",
+                        "60",
+                    )
+                    ready = lg.event("ready", 90)
+                    time.sleep(min(0.5, p.idle_hold_s / 2))
+                    rss[n] = lg.rss()
+                    lg.result(90)
+                out["targets"]["direct"] = {
+                    "open_streams": p.idle_streams,
+                    "method": f"client RSS with {p.idle_streams} streams minus with {small}, per stream",
+                    "rss_per_stream_kib": (rss[p.idle_streams] - rss[small]) / (p.idle_streams - small) / 1024
+                    if p.idle_streams > small
+                    else None,
+                    "ready_streams": ready["streams"],
+                }
         finally:
             self.stop(stub, servers)
         return out
@@ -365,15 +516,34 @@ class Bench:
     def cancellation(self) -> dict[str, Any]:
         p = self.p
         stub, servers = self.group("paced")
-        out: dict[str, Any] = {"params": {"streams": p.cancel_streams, "close_after_tokens": p.cancel_after_tokens,
-                                          "pacing_ms": p.pacing_ms, "tokens": p.paced_tokens}, "targets": {}}
+        out: dict[str, Any] = {
+            "params": {
+                "streams": p.cancel_streams,
+                "close_after_tokens": p.cancel_after_tokens,
+                "pacing_ms": p.pacing_ms,
+                "tokens": p.paced_tokens,
+            },
+            "targets": {},
+        }
         try:
             for target in self.targets:
                 log(f"cancellation {p.cancel_streams} streams: {target}")
                 r = self.run_loadgen(
-                    target, stub, servers, "--query", words(p.paced_tokens), "--concurrency", str(p.cancel_streams),
-                    "--ramp-s", str(min(1.0, p.cancel_streams / 1000)), "--close-after-tokens",
-                    str(p.cancel_after_tokens), "--max-s", "60", timeout=120)
+                    target,
+                    stub,
+                    servers,
+                    "--query",
+                    words(p.paced_tokens),
+                    "--concurrency",
+                    str(p.cancel_streams),
+                    "--ramp-s",
+                    str(min(1.0, p.cancel_streams / 1000)),
+                    "--close-after-tokens",
+                    str(p.cancel_after_tokens),
+                    "--max-s",
+                    "60",
+                    timeout=120,
+                )
                 closed = {rid: at for rid, at, _ in r.get("closed", []) if rid and at}
                 deadline = time.monotonic() + 10
                 while time.monotonic() < deadline:  # bounded: wait for the stub's stream_end lines
@@ -382,8 +552,11 @@ class Bench:
                         break
                     time.sleep(0.05)
                 ends = stub.ends()
-                delays = [(ends[rid]["ended_at"] - at) * 1000 for rid, at in closed.items()
-                          if rid in ends and ends[rid]["outcome"] == "cancelled"]
+                delays = [
+                    (ends[rid]["ended_at"] - at) * 1000
+                    for rid, at in closed.items()
+                    if rid in ends and ends[rid]["outcome"] == "cancelled"
+                ]
                 outcomes: dict[str, int] = {}
                 for rid in closed:
                     key = ends[rid]["outcome"] if rid in ends else "no stream_end line"
@@ -406,24 +579,55 @@ class Bench:
         stall = str(p.slow_stall_s)
         slow_query = words(p.slow_tokens, FAST_REPEAT)  # 2 000 words x 50 = 100 000 tokens; 8 000 bytes
         stub, servers = self.group("fast")
-        out: dict[str, Any] = {"params": {"upstream_tokens": p.slow_tokens, "stall_s": p.slow_stall_s,
-                                          "stall_after_tokens": p.slow_after_tokens, "client_rcvbuf": 65536},
-                               "targets": {}}
+        out: dict[str, Any] = {
+            "params": {
+                "upstream_tokens": p.slow_tokens,
+                "stall_s": p.slow_stall_s,
+                "stall_after_tokens": p.slow_after_tokens,
+                "client_rcvbuf": 65536,
+            },
+            "targets": {},
+        }
         try:
             for target in [t for t in self.targets if t in HTTP_TARGETS]:
                 server = servers[target]
                 log(f"slow_reader {p.slow_stall_s}s stall: {target}")
                 if not self.quick:
-                    warm = self.loadgen(target, stub, servers, "--query", slow_query, "--stall-after-tokens", "2000",
-                                        "--stall-s", "0.2", "--rcvbuf", "65536", "--max-s", "30")
+                    warm = self.loadgen(
+                        target,
+                        stub,
+                        servers,
+                        "--query",
+                        slow_query,
+                        "--stall-after-tokens",
+                        "2000",
+                        "--stall-s",
+                        "0.2",
+                        "--rcvbuf",
+                        "65536",
+                        "--max-s",
+                        "30",
+                    )
                     warm.result(60)
                 time.sleep(self.settle)
                 before = server.rss()
                 stub_ends_before = set(stub.ends())
                 with Sampler(server) as sampler:
-                    lg = self.loadgen(target, stub, servers, "--query", slow_query, "--stall-after-tokens",
-                                      str(p.slow_after_tokens), "--stall-s", stall, "--rcvbuf", "65536",
-                                      "--max-s", str(p.slow_stall_s + 60))
+                    lg = self.loadgen(
+                        target,
+                        stub,
+                        servers,
+                        "--query",
+                        slow_query,
+                        "--stall-after-tokens",
+                        str(p.slow_after_tokens),
+                        "--stall-s",
+                        stall,
+                        "--rcvbuf",
+                        "65536",
+                        "--max-s",
+                        str(p.slow_stall_s + 60),
+                    )
                     stalled = lg.event("stalling", 60)
                     result = lg.result(p.slow_stall_s + 90)
                 peak_during = max((rss for t, rss in sampler.samples if t >= stalled["at"]), default=before)
@@ -436,8 +640,10 @@ class Bench:
                     "client_tokens_read": result["tokens"],
                     "upstream_tokens_sent": [e["tokens_sent"] for e in ends.values()],
                     "upstream_outcomes": [e["outcome"] for e in ends.values()],
-                    "rss_series_mib": [(round(t - stalled["at"], 3), round(rss / 2**20, 3))
-                                       for t, rss in sampler.samples[:: max(1, len(sampler.samples) // 400)]],
+                    "rss_series_mib": [
+                        (round(t - stalled["at"], 3), round(rss / 2**20, 3))
+                        for t, rss in sampler.samples[:: max(1, len(sampler.samples) // 400)]
+                    ],
                 }
         finally:
             self.stop(stub, servers)
@@ -458,11 +664,12 @@ def merge_counts(dicts: Any) -> dict[str, int]:
 
 
 def per_1k(results: list[dict[str, Any]], key: str) -> float | None:
-    tokens = sum(r["tokens"] for r in results)
+    tokens = int(sum(r["tokens"] for r in results))
     values = [r[key] for r in results]
     if not tokens or any(v is None for v in values):
         return None
-    return sum(values) / tokens * 1000
+    total = float(sum(values))
+    return total / tokens * 1000
 
 
 def sub(a: float | None, b: float | None) -> float | None:
@@ -490,8 +697,14 @@ def checks(s: dict[str, Any]) -> list[dict[str, Any]]:
     added = s.get("first_token_latency", {}).get("added_ms", {})
     if added:
         b, pr = added.get("bridge", {}).get("p50"), added.get("peer", {}).get("p50")
-        add("added first-token latency p50, bridge / peer", div(b, pr), "<=", 0.5, "x",
-            f"bridge +{fmt(b)} ms, peer +{fmt(pr)} ms over direct gRPC")
+        add(
+            "added first-token latency p50, bridge / peer",
+            div(b, pr),
+            "<=",
+            0.5,
+            "x",
+            f"bridge +{fmt(b)} ms, peer +{fmt(pr)} ms over direct gRPC",
+        )
     tb, td = t("throughput", "bridge").get("tokens_per_s"), t("throughput", "direct").get("tokens_per_s")
     add("throughput, bridge / direct gRPC", div(tb, td), ">=", 0.7, "x", f"{fmt(tb, 0)} vs {fmt(td, 0)} tokens/s")
     kb = t("paced_concurrency", "bridge").get("max_paced_streams")
@@ -505,15 +718,26 @@ def checks(s: dict[str, Any]) -> list[dict[str, Any]]:
     for other, limit in (("direct", 0.8), ("peer", 1.5)):
         kother = kd if other == "direct" else kp
         ratio = div(kb, kother)
-        add(f"paced streams held, bridge / {'direct gRPC' if other == 'direct' else 'peer'}", ratio, ">=", limit, "x",
-            f"{held(kb, 'bridge')} vs {held(kother, other)} streams with p99 gap <= 2x pacing")
+        add(
+            f"paced streams held, bridge / {'direct gRPC' if other == 'direct' else 'peer'}",
+            ratio,
+            ">=",
+            limit,
+            "x",
+            f"{held(kb, 'bridge')} vs {held(kother, other)} streams with p99 gap <= 2x pacing",
+        )
         # A ratio of two lower bounds says nothing; bridge-bounded vs other-measured is a lower bound too.
         if out[-1]["met"] is False and bound["bridge"]:
             out[-1]["met"] = None
             out[-1]["note"] += "; inconclusive: the bridge held every level, add higher --paced-levels"
     add("idle RSS per stream (bridge)", t("idle_connections", "bridge").get("rss_per_stream_kib"), "<=", 30, " KiB")
-    add("cancellation p99 (bridge)", t("cancellation", "bridge").get("close_to_cancelled_ms", {}).get("p99"),
-        "<=", 20, " ms")
+    add(
+        "cancellation p99 (bridge)",
+        t("cancellation", "bridge").get("close_to_cancelled_ms", {}).get("p99"),
+        "<=",
+        20,
+        " ms",
+    )
     add("slow reader RSS growth (bridge)", t("slow_reader", "bridge").get("rss_growth_mib"), "<=", 2, " MiB")
     return out
 
@@ -547,30 +771,51 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
     for q in ("p50", "p95", "p99"):
-        row(f"first token ms {q} (1 client, 50 tokens)", "first_token_latency", lambda d, q=q: d["first_token_ms"][q])
+        row(
+            f"first token ms {q} (1 client, 50 tokens)",
+            "first_token_latency",
+            functools.partial(lambda d, q: d["first_token_ms"][q], q=q),
+        )
     added = s.get("first_token_latency", {}).get("added_ms", {})
     if added:
-        lines.append("| added first-token ms p50 / p99 over gRPC | "
-                     f"{fmt(added.get('bridge', {}).get('p50'))} / {fmt(added.get('bridge', {}).get('p99'))} | 0 | "
-                     f"{fmt(added.get('peer', {}).get('p50'))} / {fmt(added.get('peer', {}).get('p99'))} |")
+        lines.append(
+            "| added first-token ms p50 / p99 over gRPC | "
+            f"{fmt(added.get('bridge', {}).get('p50'))} / {fmt(added.get('bridge', {}).get('p99'))} | 0 | "
+            f"{fmt(added.get('peer', {}).get('p50'))} / {fmt(added.get('peer', {}).get('p99'))} |"
+        )
     row("throughput tokens/s (16 clients)", "throughput", lambda d: d["tokens_per_s"], 0)
     row("server CPU s per 1 000 tokens", "throughput", lambda d: d.get("server_cpu_s_per_1k_tokens"), 4)
     row("load generator CPU share (throughput)", "throughput", lambda d: d["loadgen_cpu_utilisation"])
     pc = s.get("paced_concurrency", {})
     for i, level in enumerate(pc.get("params", {}).get("levels", [])):
-        row(f"paced p99 gap ms @ {level} streams", "paced_concurrency",
-            lambda d, i=i: d["levels"][i]["gap_ms"]["p99"] if i < len(d["levels"]) else None, 1)
-    row("paced streams held (p99 gap <= 2x pacing)", "paced_concurrency",
-        lambda d: f"{d['max_paced_streams']}{'+' if d['knee_is_lower_bound'] else ''}")
-    row("idle RSS KiB per stream", "idle_connections", lambda d: d["rss_per_stream_kib"], 1)
+        row(
+            f"paced p99 gap ms @ {level} streams",
+            "paced_concurrency",
+            functools.partial(lambda d, i: d["levels"][i]["gap_ms"]["p99"] if i < len(d["levels"]) else None, i=i),
+            1,
+        )
+    row(
+        "paced streams held (p99 gap <= 2x pacing)",
+        "paced_concurrency",
+        lambda d: f"{d['max_paced_streams']}{'+' if d['knee_is_lower_bound'] else ''}",
+    )
+    row(
+        "idle RSS KiB per stream (direct: the gRPC client's own)",
+        "idle_connections",
+        lambda d: d["rss_per_stream_kib"],
+        1,
+    )
     row("close -> upstream cancelled ms p50", "cancellation", lambda d: d["close_to_cancelled_ms"]["p50"])
     row("close -> upstream cancelled ms p99", "cancellation", lambda d: d["close_to_cancelled_ms"]["p99"])
     row("slow reader RSS growth MiB", "slow_reader", lambda d: d["rss_growth_mib"], 3)
     lines += ["", "| target | measured | goal | met |", "|---|---:|---:|:-:|"]
     for c in report["checks"]:
         met = {True: "yes", False: "**no**", None: "n/a"}[c["met"]]
-        lines.append(f"| {c['name']} ({c['note']}) | {fmt(c['value'])} | {c['target']} | {met} |"
-                     if c["note"] else f"| {c['name']} | {fmt(c['value'])} | {c['target']} | {met} |")
+        lines.append(
+            f"| {c['name']} ({c['note']}) | {fmt(c['value'])} | {c['target']} | {met} |"
+            if c["note"]
+            else f"| {c['name']} | {fmt(c['value'])} | {c['target']} | {met} |"
+        )
     return "\n".join(lines)
 
 
@@ -588,8 +833,9 @@ def chart(report: dict[str, Any], path: Path) -> None:
     for target, data in s.get("first_token_latency", {}).get("targets", {}).items():
         values = sorted(data.get("samples_ms", []))
         if values:
-            ax.plot(values, [i / len(values) for i in range(1, len(values) + 1)], label=names[target],
-                    color=colours[target])
+            ax.plot(
+                values, [i / len(values) for i in range(1, len(values) + 1)], label=names[target], color=colours[target]
+            )
     ax.set_title("First-token latency (1 client, 50 tokens), CDF")
     ax.set_xlabel("ms from request to first token")
     ax.set_xscale("log")
@@ -623,15 +869,18 @@ def chart(report: dict[str, Any], path: Path) -> None:
     for target, data in s.get("cancellation", {}).get("targets", {}).items():
         values = sorted(v for v in data.get("samples_ms", []))
         if values:
-            ax.plot(values, [i / len(values) for i in range(1, len(values) + 1)], label=names[target],
-                    color=colours[target])
+            ax.plot(
+                values, [i / len(values) for i in range(1, len(values) + 1)], label=names[target], color=colours[target]
+            )
     ax.axvline(20, ls="--", color="grey", label="20 ms goal")
     ax.set_title("Client close -> upstream cancelled, CDF")
     ax.set_xlabel("ms")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.suptitle(f"bali-zero-bridge {report['meta']['git_commit']} — {report['meta']['date']} — "
-                 f"{report['meta']['machine']['nproc']} x {report['meta']['machine']['cpu_model']}")
+    fig.suptitle(
+        f"bali-zero-bridge {report['meta']['git_commit']} — {report['meta']['date']} — "
+        f"{report['meta']['machine']['nproc']} x {report['meta']['machine']['cpu_model']}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -646,14 +895,20 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"nproc": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)), "cpu_model": model,
-            "kernel": platform.release(), "python": platform.python_version()}
+    return {
+        "nproc": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
 
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or "uncommitted"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -672,8 +927,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny numbers, ~10 s (CI smoke)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="report directory")
     parser.add_argument("--only", default="", help="comma-separated scenarios (default: all)")
-    parser.add_argument("--pin", choices=("on", "off"), default="on",
-                        help="pin the system under test to its own core (default on; see README)")
+    parser.add_argument(
+        "--pin",
+        choices=("on", "off"),
+        default="on",
+        help="pin the system under test to its own core (default on; see README)",
+    )
     parser.add_argument("--targets", default="bridge,direct,peer", help="comma-separated subset")
     parser.add_argument("--paced-levels", default="", help="override, e.g. 100,500,1000,2000,3000")
     args = parser.parse_args(argv)
@@ -709,11 +968,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         bench = Bench(profile, args.quick, args.pin == "on", Path(tmp), targets)
         report["meta"]["pinned"] = bench.pin
-        report["meta"]["cpus"] = {"stub": bench.cpu_stub, "system_under_test": bench.cpu_sut,
-                                  "http_loadgen": bench.cpu_client}
+        report["meta"]["cpus"] = {
+            "stub": bench.cpu_stub,
+            "system_under_test": bench.cpu_sut,
+            "http_loadgen": bench.cpu_client,
+        }
         if args.quick:
-            needed = {"first_token_latency": "fast", "throughput": "fast", "paced_concurrency": "paced",
-                      "cancellation": "paced", "idle_connections": "idle", "slow_reader": "fast"}
+            needed = {
+                "first_token_latency": "fast",
+                "throughput": "fast",
+                "paced_concurrency": "paced",
+                "cancellation": "paced",
+                "idle_connections": "idle",
+                "slow_reader": "fast",
+            }
             t0 = time.monotonic()
             bench.prestart(sorted({needed[n] for n in only}))
             log(f"started {len(bench.kept)} process groups in {time.monotonic() - t0:.1f} s")

@@ -22,10 +22,12 @@ from bridge.inputs import ChatInput, read_input
 from bridge.logs import log_stream_end
 from bridge.metrics import BridgeMetrics
 from bridge.responses import JSONResponse, error_response
+from bridge.resume_store import ResumeStore, StoreUnavailable, StreamNotFound
 from bridge.rollout import in_rollout
 from bridge.state import BridgeState
 from bridge.streaming import (
     EventStreamResponse,
+    FramesTrimmed,
     StreamExpired,
     StreamSession,
     new_stream_id,
@@ -107,7 +109,7 @@ class Endpoints:
         started = time.monotonic()
         try:
             with telemetry.activate(span):
-                call, first = await self._start_call(
+                call = await self._start_call(
                     rag_pb2.StreamChatRequest(**_upstream_fields(chat, identity, request_id)), request_id
                 )
         except BaseException as exc:
@@ -132,8 +134,10 @@ class Endpoints:
             else:
                 state.registry.discard(session)
 
+        stream_id = new_stream_id()
+        store = state.registry.resume_store(state.settings, state.policy)
         session = StreamSession(
-            stream_id=new_stream_id(),
+            stream_id=stream_id,
             request_id=request_id,
             owner=identity.key,
             policy=state.policy,
@@ -141,14 +145,15 @@ class Endpoints:
             on_end=ended,
             on_first_token=lambda ms: telemetry.record_first_token(span, ms),
             trace_id=trace_id,
+            sink=None if store is None else store.mirror(stream_id, request_id, identity.key),
         )
         state.registry.add(session)
-        session.start(call, first)
+        session.start(call)
         return _StreamResponse(EventStreamResponse(session, 0, headers=admission.headers), state.metrics)
 
     async def _start_call(
         self, message: rag_pb2.StreamChatRequest, request_id: str
-    ) -> tuple[StreamCall, rag_pb2.StreamChatResponse | None]:
+    ) -> StreamCall:
         """Open the gRPC stream; fail as an HTTP error while no frame has been sent.
 
         The bridge waits (briefly) for the RAG service to accept the call, so "unreachable" and
@@ -165,15 +170,15 @@ class Endpoints:
                 async with asyncio.timeout(accept_wait):
                     await call.initial_metadata()
             except TimeoutError:
-                return call, None  # accepted lazily: heartbeats cover the wait from here on
+                return call  # accepted lazily: heartbeats cover the wait from here on
             except asyncio.CancelledError:
                 call.cancel()
                 raise
             if not call.done():
-                return call, None
+                return call
             code = await call.code()
             if code == grpc.StatusCode.OK:
-                return call, None
+                return call
             if code == grpc.StatusCode.UNAVAILABLE and attempt == 1:
                 continue
             raise from_grpc_status(code, await call.details())
@@ -183,27 +188,61 @@ class Endpoints:
         state = self.state
         identity = await state.gate.identify(request)
         session = state.registry.get(stream_id)
+        store = state.registry.resume_store(state.settings, state.policy)
+        if session is not None:
+            if session.owner != identity.key:
+                raise NotFound("no such stream", code="STREAM_NOT_FOUND")
+            try:
+                session.check_resumable(after_seq)
+            except FramesTrimmed as exc:
+                if store is None:
+                    return _expired_stream(stream_id, after_seq, exc)
+                session = None  # dropped here once mirrored: the shared store still holds them
+            except StreamExpired as exc:
+                return _expired_stream(stream_id, after_seq, exc)
         if session is None:
-            return _expired_stream(stream_id, after_seq)
-        if session.owner != identity.key:
-            raise NotFound("no such stream", code="STREAM_NOT_FOUND")
-        try:
-            session.check_resumable(after_seq)
-        except StreamExpired as exc:
-            return _expired_stream(stream_id, after_seq, exc)
+            if store is None:
+                return _expired_stream(stream_id, after_seq)
+            return await self._resume_remote(store, identity.key, stream_id, after_seq)
         if session.finished and session.sent_seq >= session.last_seq == after_seq:
             return Response(status_code=204)  # the client has everything; 204 stops EventSource
         state.observer.reconnected()
         return _StreamResponse(EventStreamResponse(session, after_seq), state.metrics)
 
+    async def _resume_remote(
+        self, store: ResumeStore, identity_key: str, stream_id: str, after_seq: int
+    ) -> Response:
+        """A reconnect for a stream another instance owns (or dropped here), served from the store."""
+        try:
+            remote = await store.open_remote(stream_id, identity_key, after_seq)
+        except StreamNotFound:
+            raise NotFound("no such stream", code="STREAM_NOT_FOUND") from None
+        except (StreamExpired, StoreUnavailable) as exc:
+            # An SSE answer either way: STREAM_EXPIRED stops the client, RESUME_UNAVAILABLE is
+            # retryable, so it reconnects (perhaps to the owner, which can still serve it).
+            return _expired_stream(stream_id, after_seq, exc)
+        if remote is None:
+            return Response(status_code=204)  # the client has everything; 204 stops EventSource
+        self.state.observer.reconnected()
+        return _StreamResponse(EventStreamResponse(remote, after_seq), self.state.metrics)
+
     async def cancel_stream(self, request: Request) -> Response:
         state = self.state
         identity = await state.gate.identify(request)
-        session = state.registry.get(request.path_params["stream_id"])
-        if session is None or session.owner != identity.key:
-            return error_response(NotFound("no such stream", code="STREAM_NOT_FOUND"))
-        session.abort()
-        return Response(status_code=204)
+        stream_id = request.path_params["stream_id"]
+        session = state.registry.get(stream_id)
+        if session is not None:
+            if session.owner != identity.key:
+                return error_response(NotFound("no such stream", code="STREAM_NOT_FOUND"))
+            session.abort()
+            return Response(status_code=204)
+        store = state.registry.resume_store(state.settings, state.policy)
+        try:
+            if store is not None and await store.request_cancel(stream_id, identity.key):
+                return Response(status_code=204)  # published to the owner's cancel channel
+        except StoreUnavailable as exc:
+            return error_response(exc)
+        return error_response(NotFound("no such stream", code="STREAM_NOT_FOUND"))
 
     # -- non-streaming ---------------------------------------------------------------------------
 

@@ -13,7 +13,10 @@ Invariants, each preventing a known failure:
   reading stops the pump, the gRPC receive window fills and the RAG server pauses (no unbounded
   buffer in the bridge);
 - every session ends with exactly one ``done`` or ``error`` frame, or is cancelled because no
-  client is left to read one.
+  client is left to read one;
+- with a ``FrameSink`` (RESUME_STORE), every frame is also offered to the sink in seq order, and a
+  detached session drops local frames only once the sink holds them, so a reader on another
+  instance never sees a gap and this instance's memory stays bounded while nobody reads here.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from starlette.types import Message, Receive, Scope, Send
@@ -77,6 +80,78 @@ class StreamExpired(BridgeError):
     default_code = "STREAM_EXPIRED"
 
 
+class FramesTrimmed(StreamExpired):
+    """The frames after this id left this instance's memory; a shared resume store may hold them."""
+
+
+class FrameSink(Protocol):
+    """Where a session mirrors its frames for readers on other instances (bridge.resume_store).
+
+    ``offer`` runs on the token hot path, so it must never block or await: it queues and returns.
+    """
+
+    @property
+    def healthy(self) -> bool:
+        """False once the sink gave up (store down too long): local rules apply again."""
+        ...
+
+    @property
+    def flushed_seq(self) -> int:
+        """Every frame up to this seq is durably in the store."""
+        ...
+
+    def offer(self, seq: int, data: bytes, final: bool) -> None: ...
+
+    def end(self, outcome: Outcome) -> None:
+        """The session is over (after its final frame, if it had one): flush, mark, set the TTL."""
+        ...
+
+    async def reader_hold_s(self) -> float:
+        """Seconds a reader elsewhere still holds the stream (0: nobody; also 0 on any error)."""
+        ...
+
+
+class FrameSource(Protocol):
+    """What ``EventStreamResponse`` drains: a local ``StreamSession`` or a reader of the store."""
+
+    stream_id: str
+    request_id: str
+    policy: StreamPolicy
+    generation: int
+    finished: bool
+    sent_seq: int
+
+    def attach(self, after_seq: int) -> int: ...
+
+    def detach(self, generation: int) -> None: ...
+
+    def release(self, generation: int) -> None: ...
+
+    def take(self) -> tuple[bytes, int]: ...
+
+    def acknowledge(self, seq: int, generation: int) -> None: ...
+
+    async def changed(self, timeout: float) -> bool: ...
+
+
+def coalesce(frames: deque[tuple[int, bytes]], total_bytes: int, sent_seq: int) -> tuple[bytes, int]:
+    """Queued frames joined for one write (at most ~64 KiB), and the last seq included."""
+    if not frames:
+        return b"", sent_seq
+    if len(frames) == 1 or total_bytes <= _COALESCE_BYTES:
+        return b"".join(data for _, data in frames), frames[-1][0]
+    parts: list[bytes] = []
+    size = 0
+    last = sent_seq
+    for seq, data in frames:
+        if parts and size + len(data) > _COALESCE_BYTES:
+            break
+        parts.append(data)
+        size += len(data)
+        last = seq
+    return b"".join(parts), last
+
+
 class StreamSession:
     """The upstream half of a stream; see the module docstring."""
 
@@ -91,6 +166,7 @@ class StreamSession:
         on_end: Callable[[StreamSession, StreamResult], None] | None = None,
         on_first_token: Callable[[float], None] | None = None,
         trace_id: str | None = None,
+        sink: FrameSink | None = None,
     ) -> None:
         self.stream_id = stream_id
         self.request_id = request_id
@@ -100,6 +176,7 @@ class StreamSession:
         self.on_end = on_end
         self.on_first_token = on_first_token
         self.trace_id = trace_id
+        self.sink = sink
         self.started = time.monotonic()
         # Frames not yet written to a reader, and (with a resume window) frames already written,
         # kept so a reconnect can be served from any id still held.
@@ -123,22 +200,23 @@ class StreamSession:
         self._first_token_at: float | None = None
         self._last_token_at: float | None = None
         self._abort_error: BridgeError | None = None
+        # Frames up to this seq were dropped locally because the sink holds them (FramesTrimmed).
+        self._trimmed_through = 0
+        self._hold_check: asyncio.Task[None] | None = None
 
     # -- upstream side -------------------------------------------------------------------------
 
-    def start(self, call: StreamCall, first: rag_pb2.StreamChatResponse | None = None) -> None:
-        """Begin pumping ``call``; ``first`` is a message already read while opening the call."""
+    def start(self, call: StreamCall) -> None:
+        """Begin pumping ``call`` into frames."""
         self._call = call
         self.observer.stream_opened()
-        self._pump = asyncio.get_running_loop().create_task(self._run(call, first))
+        self._pump = asyncio.get_running_loop().create_task(self._run(call))
 
-    async def _run(self, call: StreamCall, first: rag_pb2.StreamChatResponse | None) -> None:
+    async def _run(self, call: StreamCall) -> None:
         outcome: Outcome = "error"
         error: BridgeError | None = None
         finish_reason: str | None = None
         try:
-            if first is not None:
-                finish_reason = await self._handle(first)
             while finish_reason is None:
                 message = await call.read()
                 if message is grpc.aio.EOF:
@@ -209,6 +287,11 @@ class StreamSession:
             self._space.clear()
             await self._space.wait()
         if not self.attached and self._unsent_over_cap():
+            if self.sink is not None and self.sink.healthy:
+                # Frames flow to the store, where a reader elsewhere may be taking them: the local
+                # cap is about memory, not about "nobody reads", so drop what the store holds.
+                self._trim_mirrored()
+                return
             self.expired = True
             raise asyncio.CancelledError  # nobody is reading and the replay buffer is full
 
@@ -216,9 +299,24 @@ class StreamSession:
         self.last_seq += 1
         self._unsent.append((self.last_seq, data))
         self._unsent_bytes += len(data)
+        if self.sink is not None:
+            self.sink.offer(self.last_seq, data, final)
         if final:
             self.finished = True
         self._changed.set()
+
+    def _trim_mirrored(self) -> None:
+        """Drop the oldest local frames that the sink already holds, down to the cap."""
+        assert self.sink is not None
+        flushed = self.sink.flushed_seq
+        while self._sent:
+            seq, data = self._sent.popleft()
+            self._sent_bytes -= len(data)
+            self._trimmed_through = max(self._trimmed_through, seq)
+        while self._unsent and self._unsent[0][0] <= flushed and self._unsent_over_cap():
+            seq, data = self._unsent.popleft()
+            self._unsent_bytes -= len(data)
+            self._trimmed_through = seq
 
     def _unsent_over_cap(self) -> bool:
         return len(self._unsent) > self.policy.buffer_frames or self._unsent_bytes > self.policy.buffer_bytes
@@ -257,6 +355,8 @@ class StreamSession:
         self.finished = True
         self._changed.set()
         self.observer.stream_closed(result)
+        if self.sink is not None:
+            self.sink.end(result.outcome)
         if self.on_end is not None:
             self.on_end(self, result)
 
@@ -279,6 +379,8 @@ class StreamSession:
             raise StreamExpired("the stream expired before it was resumed", retryable=False)
         if after_seq > self.last_seq:
             raise StreamExpired("this event id was never sent", retryable=False)
+        if after_seq < self._trimmed_through:
+            raise FramesTrimmed("the frames after this event id are no longer held here", retryable=False)
         if after_seq < self.sent_seq and not (self._sent and self._sent[0][0] <= after_seq + 1):
             raise StreamExpired("the frames after this event id are no longer held", retryable=False)
 
@@ -295,6 +397,13 @@ class StreamSession:
             self._sent_bytes -= len(data)
             self._unsent.appendleft((seq, data))
             self._unsent_bytes += len(data)
+        keep = self.policy.resume_grace_s > 0
+        while self._unsent and self._unsent[0][0] <= after_seq:  # the reader has these (e.g. from
+            item = self._unsent.popleft()                       # another instance): no duplicates
+            self._unsent_bytes -= len(item[1])
+            if keep:
+                self._sent.append(item)
+                self._sent_bytes += len(item[1])
         if self._grace is not None:
             self._grace.cancel()
             self._grace = None
@@ -317,28 +426,41 @@ class StreamSession:
             return
         self._grace = asyncio.get_running_loop().call_later(self.policy.resume_grace_s, self._expire)
 
+    def release(self, generation: int) -> None:
+        """The reader of ``generation`` wrote the final frame and closed normally."""
+        if generation == self.generation:
+            self.attached = False
+
     def _expire(self) -> None:
         self._grace = None
-        if not self.attached:
-            self.expired = True
-            self.abort()
+        if self.attached:
+            return
+        if self.sink is not None and self.sink.healthy and not self.finished:
+            # A reader on another instance may be draining the store: ask before cancelling.
+            self._hold_check = asyncio.get_running_loop().create_task(self._expire_unless_held())
+            return
+        self.expired = True
+        self.abort()
+
+    async def _expire_unless_held(self) -> None:
+        """Re-arm the grace timer for as long as a remote reader keeps its reader key alive.
+
+        Without this, instance A would cancel upstream at its grace expiry while instance B is
+        still streaming the answer to the reconnected client, cutting that answer short.
+        """
+        assert self.sink is not None
+        hold = await self.sink.reader_hold_s()
+        if self.attached or self._grace is not None or self.finished:
+            return
+        if hold > 0:
+            self._grace = asyncio.get_running_loop().call_later(hold, self._expire)
+            return
+        self.expired = True
+        self.abort()
 
     def take(self) -> tuple[bytes, int]:
         """Unsent frames joined for one write (at most ~64 KiB), and the last seq included."""
-        if not self._unsent:
-            return b"", self.sent_seq
-        if len(self._unsent) == 1 or self._unsent_bytes <= _COALESCE_BYTES:
-            return b"".join(data for _, data in self._unsent), self._unsent[-1][0]
-        parts: list[bytes] = []
-        size = 0
-        last = self.sent_seq
-        for seq, data in self._unsent:
-            if parts and size + len(data) > _COALESCE_BYTES:
-                break
-            parts.append(data)
-            size += len(data)
-            last = seq
-        return b"".join(parts), last
+        return coalesce(self._unsent, self._unsent_bytes, self.sent_seq)
 
     def acknowledge(self, seq: int, generation: int) -> None:
         """Frames up to ``seq`` were handed to the socket by the reader of ``generation``."""
@@ -383,7 +505,7 @@ class EventStreamResponse:
 
     def __init__(
         self,
-        session: StreamSession,
+        session: FrameSource,
         after_seq: int = 0,
         *,
         headers: dict[str, str] | None = None,
@@ -426,8 +548,7 @@ class EventStreamResponse:
                 task.cancel()
             await asyncio.gather(writer, watcher, return_exceptions=True)
             if completed:
-                if session.generation == generation:
-                    session.attached = False
+                session.release(generation)
                 with contextlib.suppress(Exception):
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
             else:

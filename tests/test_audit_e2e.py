@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import secrets
 import signal
 import subprocess
@@ -33,7 +32,10 @@ import pytest
 
 from bridge.audit.events import ALLOWED_FIELDS, OPTIONAL_FIELDS
 from bridge.audit.keys import key_path, load_keys
+from bridge.audit.trail import AuditTrail
+from bridge.config import Settings
 from bridge.sse import Parser
+from bridge.types import Identity
 from tests.conftest import StubFactory
 from tests.support.processes import ROOT, Bridge, Stub, base_env
 from tests.support.sse_client import STREAM_PATH, open_stream
@@ -180,7 +182,6 @@ async def test_every_event_has_exactly_its_fields_and_nothing_leaks(
     cut = await open_stream(first.url, params={"query": f"{marker} " + "word " * 200}, headers=bearer(bob),
                             stop_after_tokens=2)
     assert cut.status == 200
-    assert (await good.ended(timeout=10))["outcome"] in {"completed", "cancelled"}
     cut_end = await good.ended(cut.headers["x-request-id"], timeout=10)
     assert cut_end["outcome"] == "cancelled"
     async with httpx.AsyncClient(base_url=first.url, timeout=30) as client:
@@ -195,6 +196,9 @@ async def test_every_event_has_exactly_its_fields_and_nothing_leaks(
         assert refused.status_code == 401 and refused.json()["error"]["code"]
         read = await client.get(ADMIN_PATH, headers=bearer(admin))
         assert read.status_code == 200, read.text
+    live = {p.name: p.read_bytes() for p in db.parent.iterdir() if p.is_file()}  # -wal/-shm exist only now
+    assert {"audit.sqlite3", "audit.sqlite3-wal", "audit.sqlite3-shm", "audit.sqlite3.key"} <= set(live), live.keys()
+    assert not [name for name, data in live.items() if marker.encode() in data]
     assert await asyncio.to_thread(first.sigterm_and_wait) == 0, first.output()
 
     # Bridge 2 on the same store: a stub that fails every stream after its first token.
@@ -202,6 +206,9 @@ async def test_every_event_has_exactly_its_fields_and_nothing_leaks(
     second = start_bridge(failing, db, **log_env)
     failed = await open_stream(second.url, params={"query": f"{marker} fails here"}, headers=bearer(carol))
     assert failed.frames[-1]["type"] == "error", failed.frames
+    async with httpx.AsyncClient(base_url=second.url, timeout=30) as client:
+        broken_chat = await chat(client, f"{marker} chat fails too", bearer(carol))
+        assert broken_chat.status_code >= 500, broken_chat.text
     assert await asyncio.to_thread(second.sigterm_and_wait) == 0, second.output()
     good.stop()
     failing.stop()
@@ -215,7 +222,9 @@ async def test_every_event_has_exactly_its_fields_and_nothing_leaks(
     expected = set(ALLOWED_FIELDS) - {"retention_checkpoint"}  # only a purge writes one
     assert set(types) == expected, types
     assert types["stream_started"] == 3 and sum(types[t] for t in END_TYPES) == 3
-    assert types["chat"] == 4 and types["rate_limited"] == 1 and types["auth_failed"] == 1
+    assert types["chat"] == 5 and types["rate_limited"] == 1 and types["auth_failed"] == 1
+    chat_outcomes = {(r["user_id"], r["outcome"], r["error_code"]) for r in records if r["event_type"] == "chat"}
+    assert ("carol", "error", broken_chat.json()["error"]["code"]) in chat_outcomes, chat_outcomes
 
     keys = load_keys(db, create=False)
     for record in records:
@@ -247,20 +256,21 @@ async def test_every_event_has_exactly_its_fields_and_nothing_leaks(
     assert next(r for r in records if r["event_type"] == "admin_read")["email"] == "ops@example.com"
 
     # The raw query and the tokens: in no file under tmp_path and in no process output.
-    secrets_ = {"query marker": marker.encode(), **{f"token {i}": t.encode() for i, t in
-                                                    enumerate((alice, bob, carol, admin, garbage))}}
-    for name in ("a token's signature", "garbage token body"):
-        assert name  # (labels only; the whole tokens are checked, which covers their parts' presence)
-    produced = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    needles = {"the query marker": marker, **{f"token {i}": t for i, t in
+                                             enumerate((alice, bob, carol, admin, garbage))}}
+    outputs = {"bridge 1 output": first.all_output(), "bridge 2 output": second.all_output(),
+               "stub output": "\n".join(good.lines + good.stderr_lines + failing.lines + failing.stderr_lines)}
+    assert_absent(needles, tmp_path, outputs)
+
+
+def assert_absent(needles: Mapping[str, str], directory: Path, outputs: Mapping[str, str]) -> None:
+    produced = sorted(p for p in directory.rglob("*") if p.is_file())
     names = {p.name for p in produced}
     assert {"audit.sqlite3", "audit.sqlite3.key", "combined.log", "export.jsonl"} <= names, names
-    assert (logs / "combined.log").stat().st_size > 0  # DEBUG logging really wrote something
-    outputs = {f"bridge {i} output": b.all_output().encode() for i, b in enumerate((first, second))}
-    outputs |= {"stub output": "\n".join(good.lines + good.stderr_lines + failing.lines
-                                         + failing.stderr_lines).encode()}
-    for what, needle in secrets_.items():
+    assert (directory / "logs" / "combined.log").stat().st_size > 0  # DEBUG logging really wrote something
+    for what, needle in needles.items():
         for path in produced:
-            assert needle not in path.read_bytes(), f"{what} found in {path}"
+            assert needle.encode() not in path.read_bytes(), f"{what} found in {path}"
         for source, text in outputs.items():
             assert needle not in text, f"{what} found in {source}"
 
@@ -317,7 +327,10 @@ async def test_sigterm_during_200_streams_loses_no_audit_record(
     assert started == ended, (len(ended), set(started) - set(ended))
     assert set(started) == set(request_ids)
     outcomes = Counter(r["event_type"] for r in records if r["event_type"] in END_TYPES)
-    assert outcomes, outcomes  # whichever the drain produced; reported on failure
+    # Streams 100 s long, SHUTDOWN_GRACE_S=0.5: the drain ends every one with SHUTTING_DOWN.
+    assert outcomes == {"stream_failed": n}, outcomes
+    assert {r["error_code"] for r in records if r["event_type"] == "stream_failed"} == {"SHUTTING_DOWN"}
+    assert {f.get("code") for f in last_frames} == {"SHUTTING_DOWN"}
     assert "AUDIT EVENTS DROPPED" not in bridge.all_output()
     assert_verifies(db)
 
@@ -370,8 +383,11 @@ async def test_admin_endpoint_access_filters_pagination_and_reads_are_audited(
         mine = await read(user_id="m1")
         reads += 1
         assert {r["user_id"] for r in mine["records"]} == {"m1"}
-        assert {r["event_type"] for r in mine["records"]} == {"chat"} and mine["count"] == 4
+        assert Counter(r["event_type"] for r in mine["records"]) == {"chat": 4, "auth_failed": 1}
         assert all(r["email"] == "m1@example.com" for r in mine["records"])
+        mine = await read(user_id="m1", event_type="auth_failed")
+        reads += 1
+        assert [(r["reason"], r["client_ip"]) for r in mine["records"]] == [("FORBIDDEN", "127.0.0.1")]
 
         oldest_ts = min(r["ts"] for r in chats)
         newest_ts = max(r["ts"] for r in chats)
@@ -416,107 +432,130 @@ async def test_admin_endpoint_access_filters_pagination_and_reads_are_audited(
 # -- backup and purge while the bridge writes ------------------------------------------------------
 
 
+class Traffic:
+    """Keeps a bridge writing audit records (paced streams plus chats) until ``stop``."""
+
+    def __init__(self, bridge: AuditBridge) -> None:
+        self.bridge = bridge
+        self.done = 0
+        self._changed = asyncio.Condition()
+        self._stop = asyncio.Event()
+        self._client = httpx.AsyncClient(base_url=bridge.url, timeout=30)
+        self._workers = [asyncio.create_task(self._streams()) for _ in range(10)]
+        self._workers += [asyncio.create_task(self._chats()) for _ in range(2)]
+
+    async def _count(self) -> None:
+        async with self._changed:
+            self.done += 1
+            self._changed.notify_all()
+
+    async def _streams(self) -> None:
+        while not self._stop.is_set():
+            reply = await open_stream(self.bridge.url, params={"query": "a b c d e f g h"})
+            assert reply.frames[-1]["type"] == "done", reply.frames[-1:]
+            await self._count()
+
+    async def _chats(self) -> None:
+        while not self._stop.is_set():
+            assert (await chat(self._client, "keep writing")).status_code == 200
+            await self._count()
+
+    async def reach(self, count: int, timeout: float = 30) -> None:
+        """Wait until ``count`` requests have completed in total (a worker's failure is raised)."""
+        async def reached() -> None:
+            async with self._changed:
+                await self._changed.wait_for(lambda: self.done >= count)
+
+        waiter = asyncio.create_task(reached())
+        await asyncio.wait([waiter, *self._workers], return_when=asyncio.FIRST_COMPLETED, timeout=timeout)
+        for worker in self._workers:
+            if worker.done():
+                worker.result()
+        assert waiter.done(), (self.done, count)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        try:
+            await asyncio.gather(*self._workers)
+        finally:
+            await self._client.aclose()
+
+
 @pytest.fixture
-async def busy_bridge(
+async def traffic(
     stub_factory: StubFactory, start_bridge: BridgeStarter, tmp_path: Path
-) -> AsyncIterator[tuple[AuditBridge, Path, Callable[[], int]]]:
-    """A bridge kept writing audit records: paced streams plus a stream of chats, until teardown."""
-    db = tmp_path / "audit.sqlite3"
+) -> AsyncIterator[Traffic]:
     stub = stub_factory("--mode", "echo", "--token-delay-ms", "20")
-    bridge = start_bridge(stub, db, RATE_LIMIT=UNLIMITED, MAX_STREAMS_PER_USER="100")
-    stop = asyncio.Event()
-    progress = 0
-    first_written = asyncio.Event()
-
-    async def streams(client: httpx.AsyncClient) -> None:
-        nonlocal progress
-        while not stop.is_set():
-            reply = await open_stream(bridge.url, params={"query": "a b c d e f g h"})
-            assert reply.frames[-1]["type"] == "done"
-            progress += 1
-
-    async def chats(client: httpx.AsyncClient) -> None:
-        nonlocal progress
-        while not stop.is_set():
-            assert (await chat(client, "keep writing")).status_code == 200
-            progress += 1
-            if progress >= 20:
-                first_written.set()
-
-    async with httpx.AsyncClient(base_url=bridge.url, timeout=30) as client:
-        workers = [asyncio.create_task(streams(client)) for _ in range(10)]
-        workers += [asyncio.create_task(chats(client)) for _ in range(2)]
-        await asyncio.wait([asyncio.create_task(first_written.wait()), *workers],
-                           return_when=asyncio.FIRST_COMPLETED, timeout=30)
-        assert first_written.is_set(), [w.exception() for w in workers if w.done()]
-        yield bridge, db, lambda: progress
-        stop.set()
-        await asyncio.gather(*workers)
+    bridge = start_bridge(stub, tmp_path / "audit.sqlite3", RATE_LIMIT=UNLIMITED, MAX_STREAMS_PER_USER="100")
+    running = Traffic(bridge)
+    await running.reach(20)
+    yield running
+    if not running._stop.is_set():
+        running._stop.set()
+        await asyncio.gather(*running._workers, return_exceptions=True)
+        await running._client.aclose()
 
 
-async def test_backup_while_writing_verifies(busy_bridge: tuple[AuditBridge, Path, Callable[[], int]],
-                                             tmp_path: Path) -> None:
-    bridge, db, progress = busy_bridge
+async def test_backup_while_writing_verifies(traffic: Traffic, tmp_path: Path) -> None:
+    db = tmp_path / "audit.sqlite3"
     copy = tmp_path / "backups" / "audit-copy.sqlite3"
-    before = progress()
+    before = traffic.done
     code, out, err = await acli(db, "backup", str(copy))
     assert code == 0, (out, err)
-    assert progress() > before  # the bridge really was writing while the backup ran
     assert "audit chain OK" in out
-    assert key_path(copy).is_file() and oct(key_path(copy).stat().st_mode & 0o777) == "0o600"
-    assert oct(copy.stat().st_mode & 0o777) == "0o600"
-    assert_verifies(copy)
-    assert len(export(copy)) > 0
+    await traffic.reach(before + 1)  # the bridge kept serving and writing around the backup
+    assert key_path(copy).is_file() and key_path(copy).stat().st_mode & 0o777 == 0o600
+    assert copy.stat().st_mode & 0o777 == 0o600
     code, out, _ = await acli(db, "backup", str(copy))  # never overwrites an existing backup
     assert code == 2 and "refusing" in out
-    assert await asyncio.to_thread(bridge.sigterm_and_wait) == 0
+    await traffic.stop()
+    assert len(export(copy)) >= 20
+    assert await asyncio.to_thread(traffic.bridge.sigterm_and_wait) == 0
     assert_verifies(db)
+    assert_verifies(copy)
 
 
-async def test_purge_while_writing_keeps_the_chain_verifiable(
-    busy_bridge: tuple[AuditBridge, Path, Callable[[], int]],
-) -> None:
-    bridge, db, progress = busy_bridge
+async def test_purge_while_writing_keeps_the_chain_verifiable(traffic: Traffic, tmp_path: Path) -> None:
+    db = tmp_path / "audit.sqlite3"
     code, out, err = await acli(db, "purge", "--older-than-days", "30")
     assert code == 0 and out.startswith("purged 0 "), (out, err)
     code, out, err = await acli(db, "purge", "--older-than-days", "0")  # everything written until now
     assert code == 0, (out, err)
     purged = int(out.split()[1])
     assert purged > 0
-    after = progress()
-    code, out, err = await acli(db, "verify")  # concurrently with the writer
+    code, out, err = await acli(db, "verify")  # while the bridge keeps writing
     assert code == 0, (out, err)
-    while progress() < after + 20:  # records written on top of the checkpoint
-        await asyncio.sleep(0)  # yields to the traffic tasks; progress, not time, ends the loop
-    assert await asyncio.to_thread(bridge.sigterm_and_wait) == 0
+    await traffic.reach(traffic.done + 20)  # records chained on top of the checkpoint
+    await traffic.stop()
+    assert await asyncio.to_thread(traffic.bridge.sigterm_and_wait) == 0
     records = export(db)
     checkpoints = [r for r in records if r["event_type"] == "retention_checkpoint"]
     assert len(checkpoints) == 1 and checkpoints[0]["purged_count"] == purged
     assert fields_of(checkpoints[0]) == ALLOWED_FIELDS["retention_checkpoint"]
     assert records[0]["event_type"] == "retention_checkpoint"  # the purged prefix is gone
-    assert records[-1]["id"] > checkpoints[0]["id"]
+    assert len(records) > 20 and records[-1]["id"] > checkpoints[0]["id"]
     assert_verifies(db)
 
 
 # -- export into a closed pipe ---------------------------------------------------------------------
 
 
-async def test_export_into_a_closed_pipe_exits_quietly(
-    busy_bridge: tuple[AuditBridge, Path, Callable[[], int]],
-) -> None:
-    bridge, db, _ = busy_bridge
-    assert await asyncio.to_thread(bridge.sigterm_and_wait) == 0
-    assert len(export(db)) > 20
-    env = base_env({"AUDIT_DB": str(db)})
+async def test_export_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    db = tmp_path / "audit.sqlite3"
+    trail = AuditTrail.from_settings(Settings(audit_db=str(db)))
+    await trail.start()
+    for i in range(3000):  # far more than a pipe buffer holds
+        assert trail.record(trail.events.stream("stream_started", Identity(client_ip="192.0.2.1"), f"r{i}",
+                                                None, "q"))
+    await trail.aclose()
+    err = tmp_path / "stderr.txt"
     for reader in ("head -1", "head -c 10", "true"):
-        script = f"set -o pipefail; {sys.executable} -m bridge audit export 2>{db.parent / 'err.txt'} | {reader}"
-        result = subprocess.run(["bash", "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
-                                timeout=60, check=False)
-        stderr = (db.parent / "err.txt").read_text()
-        assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
-        assert stderr == "", stderr
+        script = f"set -o pipefail; {sys.executable} -m bridge audit export 2>{err} | {reader}"
+        result = await asyncio.to_thread(subprocess.run, ["bash", "-c", script], env=base_env({"AUDIT_DB": str(db)}),
+                                         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+        assert err.read_text() == "", (reader, err.read_text())
         # 141 = 128 + SIGPIPE, what `yes | head -1` reports: quiet, yet not mistaken for a full export
-        assert result.returncode in {0, 141}, (reader, result.returncode)
+        assert result.returncode == 141, (reader, result.returncode)
         if reader == "head -1":
-            assert json.loads(result.stdout)["id"] >= 1
-    assert os.path.exists(db)
+            assert json.loads(result.stdout)["id"] == 1
+    assert len(export(db)) == 3000  # and a reader that takes everything still gets everything

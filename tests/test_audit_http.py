@@ -74,17 +74,20 @@ async def test_admin_reads_with_filters_pagination_and_chain_status(
     assert newest["filters"]["event_type"] == "rate_limited"
 
 
-@pytest.mark.parametrize("who", ["member", "unverified-admin"])
-async def test_non_admins_get_403_and_the_attempt_is_recorded(
-    setup: tuple[AuditTrail, httpx.AsyncClient], who: str,
+@pytest.mark.parametrize(("who", "status", "code"), [("member", 403, "FORBIDDEN"),
+                                                     ("unverified-admin", 401, "UNAUTHORIZED")])
+async def test_non_admins_are_refused_and_the_attempt_is_recorded(
+    setup: tuple[AuditTrail, httpx.AsyncClient], who: str, status: int, code: str,
 ) -> None:
+    """Verified non-admin: 403. No verified identity (whatever role it claims): 401, authenticate first."""
     trail, client = setup
     response = await client.get("/api/admin/audit", headers={"x-test-who": who})
-    assert response.status_code == 403
-    assert response.json()["error"]["code"] == "FORBIDDEN"
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+    assert ("www-authenticate" in response.headers) == (status == 401)
     await trail.flush()
     denied = await trail.query(QueryFilters(event_type="auth_failed"))
-    assert len(denied) == 1 and denied[0].body["reason"] == "FORBIDDEN"
+    assert len(denied) == 1 and denied[0].body["reason"] == code
     assert denied[0].body["client_ip"].startswith("192.0.2.5")
 
 

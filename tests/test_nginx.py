@@ -75,7 +75,7 @@ async def timed_stream(
             parser = Parser()
             tokens = 0
             try:
-                async for chunk in response.aiter_raw():
+                async for chunk in response.aiter_bytes():  # decoded (gzip control)
                     now = time.monotonic()
                     for event in parser.feed(chunk):
                         reply.arrivals.append((now, event))
@@ -213,13 +213,19 @@ async def test_paced_tokens_arrive_one_by_one_through_nginx(
 async def test_batching_detector_catches_a_buffering_proxy(
     stub_factory: StubFactory, bridge_factory: BridgeFactory, nginx_factory: NginxFactory
 ) -> None:
-    """Control: the same check fails against nginx with buffering forced on (so it can fail)."""
+    """Control: the same check fails against a misconfigured nginx (so it can fail).
+
+    Buffering alone does not batch (nginx forwards what it has read whenever the client is
+    writable); buffering plus gzip on event streams does: nothing flushes the compressor.
+    """
     stub = stub_factory("--mode", "echo", "--echo-delimiter", ",", "--token-delay-ms", "50")
     a, b = bridge_factory(stub, **PROXIED), bridge_factory(stub, **PROXIED)
-    template = TEMPLATE.read_text(encoding="utf-8").replace(
-        "proxy_buffering off;", "proxy_buffering on; proxy_ignore_headers X-Accel-Buffering;"
+    template = (
+        TEMPLATE.read_text(encoding="utf-8")
+        .replace("proxy_buffering off;", "proxy_buffering on; proxy_ignore_headers X-Accel-Buffering;")
+        .replace("gzip off;", "gzip on; gzip_types text/event-stream;")
     )
-    assert "proxy_ignore_headers" in template
+    assert "proxy_ignore_headers" in template and "gzip_types text/event-stream" in template
     nginx = nginx_factory(a.url, b.url, template=template)
     gaps = await _paced_gaps(nginx.url)
     assert sum(g < 15 for g in gaps) >= len(gaps) // 2, f"expected batched arrivals, got {gaps}"
@@ -256,6 +262,23 @@ async def test_heartbeats_keep_a_stream_alive_past_proxy_read_timeout(
     silent = bridge_factory(stub, HEARTBEAT_INTERVAL_S="10", **PROXIED)
     cut = await timed_stream(nginx_factory(silent.url, silent.url, template=short).url, {"query": "slow"})
     assert not cut.complete or all(f["type"] not in ("done", "error") for _, f in cut.frames())
+
+
+async def test_a_dead_instance_is_skipped(
+    stub_factory: StubFactory, bridge_factory: BridgeFactory, nginx_factory: NginxFactory
+) -> None:
+    """A crashed bridge: its refused connections are retried on the other (proxy_next_upstream)."""
+    stub = stub_factory("--mode", "echo")
+    a, b = bridge_factory(stub, **PROXIED), bridge_factory(stub, **PROXIED)
+    nginx = nginx_factory(a.url, b.url)
+    a.kill()
+    for _ in range(6):
+        reply = await open_stream(nginx.url, params={"query": "still here"})
+        assert reply.status == 200 and reply.frames[-1]["type"] == "done", (reply.status, reply.body)
+    dead = a.url.removeprefix("http://")
+    tried = nginx.upstreams()
+    assert any(dead in addr for addr in tried), f"nginx never tried the dead instance: {tried}"
+    assert sum(dead in addr for addr in tried) <= 2, f"max_fails did not take it out: {tried}"
 
 
 # -- headers reach the bridge -------------------------------------------------------------------

@@ -57,8 +57,9 @@ async def chat_stream(request: Request) -> Any:
                         "type": "metadata",
                         "request_id": message.metadata.request_id,
                         "model": message.metadata.model,
-                        "sources": [{"title": s.title, "uri": s.uri, "score": s.score}
-                                    for s in message.metadata.sources],
+                        "sources": [
+                            {"title": s.title, "uri": s.uri, "score": s.score} for s in message.metadata.sources
+                        ],
                     }
                 elif kind == "token":
                     if first_token_ms is None:
@@ -77,8 +78,12 @@ async def chat_stream(request: Request) -> Any:
                 yield {"id": f"{request_id}:{seq}", "data": _dumps(payload)}
                 seq += 1
         except grpc.aio.AioRpcError as exc:
-            payload = {"type": "error", "code": exc.code().name.lower(), "message": exc.details() or "",
-                       "retryable": exc.code() == grpc.StatusCode.UNAVAILABLE}
+            payload = {
+                "type": "error",
+                "code": exc.code().name.lower(),
+                "message": exc.details() or "",
+                "retryable": exc.code() == grpc.StatusCode.UNAVAILABLE,
+            }
             yield {"id": f"{request_id}:{seq}", "data": _dumps(payload)}
         finally:
             call.cancel()
@@ -89,7 +94,7 @@ async def chat_stream(request: Request) -> Any:
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     channel = grpc.aio.insecure_channel(os.environ.get("RAG_TARGET", "127.0.0.1:50051"))
-    _state["stub"] = rag_pb2_grpc.RagServiceStub(channel)
+    _state["stub"] = rag_pb2_grpc.RagServiceStub(channel)  # type: ignore[no-untyped-call]
     print(f"reference-bridge listening on http://{_state['host']}:{_state['port']}", flush=True)
     yield
     await channel.close()
@@ -108,8 +113,9 @@ def main() -> None:
     sock.bind((args.host, args.port))
     sock.listen(4096)  # listening before the ready line is printed, so no early connect is refused
     _state["host"], _state["port"] = sock.getsockname()[:2]
-    config = uvicorn.Config(app, loop="uvloop", http="httptools", log_level="warning", access_log=False,
-                            backlog=4096, lifespan="on")
+    config = uvicorn.Config(
+        app, loop="uvloop", http="httptools", log_level="warning", access_log=False, backlog=4096, lifespan="on"
+    )
     uvicorn.Server(config).run(sockets=[sock])
 
 

@@ -112,9 +112,23 @@ def add_audit_commands(subparsers: Any, settings_factory: SettingsFactory) -> No
     backup.set_defaults(func=lambda a: run_backup(settings_factory(a), a.path))
 
 
+EXIT_BROKEN_PIPE = 128 + 13
+"""What a reader closing the pipe early (``export | head -1``) exits with: 128 + SIGPIPE, as ``yes`` does."""
+
+
 def _export_to(settings: Settings, output: str) -> int:
     if output == "-":
-        return run_export(settings, sys.stdout)
+        try:
+            code = run_export(settings, sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # The reader has what it wanted. No traceback; and point stdout at /dev/null so the
+            # interpreter's own flush at exit does not fail (and print) on the same closed pipe.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            return EXIT_BROKEN_PIPE
+        return code
     fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the export holds PII
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         return run_export(settings, f)

@@ -1,7 +1,9 @@
 """``GET /api/admin/audit``: filtered, paginated reads of the trail plus the chain's status.
 
-Only an authenticated ``admin`` may read; a refused attempt is itself a security event
-(``auth_failed``, reason FORBIDDEN) and every successful read is audited (``admin_read``), so
+Only an authenticated ``admin`` may read: a caller without a verified token gets 401 (with
+``WWW-Authenticate``: authenticate, then retry), a verified non-admin 403 (no token of theirs will
+do). A refused attempt is itself a security event (``auth_failed``, reason UNAUTHORIZED or
+FORBIDDEN) and every successful read is audited (``admin_read``), so
 reading personal data always leaves a trace. The ``ip`` filter is turned into the pseudonymous
 user id before it is used or logged: the admin_read record must not reintroduce a raw IP.
 """
@@ -19,7 +21,7 @@ from starlette.responses import Response
 from bridge.audit.events import ALLOWED_FIELDS, parse_ts
 from bridge.audit.store import QueryFilters
 from bridge.audit.trail import AuditTrail
-from bridge.errors import BadRequest, BridgeError, Forbidden
+from bridge.errors import BadRequest, BridgeError, Forbidden, Unauthorized
 from bridge.responses import JSONResponse, error_response
 from bridge.types import Identity
 
@@ -39,10 +41,16 @@ def admin_audit_endpoint(trail: AuditTrail, authenticate: Authenticate, *, max_l
         request_id, trace_id = request_ids(request)
         try:
             identity = await authenticate(request)
-            if not (identity.authenticated and identity.role == admin_role):
+            if not identity.authenticated:  # 401 + WWW-Authenticate: sign in, then retry
+                denied: BridgeError | None = Unauthorized("authentication required", code="UNAUTHORIZED")
+            elif identity.role != admin_role:  # signed in, but no token of this user will do
+                denied = Forbidden("the audit trail is readable by admins only")
+            else:
+                denied = None
+            if denied is not None:
                 trail.record(trail.events.auth_failed(identity, request_id, trace_id,
-                                                      path=request.url.path, reason="FORBIDDEN"))
-                raise Forbidden("the audit trail is readable by admins only")
+                                                      path=request.url.path, reason=denied.code))
+                raise denied
             filters, limit, offset, shown = _parse(request, trail, max_limit)
         except BridgeError as exc:
             return error_response(exc)

@@ -71,7 +71,8 @@ class TraceReceiver:
         self.spans: list[FullSpan] = []
         self.requests = 0
         self._cond = threading.Condition()
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        # No SO_REUSEPORT: binding a fixed port must fail, not share it with another listener.
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[("grpc.so_reuseport", 0)])
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
             _TraceService(self), self._server
         )

@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from tests.support.processes import ROOT, Process, _STUB_READY, base_env
+from tests.support.processes import _STUB_READY, ROOT, Process, base_env
 
 
 def _record(rpc: str, request: Any) -> None:
