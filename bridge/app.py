@@ -47,12 +47,16 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        state.upstream = Upstream(settings.rag_target, state.telemetry.client_interceptors())
+        state.upstream = Upstream(
+            settings.rag_target, state.telemetry.client_interceptors(), settings.upstream_ejection_interval_s
+        )
         await state.audit.start()
+        state.registry.resume_store(settings, state.policy)  # subscribe to remote cancels at boot
         try:
             yield
         finally:
             await state.registry.wait_all(0)
+            await state.registry.aclose()  # flush resume-store writes, stop its cancel subscriber
             await state.gate.limiter.aclose()
             await state.upstream.close()
             await state.audit.aclose()  # after the streams: their end records are written too

@@ -40,6 +40,7 @@ class Settings:
     send_timeout_s: float = 30.0
     upstream_timeout_s: float = 120.0
     upstream_connect_timeout_s: float = 5.0
+    upstream_ejection_interval_s: float = 10.0
     shutdown_grace_s: float = 20.0
     stream_window_frames: int = 64
     rate_limit: str = "20/minute"
@@ -98,6 +99,7 @@ class Settings:
             (self.resume_grace_s >= 0, "RESUME_GRACE_S must be >= 0"),
             (self.send_timeout_s > 0, "SEND_TIMEOUT_S must be > 0"),
             (self.upstream_timeout_s > 0, "UPSTREAM_TIMEOUT_S must be > 0"),
+            (self.upstream_ejection_interval_s > 0, "UPSTREAM_EJECTION_INTERVAL_S must be > 0"),
             (self.shutdown_grace_s >= 0, "SHUTDOWN_GRACE_S must be >= 0"),
             (self.stream_window_frames >= 1, "STREAM_WINDOW_FRAMES must be >= 1"),
             (self.max_streams_per_user >= 1, "MAX_STREAMS_PER_USER must be >= 1"),

@@ -109,9 +109,8 @@ class Endpoints:
         started = time.monotonic()
         try:
             with telemetry.activate(span):
-                call = await self._start_call(
-                    rag_pb2.StreamChatRequest(**_upstream_fields(chat, identity, request_id)), request_id
-                )
+                message = rag_pb2.StreamChatRequest(**_upstream_fields(chat, identity, request_id))
+                call = await self._start_call(message, request_id)
         except BaseException as exc:
             lease.release()
             code = exc.code if isinstance(exc, BridgeError) else "CANCELLED"
@@ -125,7 +124,6 @@ class Endpoints:
 
         def ended(session: StreamSession, result: StreamResult) -> None:
             lease.release()
-            telemetry.end_stream_span(span, result)
             log_stream_end(result)
             audit.record(audit.events.stream_ended(identity, chat.query, result))
             grace = state.settings.resume_grace_s
@@ -144,11 +142,17 @@ class Endpoints:
             observer=state.observer,
             on_end=ended,
             on_first_token=lambda ms: telemetry.record_first_token(span, ms),
+            on_settled=lambda result: telemetry.end_stream_span(span, result),
             trace_id=trace_id,
             sink=None if store is None else store.mirror(stream_id, request_id, identity.key),
         )
         state.registry.add(session)
-        session.start(call)
+        def reopen() -> StreamCall:
+            with telemetry.activate(span):
+                return state.rag.stream_chat(message, timeout=state.settings.upstream_timeout_s,
+                                             metadata=(("x-request-id", request_id),))
+
+        session.start(call, retry=reopen)
         return _StreamResponse(EventStreamResponse(session, 0, headers=admission.headers), state.metrics)
 
     async def _start_call(

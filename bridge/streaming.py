@@ -165,6 +165,7 @@ class StreamSession:
         observer: StreamObserver | None = None,
         on_end: Callable[[StreamSession, StreamResult], None] | None = None,
         on_first_token: Callable[[float], None] | None = None,
+        on_settled: Callable[[StreamResult], None] | None = None,
         trace_id: str | None = None,
         sink: FrameSink | None = None,
     ) -> None:
@@ -175,6 +176,8 @@ class StreamSession:
         self.observer: StreamObserver = observer or NullObserver()
         self.on_end = on_end
         self.on_first_token = on_first_token
+        self.on_settled = on_settled
+        self._settled = False
         self.trace_id = trace_id
         self.sink = sink
         self.started = time.monotonic()
@@ -200,15 +203,23 @@ class StreamSession:
         self._first_token_at: float | None = None
         self._last_token_at: float | None = None
         self._abort_error: BridgeError | None = None
+        self._retry: Callable[[], StreamCall] | None = None
+        self._metadata_sent = False
         # Frames up to this seq were dropped locally because the sink holds them (FramesTrimmed).
         self._trimmed_through = 0
         self._hold_check: asyncio.Task[None] | None = None
 
     # -- upstream side -------------------------------------------------------------------------
 
-    def start(self, call: StreamCall) -> None:
-        """Begin pumping ``call`` into frames."""
+    def start(self, call: StreamCall, retry: Callable[[], StreamCall] | None = None) -> None:
+        """Begin pumping ``call`` into frames.
+
+        ``retry`` opens the same call again: used once, when the call fails with UNAVAILABLE
+        before any token was produced (a replica died after accepting), so the answer comes from
+        another replica instead of an error. Never after a token: the client would see it twice.
+        """
         self._call = call
+        self._retry = retry
         self.observer.stream_opened()
         self._pump = asyncio.get_running_loop().create_task(self._run(call))
 
@@ -218,7 +229,14 @@ class StreamSession:
         finish_reason: str | None = None
         try:
             while finish_reason is None:
-                message = await call.read()
+                try:
+                    message = await call.read()
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE or self._tokens or self._retry is None:
+                        raise
+                    call.cancel()
+                    call, self._retry = self._retry(), None
+                    continue
                 if message is grpc.aio.EOF:
                     error = BridgeError("the RAG service ended the stream without completing it",
                                         code="UPSTREAM_PROTOCOL", retryable=True)
@@ -237,7 +255,10 @@ class StreamSession:
             log.exception("stream %s failed", self.stream_id)
             error = BridgeError("internal error in the bridge", code="INTERNAL", retryable=True)
         finally:
-            call.cancel()
+            if outcome != "completed":
+                # A completed call ends with the server's OK status; cancelling it here would turn
+                # every finished stream into a CANCELLED client span.
+                call.cancel()
             result = self._result(outcome, error, finish_reason)
             if outcome == "completed":
                 self._append(sse.json_frame(self._next_id(), self._done_payload(result)), final=True)
@@ -263,6 +284,9 @@ class StreamSession:
             await self._push(sse.token_frame(self._next_id(), message.token.index, message.token.text))
             return None
         if kind == "metadata":
+            if self._metadata_sent:
+                return None  # a retried call's metadata: the client already has one
+            self._metadata_sent = True
             meta = message.metadata
             payload: dict[str, Any] = {
                 "type": "metadata",
@@ -359,6 +383,19 @@ class StreamSession:
             self.sink.end(result.outcome)
         if self.on_end is not None:
             self.on_end(self, result)
+        if not self.attached:
+            self._settle()  # no reader here to deliver the final frame
+
+    def _settle(self) -> None:
+        """Fire ``on_settled`` once, when the final frame was written or can no longer be.
+
+        A trace span ended at upstream completion would close before the client saw ``done``.
+        """
+        if self._settled or self.result is None:
+            return
+        self._settled = True
+        if self.on_settled is not None:
+            self.on_settled(self.result)
 
     def abort(self, error: BridgeError | None = None) -> None:
         """Stop the upstream call now; with ``error`` the reader gets it as the final frame."""
@@ -419,8 +456,10 @@ class StreamSession:
             return
         self.attached = False
         self._space.set()
-        if self.finished and not self._unsent:
-            return
+        if self.finished:
+            self._settle()
+            if not self._unsent:
+                return
         if self.policy.resume_grace_s <= 0:
             self.abort()
             return
@@ -430,6 +469,7 @@ class StreamSession:
         """The reader of ``generation`` wrote the final frame and closed normally."""
         if generation == self.generation:
             self.attached = False
+            self._settle()
 
     def _expire(self) -> None:
         self._grace = None

@@ -140,6 +140,20 @@ def _otlp_exporter(environ: Mapping[str, str]) -> SpanExporter:
     )
 
 
+def _int_env(environ: Mapping[str, str], name: str, default: int) -> int:
+    """A positive integer OTEL_* setting (the SDK's own names and defaults)."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise TelemetryConfigError(f"{name}={raw!r}: expected a whole number") from None
+    if value <= 0:
+        raise TelemetryConfigError(f"{name}={raw!r}: must be > 0")
+    return value
+
+
 def _exporter_names(environ: Mapping[str, str]) -> list[str]:
     raw = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
     if not raw:
@@ -183,8 +197,13 @@ def build_tracer_provider(
     for name in names:
         if name == "otlp":
             provider.add_span_processor(
-                BatchSpanProcessor(_otlp_exporter(environ), max_queue_size=2048, schedule_delay_millis=5000,
-                                   max_export_batch_size=512, export_timeout_millis=30000)
+                BatchSpanProcessor(
+                    _otlp_exporter(environ),
+                    max_queue_size=_int_env(environ, "OTEL_BSP_MAX_QUEUE_SIZE", 2048),
+                    schedule_delay_millis=_int_env(environ, "OTEL_BSP_SCHEDULE_DELAY", 5000),
+                    max_export_batch_size=_int_env(environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512),
+                    export_timeout_millis=_int_env(environ, "OTEL_BSP_EXPORT_TIMEOUT", 30000),
+                )
             )
         else:
             # stderr, not stdout: the stub's stdout carries the stream_end JSON lines tests parse.

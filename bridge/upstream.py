@@ -41,10 +41,30 @@ def channel_target(rag_target: str) -> str:
     return target
 
 
-def channel_options(rag_target: str) -> list[tuple[str, Any]]:
-    """Round robin over every resolved address, each checked with grpc.health.v1 before use."""
+def channel_options(rag_target: str, ejection_interval_s: float = 10.0) -> list[tuple[str, Any]]:
+    """Round robin over every resolved address, each checked with grpc.health.v1 before use.
+
+    Round robin alone keeps sending half the traffic to a replica that answers its health check
+    but fails every call; grpcio's outlier detection ejects such a replica for a while. It counts
+    every non-OK status (CANCELLED from departing browsers too), hence the high threshold and the
+    50 % cap on ejected replicas. There is no circuit breaker outside xDS in grpcio; MAX_STREAMS_TOTAL
+    is the bridge's own load shedding.
+    """
+    interval = f"{ejection_interval_s:g}s"
+    outlier_detection = {
+        "interval": interval,
+        "baseEjectionTime": "30s",
+        "maxEjectionPercent": 50,
+        "failurePercentageEjection": {
+            "threshold": 50,
+            "enforcementPercentage": 100,
+            "minimumHosts": 2,
+            "requestVolume": 10,
+        },
+        "childPolicy": [{"round_robin": {}}],
+    }
     service_config = {
-        "loadBalancingConfig": [{"round_robin": {}}],
+        "loadBalancingConfig": [{"outlier_detection_experimental": outlier_detection}],
         "healthCheckConfig": {"serviceName": SERVICE_NAME},
     }
     return [
@@ -68,10 +88,17 @@ def channel_options(rag_target: str) -> list[tuple[str, Any]]:
 class Upstream:
     """The RAG service as the bridge sees it: streaming and unary chat plus its health."""
 
-    def __init__(self, rag_target: str, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> None:
+    def __init__(
+        self,
+        rag_target: str,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        ejection_interval_s: float = 10.0,
+    ) -> None:
         self.target = channel_target(rag_target)
         self._channel = grpc.aio.insecure_channel(
-            self.target, options=channel_options(self.target), interceptors=list(interceptors) or None
+            self.target,
+            options=channel_options(self.target, ejection_interval_s),
+            interceptors=list(interceptors) or None,
         )
         self._stub = rag_pb2_grpc.RagServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)

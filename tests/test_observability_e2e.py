@@ -221,12 +221,6 @@ async def test_one_trace_across_bridge_and_stub(
     assert chain.bridge.end_time_unix_nano >= chain.client.end_time_unix_nano
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a completed stream's gRPC CLIENT span says CANCELLED/ERROR ('Locally cancelled by application!'): "
-    "StreamSession._run (bridge/streaming.py:242) calls call.cancel() in its finally even after the "
-    "completion message, before the OK trailing status is read",
-)
 async def test_completed_stream_client_span_is_ok(stub_factory: StubFactory, bridge_factory: BridgeFactory) -> None:
     traces = [new_traceparent() for _ in range(3)]
     with TraceReceiver() as receiver:
@@ -247,12 +241,6 @@ async def test_completed_stream_client_span_is_ok(stub_factory: StubFactory, bri
     assert client_status == [(0, "")] * len(chains)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge span ends when the final frame is queued, before it is written: StreamSession._run "
-    "(bridge/streaming.py:244-249) calls _finish → on_end → Telemetry.end_stream_span synchronously "
-    "right after _append(done), before the writer task sends it",
-)
 async def test_bridge_span_ends_after_the_client_saw_done(
     stub_factory: StubFactory, bridge_factory: BridgeFactory
 ) -> None:
@@ -348,11 +336,6 @@ async def test_error_stream_span_outcome_and_status(
 # --------------------------------------------------------------------------- BSP variables
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="OTEL_BSP_SCHEDULE_DELAY is ignored: bridge/telemetry.py:186 build_tracer_provider passes "
-    "schedule_delay_millis=5000 (and the other BSP settings) explicitly to BatchSpanProcessor",
-)
 async def test_bsp_schedule_delay_is_honoured(stub_factory: StubFactory, bridge_factory: BridgeFactory) -> None:
     """With OTEL_BSP_SCHEDULE_DELAY=100, spans are exported within ~0.1 s, not at the next 5 s tick.
 

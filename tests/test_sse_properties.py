@@ -123,7 +123,7 @@ def test_a_whole_stream_of_tokens_reassembles_exactly(texts: list[str], at: list
 
 
 @PROPERTY
-@given(event_id=st.text(max_size=10).filter(lambda s: any(c in s for c in "\r\n\x00")))
+@given(event_id=st.tuples(st.text(max_size=5), st.sampled_from("\r\n\x00"), st.text(max_size=5)).map("".join))
 def test_ids_that_would_corrupt_the_stream_are_refused(event_id: str) -> None:
     with pytest.raises(sse.FrameError):
         sse.json_frame(event_id, {"type": "token"})
