@@ -22,6 +22,7 @@ from bridge.config import Settings
 from bridge.endpoints import Endpoints
 from bridge.errors import BridgeError, MethodNotAllowed, NotFound
 from bridge.guards import HeaderSizeLimit
+from bridge.openapi import openapi_endpoint
 from bridge.responses import error_response
 from bridge.state import BridgeState
 from bridge.upstream import Upstream
@@ -89,6 +90,7 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
         Route("/api/v2/bali-zero/stream-stats", endpoints.stream_stats, methods=["GET"]),
         Route("/metrics", endpoints.metrics, methods=["GET"]),
         Route("/api/admin/audit", admin_audit_endpoint(state.audit, state.gate.identify), methods=["GET"]),
+        Route("/openapi.json", openapi_endpoint, methods=["GET"]),
         Route("/healthz", endpoints.healthz, methods=["GET"]),
         Route("/readyz", endpoints.readyz, methods=["GET"]),
         Route("/", index, methods=["GET"]),

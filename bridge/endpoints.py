@@ -32,6 +32,7 @@ from bridge.streaming import (
     StreamSession,
     new_stream_id,
     parse_event_id,
+    parse_seq,
 )
 from bridge.telemetry import Telemetry, trace_id_of
 from bridge.types import Identity, StreamResult
@@ -72,8 +73,9 @@ class Endpoints:
             request.headers.get("last-event-id") or request.query_params.get("last_event_id")
         )
         connection_id = request.headers.get("x-connection-id")
-        if resume_from is None and connection_id and request.headers.get("last-event-id", "").isdigit():
-            resume_from = (connection_id, int(request.headers["last-event-id"]))
+        bare_seq = parse_seq(request.headers.get("last-event-id"))
+        if resume_from is None and connection_id and bare_seq is not None:
+            resume_from = parse_event_id(f"{connection_id}:{bare_seq}")
         try:
             if resume_from is not None:
                 return await self._resume(request, *resume_from)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import time
 from collections import deque
@@ -65,14 +66,23 @@ def new_stream_id() -> str:
     return secrets.token_urlsafe(12)
 
 
+_EVENT_ID = re.compile(r"([A-Za-z0-9_-]{1,64}):([0-9]{1,18})", re.ASCII)
+_SEQ = re.compile(r"[0-9]{1,18}", re.ASCII)
+
+
 def parse_event_id(value: str | None) -> tuple[str, int] | None:
-    """``"<stream_id>:<seq>"`` → (stream_id, seq); anything else → None."""
-    if not value or len(value) > 128:
-        return None
-    stream_id, sep, seq = value.rpartition(":")
-    if not sep or not stream_id or not seq.isdigit():
-        return None
-    return stream_id, int(seq)
+    """``"<stream_id>:<seq>"`` → (stream_id, seq); anything else → None.
+
+    Only the alphabet the bridge itself issues is accepted: an id is echoed back in an ``id:``
+    field, where CR, LF or NUL would corrupt the stream, and ``str.isdigit`` accepts "²".
+    """
+    match = _EVENT_ID.fullmatch(value or "")
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def parse_seq(value: str | None) -> int | None:
+    """A bare ``Last-Event-ID`` sequence number (used with ``x-connection-id``)."""
+    return int(value) if value and _SEQ.fullmatch(value) else None
 
 
 class StreamExpired(BridgeError):

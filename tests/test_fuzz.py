@@ -26,7 +26,7 @@ import httpx
 import jwt
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -39,7 +39,7 @@ from bridge import sse
 from bridge.openapi import load_openapi
 from tests.conftest import BridgeFactory, StubFactory
 from tests.support.processes import Bridge, Stub
-from tests.test_openapi import WIRE_ROUTE_REASON, loaded_operations
+from tests.test_openapi import loaded_operations
 
 TOTAL_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "240"))
 JWT_SECRET = "fuzz-secret-that-is-long-enough-for-hs256"
@@ -64,7 +64,6 @@ COMBOS = [(op.label, mode) for op in OPERATIONS
 WEIGHT_SUM = sum(WEIGHTS[label] for label, _ in COMBOS)
 
 
-UNWIRED = pytest.mark.xfail(strict=True, reason=WIRE_ROUTE_REASON)
 
 
 def examples_for(label: str) -> int:
@@ -132,23 +131,7 @@ def _values(value: Any) -> list[str]:
     return [v for v in items if isinstance(v, str)]
 
 
-def hits_known_bug(case: Any) -> bool:
-    """Inputs that crash the bridge today (see the xfail tests below); skipped so the fuzz run stays
-    deterministic. Delete this filter once the bugs are fixed."""
-    headers = {k.lower(): v for k, v in (case.headers or {}).items()}
-    ids = _values((case.query or {}).get("last_event_id")) + _values(headers.get("last-event-id"))
-    for value in ids:
-        stream_id, sep, seq = value.rpartition(":")
-        if len(value) <= 128 and sep and stream_id and seq.isdigit() and (
-                not seq.isascii() or re.search(r"[\r\n\x00]", stream_id)):
-            return True  # BUG 1 and BUG 2
-        if value.isdigit() and not value.isascii():
-            return True  # BUG 2, the x-connection-id form
-    return False
-
-
 def run_case(target: Target, case: Any) -> None:
-    assume(not hits_known_bug(case))
     headers = {"Authorization": f"Bearer {target.admin_token}"} if case.path == "/api/admin/audit" else None
     response = case.call(base_url=target.bridge.url, headers=headers, timeout=30)
     content = response.content
@@ -167,7 +150,7 @@ def run_case(target: Target, case: Any) -> None:
 @pytest.mark.timeout(max(300, TOTAL_EXAMPLES))
 @pytest.mark.parametrize(("label", "mode"), [
     pytest.param(label, mode, id=f"{label} {mode.value}",
-                 marks=[UNWIRED] if label == "GET /openapi.json" else [])
+                 marks=[])
     for label, mode in COMBOS
 ])
 def test_fuzz_operation(target: Target, label: str, mode: schemathesis.GenerationMode) -> None:
@@ -205,12 +188,8 @@ def test_no_stream_left_open_after_fuzzing(target: Target) -> None:
     assert "Traceback" not in logged, target.bridge.output()
 
 
-# -- bugs the fuzzer found (each is filtered out of the fuzz run by hits_known_bug) -----------------
+# -- inputs the fuzzer once turned into 500s: resume ids with line breaks or non-ASCII digits -------
 
-BUG1 = ("BUG 1: a resume id whose stream part holds CR, LF or NUL (?last_event_id=a%0Ab:1) reaches "
-        "_expired_stream, whose sse.json_frame raises FrameError -> 500 INTERNAL with a logged traceback")
-BUG2 = ("BUG 2: parse_event_id (and chat_stream's x-connection-id branch) test str.isdigit(), which accepts "
-        "non-ASCII digits such as '²', then int() raises ValueError -> 500 INTERNAL")
 
 
 def _resume_status(stub_factory: StubFactory, bridge_factory: BridgeFactory, params: dict[str, str],
@@ -222,22 +201,20 @@ def _resume_status(stub_factory: StubFactory, bridge_factory: BridgeFactory, par
     return response.status_code, response.content, bridge
 
 
-@pytest.mark.xfail(strict=True, reason=BUG1)
 @pytest.mark.parametrize("last_event_id", ["a\nb:1", "a\rb:1", "a\x00b:1"])
-def test_bug_resume_id_with_line_break_is_not_a_500(stub_factory: StubFactory, bridge_factory: BridgeFactory,
+def test_resume_id_with_line_break_is_not_a_500(stub_factory: StubFactory, bridge_factory: BridgeFactory,
                                                     last_event_id: str) -> None:
     status, content, bridge = _resume_status(stub_factory, bridge_factory, {"last_event_id": last_event_id})
     assert status < 500, content
     assert "Traceback" not in "\n".join(bridge.stderr_lines)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG2)
 @pytest.mark.parametrize(("params", "headers"), [
     ({"last_event_id": "abc:\u00b2"}, None),
     ({}, {b"last-event-id": b"abc:\xb2"}),
     ({}, {b"last-event-id": b"\xb2", b"x-connection-id": b"abc"}),
 ], ids=["query", "header", "x-connection-id"])
-def test_bug_non_ascii_digit_in_resume_id_is_not_a_500(
+def test_non_ascii_digit_in_resume_id_is_not_a_500(
     stub_factory: StubFactory, bridge_factory: BridgeFactory, params: dict[str, str], headers: dict[bytes, bytes] | None
 ) -> None:
     status, content, bridge = _resume_status(stub_factory, bridge_factory, params, headers)

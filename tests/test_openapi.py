@@ -30,8 +30,6 @@ from tests.conftest import BridgeFactory
 from tests.support.processes import Stub
 
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
-WIRE_ROUTE_REASON = ("the lead adds Route('/openapi.json', openapi_endpoint, methods=['GET']) to bridge/app.py; "
-                     "remove this marker then")
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +215,6 @@ def test_document_lists_openapi_json() -> None:
     assert ("/openapi.json", "GET") in documented_operations(load_openapi())
 
 
-@pytest.mark.xfail(strict=True, reason=WIRE_ROUTE_REASON)
 def test_app_routes_openapi_json_to_the_endpoint(tmp_path: Path) -> None:
     app = create_app(Settings(audit_db=str(tmp_path / "audit.sqlite3")))
     routes = [r for r in app.routes if isinstance(r, Route) and r.path == "/openapi.json"]
@@ -226,7 +223,6 @@ def test_app_routes_openapi_json_to_the_endpoint(tmp_path: Path) -> None:
     assert routes[0].methods is not None and "GET" in routes[0].methods
 
 
-@pytest.mark.xfail(strict=True, reason=WIRE_ROUTE_REASON)
 def test_running_bridge_serves_exactly_the_checked_in_file(stub_factory: Any, bridge_factory: BridgeFactory) -> None:
     stub: Stub = stub_factory("--mode", "echo")
     bridge = bridge_factory(stub)
