@@ -85,6 +85,9 @@ def serve(settings: Settings, host: str, port: int) -> int:
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
         server_header=False,
+        # uvicorn would rewrite the client address from X-Forwarded-For for any loopback peer,
+        # letting a local client pick its own rate-limit key; bridge/clientip.py decides instead.
+        proxy_headers=False,
     )
     shown_host = f"[{host}]" if ":" in host else host
     server = _Server(config, state.begin_drain, f"bali-zero-bridge listening on http://{shown_host}:{bound_port}")

@@ -423,7 +423,6 @@ async def test_untrusted_peer_x_user_id_does_not_change_the_key(echo_stub: Stub,
             assert not await allowed(bridge, headers, endpoint), headers
 
 
-@pytest.mark.xfail(strict=True, reason=UVICORN_PROXY_HEADERS_BUG)
 async def test_untrusted_peer_spoofed_x_forwarded_for_does_not_change_the_key(
     echo_stub: Stub, bridge_factory: BridgeFactory
 ) -> None:
@@ -463,7 +462,6 @@ async def test_trusted_proxy_x_user_id_is_the_key(echo_stub: Stub, bridge_factor
     assert await allowed(bridge, {})
 
 
-@pytest.mark.xfail(strict=True, reason=UVICORN_PROXY_HEADERS_BUG)
 async def test_trusted_proxy_x_user_id_with_x_forwarded_for_is_the_key(
     echo_stub: Stub, bridge_factory: BridgeFactory
 ) -> None:
