@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
 from bridge.audit.http import admin_audit_endpoint
 from bridge.config import Settings
@@ -25,6 +26,7 @@ from bridge.guards import HeaderSizeLimit
 from bridge.openapi import openapi_endpoint
 from bridge.responses import error_response
 from bridge.state import BridgeState
+from bridge.streaming import RAW_SEND_KEY
 from bridge.upstream import Upstream
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -40,6 +42,14 @@ PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
+
+
+class BridgeApp(Starlette):
+    """Starlette, plus the server's unwrapped ``send`` in the scope for the event-stream writer."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[RAW_SEND_KEY] = send
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings, state: BridgeState | None = None) -> Starlette:
@@ -112,7 +122,7 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
                 max_age=600,
             )
         )
-    app = Starlette(
+    app = BridgeApp(
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,

@@ -59,7 +59,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from bridge import sse
 from bridge.errors import BridgeError
-from bridge.streaming import StreamExpired, StreamPolicy, coalesce
+from bridge.streaming import Notifier, StreamExpired, StreamPolicy, coalesce
 from bridge.types import Outcome
 
 log = logging.getLogger("bridge.resume_store")
@@ -529,7 +529,7 @@ class RemoteStream:
         self._next = after_seq + 1
         self._frames: deque[tuple[int, bytes]] = deque()
         self._bytes = 0
-        self._changed = asyncio.Event()
+        self._changed = Notifier()
         self._space = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -571,23 +571,14 @@ class RemoteStream:
         self._space.set()
 
     async def changed(self, timeout: float) -> bool:
-        if self._changed.is_set():
-            self._changed.clear()
-            return True
-        try:
-            async with asyncio.timeout(timeout):
-                await self._changed.wait()
-        except TimeoutError:
-            return False
-        self._changed.clear()
-        return True
+        return await self._changed.wait(timeout)
 
     def _push(self, seq: int, data: bytes, final: bool = False) -> None:
         self._frames.append((seq, data))
         self._bytes += len(data)
         if final:
             self.finished = True
-        self._changed.set()
+        self._changed.notify()
 
     def _fail(self, error: BridgeError) -> None:
         """End with ``error`` as the final frame, id = the last frame delivered (safe to resume)."""
@@ -625,7 +616,7 @@ class RemoteStream:
                     data = fields.get(b"d")
                     if part != 0 or data is None:  # end marker: upstream ended without a final frame
                         self.finished = True
-                        self._changed.set()
+                        self._changed.notify()
                         break
                     if seq < self._next:
                         continue

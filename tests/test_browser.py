@@ -148,6 +148,7 @@ def echo_bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
             tmp,
             MAX_QUERY_BYTES="70000",
             MAX_BODY_BYTES="200000",
+            MAX_HEADER_BYTES="131072",  # the GET cases carry up to ~60 KB of URL-encoded query
             RATE_LIMIT="10000/minute",
             MAX_STREAMS_PER_USER="50",
         )
@@ -187,7 +188,7 @@ def test_edge_payload_reassembled_exactly(echo_page: tuple[Any, list[str]], payl
 def test_ten_thousand_one_character_tokens(page: Any, stub_factory: Any, bridge_factory: Any, method: str) -> None:
     # "~" is unreserved in URLs, so the 10 000 tokens fit in a GET query string (␞ would triple it).
     stub = stub_factory("--mode", "echo", "--echo-delimiter", "~", "--max-query-bytes", "70000")
-    bridge = bridge_factory(stub, MAX_QUERY_BYTES="70000", MAX_BODY_BYTES="200000")
+    bridge = bridge_factory(stub, MAX_QUERY_BYTES="70000", MAX_BODY_BYTES="200000", MAX_HEADER_BYTES="131072")
     problems = open_demo(page, bridge)
     result = run(page, "~".join(TEN_THOUSAND), method)
     assert result["ok"], result

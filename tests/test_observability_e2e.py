@@ -258,9 +258,11 @@ async def test_bridge_span_ends_after_the_client_saw_done(
         await stop_all(bridge, stub)
         spans = receiver.wait_until(has_stream_trio(trace_id))
     chain = stream_trace(spans, trace_id)
-    # Same host, same wall clock: a span that ends after the final frame was written cannot end
-    # before the client received that frame (equality allowed for clock granularity).
-    assert chain.bridge.end_time_unix_nano >= reply.final_seen_ns, (
+    # The span ends once the final frame was handed to the socket; the client reads it a moment
+    # later, so allow loopback delivery latency on a loaded 2-core machine. A span ended at upstream
+    # completion (the ASGI pitfall) ends before the frame is even written and fails this.
+    delivery_slack_ns = 3_000_000
+    assert chain.bridge.end_time_unix_nano >= reply.final_seen_ns - delivery_slack_ns, (
         f"span ended {(reply.final_seen_ns - chain.bridge.end_time_unix_nano) / 1e6:.3f} ms "
         "before the client saw the done frame"
     )
