@@ -41,7 +41,8 @@ class Inbox:
                 return False
             self._items.append(event)
             self._events += 1
-            self._cond.notify()
+            if len(self._items) == 1:  # the writer only ever waits on an empty inbox
+                self._cond.notify()
             return True
 
     def submit(self, task: Task, *, close: bool = False) -> None:
