@@ -57,8 +57,8 @@ STATS_PATH = "/api/v2/bali-zero/stream-stats"
 READ_SIZE = 64 * 1024
 MIN_OPEN_GAP_S = 0.25  # a normal user opens at most one stream per this long (stays under RATE_LIMIT)
 MAX_FAILURES_KEPT = 50
-HAMMER_BURST = 20
-HAMMER_PAUSE_S = 0.5
+HAMMER_EXTRA = 20  # a hammer burst is RATE_LIMIT + this many parallel opens: >= this many 429s each
+HAMMER_PAUSE_S = 1.0
 
 
 # ------------------------------------------------------------------------------------------ HTTP
@@ -391,12 +391,12 @@ class Soak:
             await asyncio.sleep(max(0.0, MIN_OPEN_GAP_S - (time.monotonic() - now)))
 
     async def hammer(self, index: int, deadline: float) -> None:
-        """Bursts of HAMMER_BURST parallel opens every HAMMER_PAUSE_S: far above RATE_LIMIT."""
+        """Bursts of more parallel opens than RATE_LIMIT allows in a whole window, however slow the host."""
         user = f"h{index}"
         for _ in range(1_000_000):
             if time.monotonic() >= deadline:
                 return
-            burst = [self.new_stream(user, Plan("hammer", 1)) for _ in range(HAMMER_BURST)]
+            burst = [self.new_stream(user, Plan("hammer", 1)) for _ in range(self.opts.rate_limit + HAMMER_EXTRA)]
             await asyncio.gather(*(self.run_stream(s, asyncio.Event()) for s in burst))
             await asyncio.sleep(HAMMER_PAUSE_S)
 

@@ -8,12 +8,12 @@ import time
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2
 from opentelemetry.context import Context
 from starlette.requests import Request
 from starlette.responses import Response
 
 from bali_zero.rag.v1 import rag_pb2
+from bridge import sse
 from bridge.audit.http import request_ids
 from bridge.auth import effective_role
 from bridge.errors import BridgeError, NotFound, from_grpc_status
@@ -50,10 +50,6 @@ def _upstream_fields(chat: ChatInput, identity: Identity, request_id: str) -> di
         "conversation_history": [rag_pb2.ChatMessage(role=_ROLES[r], content=c) for r, c in chat.history],
         "request_id": request_id,
     }
-
-
-def _ms(duration: duration_pb2.Duration) -> float:
-    return round(duration.ToNanoseconds() / 1e6, 3)
 
 
 class Endpoints:
@@ -320,8 +316,6 @@ class Endpoints:
 
 def _expired_stream(stream_id: str, after_seq: int, error: BridgeError | None = None) -> Response:
     """A late reconnect: one ``error`` frame, not retryable, so the client stops reconnecting."""
-    from bridge import sse
-
     error = error or StreamExpired("the stream is no longer available; ask again", retryable=False)
     body = sse.json_frame(f"{stream_id}:{after_seq}", error.frame())
     return Response(body, media_type="text/event-stream; charset=utf-8",

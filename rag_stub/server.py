@@ -107,20 +107,27 @@ class RagStub(rag_pb2_grpc.RagServiceServicer):
         sources = [rag_pb2.Source(title=d.title, uri=d.uri, score=s) for d, s in hits]
         return rag_pb2.Metadata(sources=sources, model=MODEL_NAME), split_words(compose_answer(query, hits))
 
-    async def StreamChat(
-        self, request: rag_pb2.StreamChatRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
-        started = time.monotonic()
+    async def _accept(
+        self, request: rag_pb2.StreamChatRequest | rag_pb2.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[str, rag_pb2.Metadata, list[str]]:
+        """Validate (aborting with INVALID_ARGUMENT and BadRequest details) and plan the answer."""
         request_id = request.request_id or uuid.uuid4().hex
         try:
             _validate(request.query, request.conversation_history, self.config)
         except _Invalid as exc:
             await context.abort_with_status(_invalid_status(exc))
+        metadata, tokens = self._plan(request.query)
+        metadata.request_id = request_id
+        return request_id, metadata, tokens
+
+    async def StreamChat(
+        self, request: rag_pb2.StreamChatRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        started = time.monotonic()
+        request_id, metadata, tokens = await self._accept(request, context)
         # Accepting the call sends headers at once, so a caller can tell "accepted, thinking"
         # from "unreachable" before the first token.
         await context.send_initial_metadata((("x-request-id", request_id),))
-        metadata, tokens = self._plan(request.query)
-        metadata.request_id = request_id
         sent = 0
         outcome: Outcome = "failed"
         first_token_at: float | None = None
@@ -170,13 +177,7 @@ class RagStub(rag_pb2_grpc.RagServiceServicer):
         self, request: rag_pb2.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> rag_pb2.ChatResponse:
         started = time.monotonic()
-        request_id = request.request_id or uuid.uuid4().hex
-        try:
-            _validate(request.query, request.conversation_history, self.config)
-        except _Invalid as exc:
-            await context.abort_with_status(_invalid_status(exc))
-        metadata, tokens = self._plan(request.query)
-        metadata.request_id = request_id
+        _, metadata, tokens = await self._accept(request, context)
         if self.config.first_token_delay_ms > 0:
             await asyncio.sleep(self.config.first_token_delay_ms / 1000)
         if self.config.fail_after is not None and self.config.fail_after < len(tokens):
