@@ -236,7 +236,7 @@ class Endpoints:
         if session is not None:
             if session.owner != identity.key:
                 return error_response(NotFound("no such stream", code="STREAM_NOT_FOUND"))
-            session.abort()
+            session.stop()
             return Response(status_code=204)
         store = state.registry.resume_store(state.settings, state.policy)
         try:

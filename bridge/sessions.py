@@ -38,7 +38,7 @@ class SessionRegistry:
         session = self._sessions.get(stream_id)
         if session is None:
             return False
-        session.abort()
+        session.stop()
         return True
 
     def resume_store(self, settings: Settings, policy: StreamPolicy) -> ResumeStore | None:

@@ -256,6 +256,7 @@ class StreamSession:
         self._abort_error: BridgeError | None = None
         self._retry: Callable[[], StreamCall] | None = None
         self._metadata_sent = False
+        self._stopped = False
         # Frames up to this seq were dropped locally because the sink holds them (FramesTrimmed).
         self._trimmed_through = 0
         self._hold_check: asyncio.Task[None] | None = None
@@ -300,7 +301,7 @@ class StreamSession:
         except asyncio.CancelledError:
             outcome = "cancelled"
             error = self._abort_error
-            if error is not None:
+            if error is not None and not self._stopped:
                 outcome = "error"
         except Exception:  # pragma: no cover - a bug must still end the stream with a frame
             log.exception("stream %s failed", self.stream_id)
@@ -453,6 +454,15 @@ class StreamSession:
         self._abort_error = error
         if self._pump is not None and not self._pump.done():
             self._pump.cancel()
+
+    def stop(self) -> None:
+        """An explicit stop (DELETE): cancel upstream, and tell a reader still attached why.
+
+        Without a final frame an EventSource would take the closed response for a dropped
+        connection and reconnect; STREAM_CANCELLED (not retryable) ends it for good.
+        """
+        self._stopped = True
+        self.abort(BridgeError("the stream was stopped", code="STREAM_CANCELLED", retryable=False))
 
     async def wait_closed(self) -> None:
         if self._pump is not None:

@@ -7,6 +7,7 @@ import json
 import signal
 import socket
 import time
+from collections.abc import Iterator
 
 import httpx
 import psutil
@@ -34,20 +35,20 @@ def assert_well_formed(reply: StreamReply) -> None:
 
 
 @pytest.fixture(scope="module")
-def delim_stub() -> Stub:
+def delim_stub() -> Iterator[Stub]:
     stub = Stub("--mode", "echo", "--echo-delimiter", DELIM, "--max-query-bytes", "70000")
-    yield stub  # type: ignore[misc]
+    yield stub
     stub.stop()
 
 
 @pytest.fixture(scope="module")
-def delim_bridge(delim_stub: Stub, tmp_path_factory: pytest.TempPathFactory) -> Bridge:
+def delim_bridge(delim_stub: Stub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
     bridge = Bridge({
         "RAG_TARGET": delim_stub.target, "ENABLE_SSE_STREAMING": "true", "RATE_LIMIT": "10000/minute",
         "MAX_QUERY_BYTES": "70000", "MAX_BODY_BYTES": "300000", "MAX_STREAMS_PER_USER": "50",
         "AUDIT_DB": str(tmp_path_factory.mktemp("audit") / "a.sqlite3"), "LOG_LEVEL": "WARNING",
     })
-    yield bridge  # type: ignore[misc]
+    yield bridge
     bridge.stop()
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 
+from bridge.sse import Parser
 from tests.conftest import BridgeFactory, StubFactory
 from tests.support.sse_client import STREAM_PATH, open_stream
 
@@ -105,3 +107,28 @@ async def test_no_grace_means_immediate_cancel_and_expired_resume(
     late = await open_stream(bridge.url, params={"query": query},
                              headers={"Last-Event-ID": first.events[-1].last_event_id})
     assert late.frames[0]["code"] == "STREAM_EXPIRED"
+
+
+async def test_stop_while_reading_ends_with_stream_cancelled(
+    stub_factory: StubFactory, bridge_factory: BridgeFactory
+) -> None:
+    stub = stub_factory("--mode", "echo", "--echo-delimiter", ",", "--token-delay-ms", "20")
+    bridge = bridge_factory(stub)
+    query = ",".join(f"d{i}" for i in range(500))
+    parser = Parser()
+    frames: list[dict[str, object]] = []
+    async with (
+        httpx.AsyncClient(base_url=bridge.url, timeout=30) as client,
+        client.stream("GET", STREAM_PATH, params={"query": query}) as response,
+    ):
+        async for chunk in response.aiter_raw():
+            for event in parser.feed(chunk):
+                if event.type == "message":
+                    frames.append(json.loads(event.data))
+            if len(frames) == 3:  # metadata + two tokens: stop it from a second connection
+                r = await client.delete(f"{STREAM_PATH}/{frames[0]['stream_id']}")
+                assert r.status_code == 204
+    assert frames[-1]["type"] == "error" and frames[-1]["code"] == "STREAM_CANCELLED"
+    assert frames[-1]["retryable"] is False
+    assert [f["type"] for f in frames].count("error") == 1
+    assert (await stub.ended(str(frames[0]["request_id"])))["outcome"] == "cancelled"

@@ -177,7 +177,7 @@ async def test_store_keys_expire_after_stream_end_and_grace(
     keys = [f"bzb:frames:{stream_id}", f"bzb:meta:{stream_id}"]
     deadline = time.monotonic() + 10
     while True:  # the final batch (with the post-end TTL) is flushed right after the done frame
-        meta = await store.hgetall(keys[1])
+        meta = await store.hgetall(keys[1])  # type: ignore[misc]  # redis-py types sync|async in one
         if meta.get(b"end") == b"completed":
             break
         assert time.monotonic() < deadline, meta

@@ -4,6 +4,7 @@ failures, health, reflection and input validation."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import grpc
 import pytest
@@ -24,7 +25,7 @@ def channel(stub: Stub) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(stub.target)
 
 
-async def collect(stub: Stub, query: str, **kw: object) -> list[rag_pb2.StreamChatResponse]:
+async def collect(stub: Stub, query: str, **kw: Any) -> list[rag_pb2.StreamChatResponse]:
     async with channel(stub) as ch:
         call = rag_pb2_grpc.RagServiceStub(ch).StreamChat(rag_pb2.StreamChatRequest(query=query, **kw))
         return [m async for m in call]
@@ -145,7 +146,7 @@ async def test_reflection_lists_the_service(echo_stub: Stub) -> None:
     ],
 )
 async def test_bad_requests_get_invalid_argument_with_details(
-    echo_stub: Stub, request_kwargs: dict[str, object], field: str
+    echo_stub: Stub, request_kwargs: dict[str, Any], field: str
 ) -> None:
     async with channel(echo_stub) as ch:
         rag = rag_pb2_grpc.RagServiceStub(ch)

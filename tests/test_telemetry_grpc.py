@@ -74,7 +74,7 @@ class StreamEnds:
 
 
 def rag_stub(channel: grpc.aio.Channel) -> Any:
-    return rag_pb2_grpc.RagServiceStub(channel)  # type: ignore[no-untyped-call]
+    return rag_pb2_grpc.RagServiceStub(channel)
 
 
 def channel_to(port: int, telemetry: Telemetry) -> grpc.aio.Channel:
@@ -225,7 +225,7 @@ async def test_spans_reach_a_real_otlp_receiver() -> None:
             await server.stop(None)
             # Flushing blocks on the exporter's RPC, so it runs off the event loop.
             await asyncio.to_thread(telemetry.shutdown)
-            await asyncio.to_thread(stub_interceptors[0].shutdown)  # type: ignore[attr-defined]
+            await asyncio.to_thread(stub_interceptors[0].shutdown)
         spans = receiver.wait_for(3)
     assert {s.trace_id for s in spans} == {TRACE_ID}
     assert sorted(s.service_name for s in spans) == ["bridge-under-test", "bridge-under-test", "rag-stub"]

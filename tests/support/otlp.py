@@ -53,7 +53,7 @@ class OtlpReceiver:
         self.requests = 0
         self._cond = threading.Condition()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(
             _TraceService(self), self._server
         )
         self.port = self._server.add_insecure_port("127.0.0.1:0")

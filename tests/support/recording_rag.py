@@ -49,7 +49,7 @@ async def _serve(argv: list[str]) -> None:
 
     args, config = parse_args(argv)
     server = grpc.aio.server()
-    rag_pb2_grpc.add_RagServiceServicer_to_server(Recording(config), server)  # type: ignore[no-untyped-call]
+    rag_pb2_grpc.add_RagServiceServicer_to_server(Recording(config), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
