@@ -50,7 +50,7 @@ bench: $(INSTALLED)
 	$(BIN)/python -m bench.run
 
 fuzz: $(INSTALLED)
-	FUZZ_EXAMPLES=5000 $(BIN)/pytest tests/test_fuzz.py -q
+	FUZZ_EXAMPLES=5000 $(BIN)/pytest tests/test_fuzz.py tests/test_sse_properties.py -q
 
 soak: $(INSTALLED)
 	$(BIN)/python -m bench.soak
