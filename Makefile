@@ -9,13 +9,13 @@ BUF := node_modules/.bin/buf
 SYSTEM_TEST_DEPS := chromium=chromium redis-server=redis-server nginx=nginx node=nodejs npm=npm curl=curl
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: run test lint proto bench fuzz soak clean system-deps
+.PHONY: run test lint proto bench fuzz soak clean system-deps constraints
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "error: Python 3.11+ needed ($(PYTHON))" >&2; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { scripts/system-deps.sh ensurepip-missing=python3-venv && rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	@touch $@
 
 $(NODE_INSTALLED): package.json package-lock.json
@@ -54,6 +54,11 @@ fuzz: $(INSTALLED)
 
 soak: $(INSTALLED)
 	$(BIN)/python -m bench.soak
+
+# constraints.txt pins every Python package to the versions the suite last passed with, so a
+# fresh clone installs the same set; refresh it deliberately after upgrading.
+constraints: $(INSTALLED)
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^bali-zero-bridge' > constraints.txt
 
 clean:
 	rm -rf $(VENV) node_modules build *.egg-info .mypy_cache .ruff_cache .pytest_cache

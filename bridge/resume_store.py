@@ -469,7 +469,7 @@ class FrameMirror:
         store = self.store
         fkey, mkey = frames_key(self.stream_id), meta_key(self.stream_id)
         pipe = store.client.pipeline(transaction=False)
-        meta: dict[str, str | int] = {}
+        meta: dict[Any, Any] = {}  # redis-py's hset mapping type differs between releases
         if not self._meta_written:
             meta.update(self._meta)
         for seq, data, final in batch:
@@ -570,8 +570,11 @@ class RemoteStream:
         self.sent_seq = seq
         self._space.set()
 
-    async def changed(self, timeout: float) -> bool:
-        return await self._changed.wait(timeout)
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+    def wake(self) -> None:
+        self._changed.notify()
 
     def _push(self, seq: int, data: bytes, final: bool = False) -> None:
         self._frames.append((seq, data))

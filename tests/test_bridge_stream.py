@@ -137,11 +137,14 @@ async def test_stalled_reader_bounds_memory_and_pauses_upstream(
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small TCP window
     sock.connect(("127.0.0.1", bridge.port))
-    sock.sendall(f"GET {STREAM_PATH}?query=a%20b HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    # 1 KB tokens: the kernel's socket buffers (several MB on loopback) fill after a few thousand
+    # tokens, so the stall starts at once instead of after ~50 000 tiny ones.
+    query = "x" * 1000 + "%20" + "y" * 1000
+    sock.sendall(f"GET {STREAM_PATH}?query={query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     head = sock.recv(4096)  # read the headers and a little, then stop reading
     assert b"200 OK" in head
     # The bridge gives up after SEND_TIMEOUT_S of a blocked send and cancels upstream.
-    end = await stub.ended(timeout=30)
+    end = await stub.ended(timeout=60)
     growth = proc.memory_info().rss - before
     sock.close()
     assert end["outcome"] == "cancelled"
