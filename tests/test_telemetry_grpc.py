@@ -22,7 +22,7 @@ from bridge.telemetry import Telemetry, trace_id_of
 from bridge.types import StreamResult
 from rag_stub.server import StubConfig, start_server
 from rag_stub.telemetry import server_interceptors
-from tests.support.otlp import OtlpReceiver
+from tests.support.otlp_trace import TraceReceiver
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -205,7 +205,7 @@ async def test_upstream_error_is_recorded_on_both_sides(collector: Collector) ->
 
 
 async def test_spans_reach_a_real_otlp_receiver() -> None:
-    with OtlpReceiver() as receiver:
+    with TraceReceiver() as receiver:
         env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
         stub_interceptors = server_interceptors(env)
         server, port = await start_server(

@@ -128,3 +128,7 @@ class TraceReceiver:
             if not self._cond.wait_for(lambda: predicate(self.spans), timeout):
                 raise AssertionError(f"condition not met within {timeout}s; spans: {self.spans}")
             return list(self.spans)
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[FullSpan]:
+        """All spans once at least ``count`` have arrived; AssertionError after ``timeout``."""
+        return self.wait_until(lambda spans: len(spans) >= count, timeout)
