@@ -58,6 +58,8 @@ function queuePaint() {
 
 function renderSources(sources) {
   sourcesList.replaceChildren();
+  // Scores are relevance values, not percentages: draw each relative to the best source.
+  const best = Math.max(0, ...(sources || []).map((s) => Number(s.score || 0)));
   for (const source of sources || []) {
     const item = document.createElement('li');
     const title = document.createElement('span');
@@ -70,7 +72,8 @@ function renderSources(sources) {
     bar.className = 'score';
     bar.title = `relevance ${Number(source.score || 0).toFixed(2)}`;
     const fill = document.createElement('span');
-    fill.style.width = `${Math.max(4, Math.min(100, Number(source.score || 0) * 100))}%`;
+    const share = best > 0 ? Number(source.score || 0) / best : 0;
+    fill.style.width = `${Math.max(4, Math.min(100, share * 100))}%`;
     bar.append(fill);
     item.append(title, uri, bar);
     sourcesList.append(item);
