@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_binary
-from tests.support.processes import ROOT, free_port
+from tests.support.processes import ROOT, free_port, with_port_retries
 
 TEMPLATE = ROOT / "deploy" / "nginx.conf"
 _PLACEHOLDER = re.compile(r"\{\{([A-Z_]+)\}\}")
@@ -169,16 +169,9 @@ def nginx_factory(tmp_path: Path) -> Iterator[NginxFactory]:
 
     def start(bridge_a: str, bridge_b: str, *, template: str | None = None) -> Nginx:
         prefix = tmp_path / f"nginx-{len(started)}"
-        for attempt in range(3):  # a free port can be taken between probe and bind
-            try:
-                server = Nginx(binary, prefix, (bridge_a, bridge_b), template=template)
-            except RuntimeError:
-                if attempt == 2:
-                    raise
-                continue
-            started.append(server)
-            return server
-        raise AssertionError("unreachable")
+        server = with_port_retries(lambda: Nginx(binary, prefix, (bridge_a, bridge_b), template=template))
+        started.append(server)
+        return server
 
     yield start
     for server in started:

@@ -16,13 +16,31 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[2]
 _STUB_READY = re.compile(r"^rag-stub listening on (\S+):(\d+)$")
 _BRIDGE_READY = re.compile(r"^bali-zero-bridge listening on (http://\S+)$")
+
+
+T = TypeVar("T")
+
+
+def with_port_retries(start: Callable[[], T], attempts: int = 3) -> T:
+    """Start a server on a probed free port, again when another process took the port first.
+
+    Servers that pick their own port (``--port 0``) never need this; those given a probed port
+    (redis-server, nginx) raise RuntimeError when the bind loses the race.
+    """
+    for attempt in range(attempts):
+        try:
+            return start()
+        except RuntimeError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.conftest import require_binary
-from tests.support.processes import free_port
+from tests.support.processes import free_port, with_port_retries
 
 _READY = "Ready to accept connections"
 
@@ -68,16 +68,9 @@ def redis_factory() -> Iterator[RedisFactory]:
 
     def start(port: int | None = None) -> RedisServer:
         """Start a server (on ``port``, e.g. to restart a killed one, else on a free port)."""
-        for attempt in range(3):  # a free port can be taken between probe and bind
-            try:
-                server = RedisServer(binary, port)
-            except RuntimeError:
-                if attempt == 2 or port is not None:
-                    raise
-                continue
-            started.append(server)
-            return server
-        raise AssertionError("unreachable")
+        server = with_port_retries(lambda: RedisServer(binary, port), attempts=1 if port is not None else 3)
+        started.append(server)
+        return server
 
     yield start
     for server in started:
