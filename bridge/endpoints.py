@@ -113,7 +113,10 @@ class Endpoints:
             lease.release()
             code = exc.code if isinstance(exc, BridgeError) else "CANCELLED"
             elapsed = round((time.monotonic() - started) * 1000, 3)
-            telemetry.end_stream_span(span, StreamResult("", request_id, "error", 0, elapsed, None, code))
+            refused = StreamResult("", request_id, "error", 0, elapsed, None, code, trace_id=trace_id_of(span))
+            telemetry.end_stream_span(span, refused)
+            if isinstance(exc, BridgeError):  # the RAG service refused or was unreachable: still audited
+                state.audit.record(state.audit.events.stream_ended(identity, chat.query, refused))
             raise
 
         audit = state.audit

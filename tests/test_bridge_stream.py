@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import psutil
@@ -188,11 +192,14 @@ async def test_flag_off_gives_404_but_chat_works(stub_factory: StubFactory, brid
         assert r.json()["answer"] == "hello there"
 
 
-async def test_upstream_down_before_stream_is_503_with_retry_after(bridge_factory: BridgeFactory) -> None:
+async def test_upstream_down_before_stream_is_503_with_retry_after(
+    bridge_factory: BridgeFactory, tmp_path: Path
+) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
-    bridge = bridge_factory(RAG_TARGET=f"127.0.0.1:{dead}")
+    audit_db = str(tmp_path / "refused.sqlite3")
+    bridge = bridge_factory(RAG_TARGET=f"127.0.0.1:{dead}", AUDIT_DB=audit_db)
     async with httpx.AsyncClient(base_url=bridge.url) as client:
         r = await client.get(STREAM_PATH, params={"query": "hi"})
         assert r.status_code == 503
@@ -202,6 +209,14 @@ async def test_upstream_down_before_stream_is_503_with_retry_after(bridge_factor
         assert r.status_code == 503
         assert (await client.get("/readyz")).status_code == 503
         assert (await client.get("/healthz")).status_code == 200
+    bridge.stop()  # flushes the audit queue
+    export = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "bridge", "audit", "export"], capture_output=True, text=True,
+        env={**os.environ, "AUDIT_DB": audit_db}, check=True,
+    )
+    records = [json.loads(line) for line in export.stdout.splitlines()]
+    refused = [r for r in records if r["event_type"] == "stream_failed"]
+    assert [r["error_code"] for r in refused] == ["UPSTREAM_UNAVAILABLE"], "a refused stream is audited too"
 
 
 BAD_INPUTS = [
