@@ -33,6 +33,10 @@ _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}
 _TRUE = {"1", "true", "yes"}
 
 
+# SQLite integers are 64-bit: a larger cursor or offset would raise OverflowError (a 500).
+_SQLITE_MAX_INT = 2**63 - 1
+
+
 def admin_audit_endpoint(trail: AuditTrail, authenticate: Authenticate, *, max_limit: int = 1000,
                          status_max_age_s: float = 60.0, admin_role: str = "admin") -> Endpoint:
     """The endpoint; ``authenticate`` resolves the caller and raises ``BridgeError`` (401) itself."""
@@ -97,9 +101,9 @@ def _parse(
         user_id = trail.events.user_id(Identity(client_ip=params["ip"].strip()))
     filters = QueryFilters(event_type=event_type, user_id=user_id, since=_ts(params.get("since"), "since"),
                            until=_ts(params.get("until"), "until"),
-                           before_id=_int(params.get("cursor"), "cursor", 1, None))
+                           before_id=_int(params.get("cursor"), "cursor", 1, _SQLITE_MAX_INT))
     limit = _int(params.get("limit"), "limit", 1, max_limit) or 100
-    offset = _int(params.get("offset"), "offset", 0, None) or 0
+    offset = _int(params.get("offset"), "offset", 0, _SQLITE_MAX_INT) or 0
     shown: dict[str, Any] = {"event_type": event_type, "user_id": user_id, "since": filters.since,
                              "until": filters.until, "cursor": filters.before_id, "limit": limit,
                              "offset": offset}
