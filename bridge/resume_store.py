@@ -59,7 +59,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from bridge import sse
 from bridge.errors import BridgeError
-from bridge.streaming import Notifier, StreamExpired, StreamPolicy, coalesce
+from bridge.streaming import Notifier, StreamExpired, StreamPolicy, Wakeable, coalesce
 from bridge.types import Outcome
 
 log = logging.getLogger("bridge.resume_store")
@@ -508,7 +508,7 @@ class FrameMirror:
             await store._call(pipe.execute(raise_on_error=False))
 
 
-class RemoteStream:
+class RemoteStream(Wakeable):
     """A reader on a non-owner instance: the store's frames as a ``FrameSource``.
 
     Invariants: frames are delivered in seq order with no gap (a hole, i.e. frames trimmed before
@@ -569,12 +569,6 @@ class RemoteStream:
             self._bytes -= len(self._frames.popleft()[1])
         self.sent_seq = seq
         self._space.set()
-
-    async def changed(self) -> None:
-        await self._changed.wait()
-
-    def wake(self) -> None:
-        self._changed.notify()
 
     def _push(self, seq: int, data: bytes, final: bool = False) -> None:
         self._frames.append((seq, data))

@@ -28,7 +28,7 @@ import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -179,6 +179,19 @@ class Notifier:
         self._flag = False
 
 
+class Wakeable:
+    """The writer's wait of a ``FrameSource``: one ``Notifier``, shared by local and remote sources."""
+
+    _changed: Notifier
+
+    async def changed(self) -> None:
+        """Wait until a frame is appended, the source finishes, or ``wake`` is called."""
+        await self._changed.wait()
+
+    def wake(self) -> None:
+        self._changed.notify()
+
+
 def coalesce(frames: deque[tuple[int, bytes]], total_bytes: int, sent_seq: int) -> tuple[bytes, int]:
     """Queued frames joined for one write (at most ~64 KiB), and the last seq included."""
     if not frames:
@@ -197,7 +210,7 @@ def coalesce(frames: deque[tuple[int, bytes]], total_bytes: int, sent_seq: int) 
     return b"".join(parts), last
 
 
-class StreamSession:
+class StreamSession(Wakeable):
     """The upstream half of a stream; see the module docstring."""
 
     def __init__(
@@ -242,7 +255,6 @@ class StreamSession:
         self._changed = Notifier()
         self._space = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
-        self._call: StreamCall | None = None
         self._grace: asyncio.TimerHandle | None = None
         self._tokens = 0
         self._first_token_at: float | None = None
@@ -264,7 +276,6 @@ class StreamSession:
         before any token was produced (a replica died after accepting), so the answer comes from
         another replica instead of an error. Never after a token: the client would see it twice.
         """
-        self._call = call
         self._retry = retry
         self.observer.stream_opened()
         self._pump = asyncio.get_running_loop().create_task(self._run(call))
@@ -586,14 +597,6 @@ class StreamSession:
         self.sent_seq = seq
         self._space.set()
 
-    async def changed(self) -> None:
-        """Wait until a frame is appended, the session finishes, or ``wake`` is called."""
-        await self._changed.wait()
-
-    def wake(self) -> None:
-        self._changed.notify()
-
-
 class ClientGone(Exception):
     """The HTTP client disconnected or stopped reading for longer than SEND_TIMEOUT_S."""
 
@@ -609,12 +612,10 @@ class EventStreamResponse:
         after_seq: int = 0,
         *,
         headers: dict[str, str] | None = None,
-        on_close: Callable[[], Awaitable[None] | None] | None = None,
     ) -> None:
         self.session = session
         self.after_seq = after_seq
         self.headers = headers or {}
-        self.on_close = on_close
         self._send_since: float | None = None  # loop time at which the current send began
         self._timer: asyncio.TimerHandle | None = None
         self._last_write = 0.0  # loop time of the last write (heartbeats fill the gaps)
@@ -665,10 +666,6 @@ class EventStreamResponse:
                     await body_send({"type": "http.response.body", "body": b"", "more_body": False})
             else:
                 session.detach(generation)
-            if self.on_close is not None:
-                maybe = self.on_close()
-                if maybe is not None:
-                    await maybe
 
     def _start_timer(self, writer: asyncio.Future[None]) -> None:
         """One timer per stream for both heartbeats and the send timeout.
