@@ -13,7 +13,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from bali_zero.rag.v1 import rag_pb2
-from bridge import sse
 from bridge.audit.http import request_ids
 from bridge.auth import effective_role
 from bridge.errors import BridgeError, NotFound, from_grpc_status
@@ -26,6 +25,7 @@ from bridge.resume_store import ResumeStore, StoreUnavailable, StreamNotFound
 from bridge.rollout import in_rollout
 from bridge.state import BridgeState
 from bridge.streaming import (
+    ErrorFrameResponse,
     EventStreamResponse,
     FramesTrimmed,
     StreamExpired,
@@ -320,9 +320,7 @@ class Endpoints:
 def _expired_stream(stream_id: str, after_seq: int, error: BridgeError | None = None) -> Response:
     """A late reconnect: one ``error`` frame, not retryable, so the client stops reconnecting."""
     error = error or StreamExpired("the stream is no longer available; ask again", retryable=False)
-    body = sse.json_frame(f"{stream_id}:{after_seq}", error.frame())
-    return Response(body, media_type="text/event-stream; charset=utf-8",
-                    headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    return ErrorFrameResponse(f"{stream_id}:{after_seq}", error)
 
 
 class _StreamResponse(Response):

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from bali_zero.rag.v1 import rag_pb2
@@ -644,7 +645,7 @@ class EventStreamResponse:
         try:
             generation = session.attach(self.after_seq)
         except StreamExpired as exc:  # expired between the resume check and now
-            await _send_single_frame(send, f"{session.stream_id}:{self.after_seq}", exc)
+            await ErrorFrameResponse(f"{session.stream_id}:{self.after_seq}", exc)(scope, receive, send)
             return
         await send({"type": "http.response.start", "status": 200, "headers": self._raw_headers()})
         writer = asyncio.ensure_future(self._write(body_send, generation))
@@ -737,8 +738,25 @@ async def _wait_disconnect(receive: Receive) -> None:
             return
 
 
-async def _send_single_frame(send: Send, event_id: str, error: BridgeError) -> None:
-    """A complete response of one ``error`` frame (used for late or invalid resumes)."""
-    headers = [(b"content-type", EventStreamResponse.media_type.encode()), (b"cache-control", b"no-cache")]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": sse.json_frame(event_id, error.frame()), "more_body": False})
+class ErrorFrameResponse(Response):
+    """A whole event stream made of one ``error`` frame: the answer to a late or invalid resume.
+
+    Sent as raw ASGI messages like every other event stream (a Starlette ``Response`` would add a
+    Content-Length, which an event stream never carries).
+    """
+
+    def __init__(self, event_id: str, error: BridgeError) -> None:
+        self.event_id = event_id
+        self.error = error
+        self.status_code = 200
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [
+            (b"content-type", EventStreamResponse.media_type.encode()),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        body = sse.json_frame(self.event_id, self.error.frame())
+        await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -380,8 +380,13 @@ async def test_admin_endpoint_access_filters_pagination_and_reads_are_audited(
         chats = everything["records"]
         assert [r["id"] for r in chats] == sorted((r["id"] for r in chats), reverse=True)  # newest first
 
-        mine = await read(user_id="m1")
-        reads += 1
+        # The refusals were queued after the chats and may land in the writer's next batch.
+        while True:
+            mine = await read(user_id="m1")
+            reads += 1
+            if mine["count"] >= 5:
+                break
+            assert reads < 400, mine
         assert {r["user_id"] for r in mine["records"]} == {"m1"}
         assert Counter(r["event_type"] for r in mine["records"]) == {"chat": 4, "auth_failed": 1}
         assert all(r["email"] == "m1@example.com" for r in mine["records"])

@@ -58,6 +58,7 @@ async def test_grace_expired_gives_stream_expired_and_cancels_upstream(
     late = await open_stream(bridge.url, params={"query": query},
                              headers={"Last-Event-ID": first.events[-1].last_event_id})
     assert late.status == 200
+    assert "content-length" not in late.headers  # an event stream, like every other
     assert late.frames == [{"type": "error", "code": "STREAM_EXPIRED", "message": late.frames[0]["message"],
                             "retryable": False}]
 
