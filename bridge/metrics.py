@@ -12,8 +12,14 @@ Every metric lives in the registry passed in (a fresh one by default), never the
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from bridge.types import StreamResult
 
@@ -32,7 +38,7 @@ class BridgeMetrics:
             "bridge_first_token_seconds", "Time from stream start to the first token.",
             buckets=LATENCY_BUCKETS, registry=r,
         )
-        self._inter_token = Histogram(
+        self._inter_token = BatchHistogram(
             "bridge_inter_token_seconds", "Time between consecutive tokens of one stream.",
             buckets=LATENCY_BUCKETS, registry=r,
         )
@@ -66,8 +72,6 @@ class BridgeMetrics:
             "bridge_http_requests", "HTTP responses by route template and status.",
             ["route", "status"], registry=r,
         )
-        # Bound once: the per-token path is then one attribute load and a call.
-        self._observe_gap = self._inter_token.observe
 
     # ----------------------------------------------------------------- StreamObserver
 
@@ -77,8 +81,8 @@ class BridgeMetrics:
     def first_token(self, seconds: float) -> None:
         self._first_token.observe(seconds)
 
-    def token_gap(self, seconds: float) -> None:
-        self._observe_gap(seconds)
+    def token_gaps(self, seconds: Sequence[float]) -> None:
+        self._inter_token.observe_many(seconds)
 
     def stream_closed(self, result: StreamResult) -> None:
         self._open_streams.dec()
@@ -115,3 +119,38 @@ class BridgeMetrics:
     def render(self) -> tuple[bytes, str]:
         """The text exposition body and its content type, for GET /metrics."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class BatchHistogram(Collector):
+    """A histogram fed a batch of values at a time, for the per-token gaps.
+
+    ``prometheus_client.Histogram.observe`` takes a lock and walks the bucket bounds in Python for
+    every value: about 2 us per token, several percent of a core at full token rate. Here a batch
+    costs one C bisect per value and no lock: the histogram is only touched from the event loop,
+    which also renders /metrics, so a scrape never sees half a batch. Exposed through the public
+    custom-collector API, so the text format is still prometheus-client's own.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, *, buckets: Sequence[float], registry: CollectorRegistry
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._bounds = sorted(float(b) for b in buckets)
+        self._counts = [0] * (len(self._bounds) + 1)  # the last one is +Inf
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe_many(self, values: Sequence[float]) -> None:
+        counts, bounds = self._counts, self._bounds
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1  # "le": a value equal to a bound is in it
+        self._sum += sum(values)
+
+    def collect(self) -> Iterator[Metric]:
+        cumulative = 0
+        buckets: list[tuple[str, float]] = []
+        for bound, count in zip([*self._bounds, float("inf")], self._counts, strict=True):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))  # type: ignore[no-untyped-call]
+        yield HistogramMetricFamily(self._name, self._documentation, buckets=buckets, sum_value=self._sum)

@@ -18,7 +18,7 @@ import math
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bridge.types import StreamObserver, StreamResult
@@ -51,19 +51,27 @@ class WindowedSamples:
         self._buckets: deque[_Bucket] = deque()
 
     def add(self, value: float) -> None:
+        self.add_many((value,))
+
+    def add_many(self, values: Sequence[float]) -> None:
+        """Add samples that arrived together: one clock read and bucket lookup for the batch."""
         index = int(self._clock() // self._bucket_s)
         buckets = self._buckets
         if not buckets or buckets[-1].index != index:
             buckets.append(_Bucket(index))
             self._expire(index)
         bucket = buckets[-1]
-        bucket.count += 1
-        if len(bucket.samples) < self._cap:
-            bucket.samples.append(value)
-        else:
-            slot = int(self._random() * bucket.count)
-            if slot < self._cap:
-                bucket.samples[slot] = value
+        samples, cap, rand = bucket.samples, self._cap, self._random
+        count = bucket.count
+        for value in values:
+            count += 1
+            if len(samples) < cap:
+                samples.append(value)
+            else:
+                slot = int(rand() * count)
+                if slot < cap:
+                    samples[slot] = value
+        bucket.count = count
 
     def _expire(self, now_index: int) -> None:
         while self._buckets and self._buckets[0].index <= now_index - self._keep:
@@ -113,7 +121,6 @@ class StreamStats:
         self._outcomes: Counter[str] = Counter()
         self._error_codes: Counter[str] = Counter()
         self._reconnections = 0
-        self._record_gap = self._inter_token.add
 
     def stream_opened(self) -> None:
         self._open += 1
@@ -122,8 +129,8 @@ class StreamStats:
     def first_token(self, seconds: float) -> None:
         self._first_token.add(seconds)
 
-    def token_gap(self, seconds: float) -> None:
-        self._record_gap(seconds)
+    def token_gaps(self, seconds: Sequence[float]) -> None:
+        self._inter_token.add_many(seconds)
 
     def stream_closed(self, result: StreamResult) -> None:
         self._open -= 1
@@ -153,7 +160,6 @@ class FanOut:
 
     def __init__(self, *observers: StreamObserver) -> None:
         self._observers = observers
-        self._gap_sinks = tuple(o.token_gap for o in observers)
 
     def stream_opened(self) -> None:
         for o in self._observers:
@@ -163,9 +169,9 @@ class FanOut:
         for o in self._observers:
             o.first_token(seconds)
 
-    def token_gap(self, seconds: float) -> None:
-        for sink in self._gap_sinks:
-            sink(seconds)
+    def token_gaps(self, seconds: Sequence[float]) -> None:
+        for o in self._observers:
+            o.token_gaps(seconds)
 
     def stream_closed(self, result: StreamResult) -> None:
         for o in self._observers:

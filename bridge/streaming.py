@@ -53,6 +53,8 @@ _FINISH_REASONS = {
 RAW_SEND_KEY = "bridge.raw_send"
 # Frames ready together are written in one send, up to this many bytes (write coalescing).
 _COALESCE_BYTES = 64 * 1024
+# Inter-token gaps go to the observers this many at a time (and at the end of the stream).
+GAP_BATCH = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +262,8 @@ class StreamSession(Wakeable):
         self._tokens = 0
         self._first_token_at: float | None = None
         self._last_token_at: float | None = None
+        self._gaps: list[float] = []
+        self._id_prefix = f"{stream_id}:"
         self._abort_error: BridgeError | None = None
         self._retry: Callable[[], StreamCall] | None = None
         self._metadata_sent = False
@@ -343,10 +347,14 @@ class StreamSession(Wakeable):
                     self.on_first_token(round((now - self.started) * 1000, 3))
             else:
                 assert self._last_token_at is not None
-                self.observer.token_gap(now - self._last_token_at)
+                gaps = self._gaps
+                gaps.append(now - self._last_token_at)
+                if len(gaps) >= GAP_BATCH:
+                    self._flush_gaps()
             self._last_token_at = now
             self._tokens += 1
-            self._append(sse.token_frame(self._next_id(), message.token.index, message.token.text))
+            token = message.token
+            self._append(sse.token_frame(self._next_id(), token.index, token.text))
             return None
         if kind == "metadata":
             if self._metadata_sent:
@@ -367,7 +375,13 @@ class StreamSession(Wakeable):
         return None  # an event type newer than this bridge: skip it
 
     def _next_id(self) -> str:
-        return f"{self.stream_id}:{self.last_seq + 1}"
+        return f"{self._id_prefix}{self.last_seq + 1}"
+
+    def _flush_gaps(self) -> None:
+        """Hand the gaps collected so far to the observers in one call (one per token cost ~7 us)."""
+        if self._gaps:
+            self.observer.token_gaps(self._gaps)
+            self._gaps = []
 
     def _needs_room(self) -> bool:
         if self.attached:
@@ -447,6 +461,7 @@ class StreamSession(Wakeable):
         self.result = result
         self.finished = True
         self._changed.notify()
+        self._flush_gaps()
         self.observer.stream_closed(result)
         if self.sink is not None:
             self.sink.end(result.outcome)

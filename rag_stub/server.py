@@ -135,11 +135,12 @@ class RagStub(rag_pb2_grpc.RagServiceServicer):
             await context.write(rag_pb2.StreamChatResponse(metadata=metadata))
             if self.config.first_token_delay_ms > 0:
                 await asyncio.sleep(self.config.first_token_delay_ms / 1000)
+            deadline: float | None = None
             for index, text in enumerate(tokens):
                 if self.config.fail_after is not None and sent >= self.config.fail_after:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, f"stub failure after {sent} tokens")
                 if index and self.ticker is not None:
-                    await self.ticker.wait()
+                    deadline = await self.ticker.wait(deadline)
                 await context.write(rag_pb2.StreamChatResponse(token=rag_pb2.Token(index=index, text=text)))
                 sent += 1
                 if first_token_at is None:

@@ -24,6 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.sse import Parser
+from bridge.streaming import GAP_BATCH
 from tests.conftest import BridgeFactory, StubFactory
 from tests.support.otlp_trace import (
     SPAN_KIND_CLIENT,
@@ -452,6 +453,31 @@ async def test_stream_stats_after_completed_failed_and_cancelled_streams(
         assert 0 <= p50 <= p95 <= p99
     # The stub paces tokens 40 ms apart: the median gap reflects it (ms, not seconds).
     assert 20 <= stats["inter_token_ms"]["p50"] <= 1000
+
+
+async def test_inter_token_gaps_reach_stats_and_metrics_while_a_stream_runs(
+    stub_factory: StubFactory, bridge_factory: BridgeFactory
+) -> None:
+    """Gaps are handed over GAP_BATCH at a time: a long answer shows up before it ends."""
+    stub = stub_factory("--mode", "echo", "--token-delay-ms", "5")
+    bridge = bridge_factory(stub, RATE_LIMIT="1000/minute")
+    query = " ".join(f"w{i}" for i in range(GAP_BATCH * 4))
+    async with (
+        httpx.AsyncClient(base_url=bridge.url, timeout=30) as client,
+        client.stream("GET", STREAM_PATH, params={"query": query}) as response,
+    ):
+        # Iterated by hand: leaving an ``async for`` would close the generator, and with it the
+        # stream, whose end flushes the rest of the gaps.
+        chunks = response.aiter_raw()
+        parser, tokens = Parser(), 0
+        while tokens < GAP_BATCH + 1:  # GAP_BATCH gaps: one batch is due
+            events = parser.feed(await anext(chunks))
+            tokens += sum(1 for e in events if e.type == "message" and '"token"' in e.data)
+        stats = (await client.get("/api/v2/bali-zero/stream-stats")).json()
+        metrics = metric_samples((await client.get("/metrics")).text)
+    assert stats["open_streams"] == 1  # still running: the gaps were not held back to the end
+    assert GAP_BATCH <= stats["inter_token_ms"]["count"] < GAP_BATCH * 4 - 1
+    assert sample(metrics, "bridge_inter_token_seconds_count") == stats["inter_token_ms"]["count"]
 
 
 # --------------------------------------------------------------------------- 6. logs

@@ -97,6 +97,14 @@ def test_any_token_text_survives_any_chunking(text: str, index: int, event_id: s
 
 
 @PROPERTY
+@given(text=st.text(), index=st.integers(min_value=0, max_value=2**31))
+def test_token_frame_bytes_equal_the_json_module_s(text: str, index: int) -> None:
+    """The hot-path encoder (no dict, no JSONEncoder) writes exactly what ``json_frame`` would."""
+    payload = {"type": "token", "index": index, "text": text}
+    assert sse.token_frame("s:1", index, text) == sse.json_frame("s:1", payload)
+
+
+@PROPERTY
 @given(payload=json_values, event_id=event_ids,
        event=st.none() | st.text(st.characters(exclude_characters="\r\n\x00", exclude_categories=["Cs"]),
                                  min_size=1, max_size=20),
