@@ -258,6 +258,8 @@ class StreamSession(Wakeable):
         self._changed = Notifier()
         self._space = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
+        self._pumping = False  # the pump task has run its first step
+        self._abort_pending = False
         self._grace: asyncio.TimerHandle | None = None
         self._tokens = 0
         self._first_token_at: float | None = None
@@ -274,25 +276,38 @@ class StreamSession(Wakeable):
 
     # -- upstream side -------------------------------------------------------------------------
 
-    def start(self, call: StreamCall, retry: Callable[[], StreamCall] | None = None) -> None:
+    def start(
+        self,
+        call: StreamCall,
+        retry: Callable[[], StreamCall] | None = None,
+        first_read: asyncio.Future[Any] | None = None,
+    ) -> None:
         """Begin pumping ``call`` into frames.
 
         ``retry`` opens the same call again: used once, when the call fails with UNAVAILABLE
         before any token was produced (a replica died after accepting), so the answer comes from
         another replica instead of an error. Never after a token: the client would see it twice.
+        ``first_read`` is a ``call.read()`` already under way (see Endpoints._start_call).
         """
         self._retry = retry
         self.observer.stream_opened()
-        self._pump = asyncio.get_running_loop().create_task(self._run(call))
+        self._pump = asyncio.get_running_loop().create_task(self._run(call, first_read))
 
-    async def _run(self, call: StreamCall) -> None:
+    async def _run(self, call: StreamCall, first_read: asyncio.Future[Any] | None = None) -> None:
         outcome: Outcome = "error"
         error: BridgeError | None = None
         finish_reason: str | None = None
+        self._pumping = True
         try:
+            if self._abort_pending:
+                raise asyncio.CancelledError
             while finish_reason is None:
                 try:
-                    message = await call.read()
+                    if first_read is not None:
+                        read, first_read = first_read, None
+                        message = await read
+                    else:
+                        message = await call.read()
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() != grpc.StatusCode.UNAVAILABLE or self._tokens or self._retry is None:
                         raise
@@ -319,6 +334,8 @@ class StreamSession(Wakeable):
             log.exception("stream %s failed", self.stream_id)
             error = BridgeError("internal error in the bridge", code="INTERNAL", retryable=True)
         finally:
+            if first_read is not None:  # cancelled before the pump took its read-ahead
+                first_read.cancel()
             if outcome != "completed":
                 # A completed call ends with the server's OK status; cancelling it here would turn
                 # every finished stream into a CANCELLED client span.
@@ -484,8 +501,14 @@ class StreamSession(Wakeable):
     def abort(self, error: BridgeError | None = None) -> None:
         """Stop the upstream call now; with ``error`` the reader gets it as the final frame."""
         self._abort_error = error
-        if self._pump is not None and not self._pump.done():
-            self._pump.cancel()
+        if self._pump is None or self._pump.done():
+            return
+        if not self._pumping:
+            # Cancelling a task before its first step skips the coroutine body, ``finally`` and
+            # all: no final frame, no on_end (the stream slot would leak), the call left open.
+            self._abort_pending = True
+            return
+        self._pump.cancel()
 
     def stop(self) -> None:
         """An explicit stop (DELETE): cancel upstream, and tell a reader still attached why.
