@@ -546,8 +546,8 @@ class RemoteStream(Wakeable):
         self._tasks = []
 
     def detach(self, generation: int) -> None:
-        """The client left: give it the grace window to come back (here or anywhere)."""
-        if generation != self.generation:
+        """The client left: give it the grace window to come back (here or anywhere). Idempotent."""
+        if generation != self.generation or not self._tasks:
             return
         self._stop()
         self.store.spawn(self.store.hold_reader(self.stream_id, self.store.timings.grace_s))

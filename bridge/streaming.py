@@ -258,6 +258,7 @@ class StreamSession(Wakeable):
         self._changed = Notifier()
         self._space = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
+        self._call: StreamCall | None = None  # the call being pumped (a retry replaces it)
         self._pumping = False  # the pump task has run its first step
         self._abort_pending = False
         self._grace: asyncio.TimerHandle | None = None
@@ -291,6 +292,7 @@ class StreamSession(Wakeable):
         """
         self._retry = retry
         self.observer.stream_opened()
+        self._call = call
         self._pump = asyncio.get_running_loop().create_task(self._run(call, first_read))
 
     async def _run(self, call: StreamCall, first_read: asyncio.Future[Any] | None = None) -> None:
@@ -313,6 +315,7 @@ class StreamSession(Wakeable):
                         raise
                     call.cancel()
                     call, self._retry = self._retry(), None
+                    self._call = call
                     continue
                 if message is grpc.aio.EOF:
                     error = BridgeError("the RAG service ended the stream without completing it",
@@ -503,6 +506,10 @@ class StreamSession(Wakeable):
         self._abort_error = error
         if self._pump is None or self._pump.done():
             return
+        if self._call is not None:
+            # Cancel upstream now, not when the pump task next runs: under load that is several
+            # event-loop turns later, and the RAG server keeps generating for a client that left.
+            self._call.cancel()
         if not self._pumping:
             # Cancelling a task before its first step skips the coroutine body, ``finally`` and
             # all: no final frame, no on_end (the stream slot would leak), the call left open.
@@ -567,8 +574,12 @@ class StreamSession(Wakeable):
         return self.generation
 
     def detach(self, generation: int) -> None:
-        """The reader went away: cancel now, or keep running for the resume grace window."""
-        if generation != self.generation:
+        """The reader went away: cancel now, or keep running for the resume grace window.
+
+        Idempotent: the disconnect watcher and the response's cleanup both call it, and a second
+        grace timer would outlive a resume that cancelled the first.
+        """
+        if generation != self.generation or not self.attached:
             return
         self.attached = False
         self._space.set()
@@ -687,7 +698,7 @@ class EventStreamResponse:
             return
         await send({"type": "http.response.start", "status": 200, "headers": self._raw_headers()})
         writer = asyncio.ensure_future(self._write(body_send, generation))
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        watcher = asyncio.ensure_future(self._watch(receive, generation))
         self._start_timer(writer)
         completed = False
         try:
@@ -769,11 +780,20 @@ class EventStreamResponse:
             self._last_write = loop.time()
 
 
-async def _wait_disconnect(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
+    async def _watch(self, receive: Receive, generation: int) -> None:
+        """Wait for the client to hang up, then detach at once.
+
+        Detaching here rather than after the writer has been cancelled and collected saves the
+        event-loop turns in between: under load each turn is milliseconds, and the upstream call
+        (cancelled by ``detach`` when there is no resume window) would keep running meanwhile.
+        Detaching twice is harmless: the response's own ``detach`` in ``__call__`` then finds the
+        reader already gone.
+        """
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.session.detach(generation)
+                return
 
 
 class ErrorFrameResponse(Response):
