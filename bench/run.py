@@ -235,33 +235,37 @@ class Bench:
         result["stub_cpu_s"] = stub.cpu_s() - stub0
         return result
 
+    def interleaved(
+        self, scenario: str, rounds: int, stub: StubProc, servers: dict[str, HttpServer], args: list[str]
+    ) -> dict[str, list[dict[str, Any]]]:
+        """``rounds`` runs of the same load per target, targets interleaved within each round, so
+        a slow phase of a noisy host hits every target rather than one."""
+        per: dict[str, list[dict[str, Any]]] = {t: [] for t in self.targets}
+        for round_ in range(rounds):
+            for target in self.targets:
+                log(f"{scenario} round {round_ + 1}/{rounds}: {target}")
+                per[target].append(self.run_loadgen(target, stub, servers, *args, timeout=180))
+        return per
+
+    def warm_up(self, target: str, stub: StubProc, servers: dict[str, HttpServer], *args: str, timeout: float) -> None:
+        """One throw-away run before a memory measurement: the first streams pay for imports,
+        pools and caches, not per connection. Skipped in --quick runs."""
+        if not self.quick:
+            self.loadgen(target, stub, servers, *args).result(timeout)
+
     # ------------------------------------------------------------------ scenarios
     def first_token_latency(self) -> dict[str, Any]:
         p = self.p
         stub, servers = self.group("fast")
-        per: dict[str, list[dict[str, Any]]] = {t: [] for t in self.targets}
         try:
-            for round_ in range(p.latency_rounds):
-                for target in self.targets:  # interleaved, so slow phases of a noisy host hit everyone
-                    log(f"first_token_latency round {round_ + 1}/{p.latency_rounds}: {target}")
-                    per[target].append(
-                        self.run_loadgen(
-                            target,
-                            stub,
-                            servers,
-                            "--query",
-                            words(p.latency_tokens, FAST_REPEAT),
-                            "--concurrency",
-                            "1",
-                            "--requests",
-                            str(p.latency_requests),
-                            "--warmup",
-                            "5",
-                            "--max-s",
-                            "120",
-                            timeout=180,
-                        )
-                    )
+            per = self.interleaved(
+                "first_token_latency",
+                p.latency_rounds,
+                stub,
+                servers,
+                ["--query", words(p.latency_tokens, FAST_REPEAT), "--concurrency", "1",
+                 "--requests", str(p.latency_requests), "--warmup", "5", "--max-s", "120"],
+            )
         finally:
             self.stop(stub, servers)
         out: dict[str, Any] = {
@@ -295,28 +299,16 @@ class Bench:
     def throughput(self) -> dict[str, Any]:
         p = self.p
         stub, servers = self.group("fast")
-        per: dict[str, list[dict[str, Any]]] = {t: [] for t in self.targets}
         requests = p.throughput_clients * p.throughput_streams_per_client
         try:
-            for round_ in range(p.throughput_rounds):
-                for target in self.targets:
-                    log(f"throughput round {round_ + 1}/{p.throughput_rounds}: {target}")
-                    per[target].append(
-                        self.run_loadgen(
-                            target,
-                            stub,
-                            servers,
-                            "--query",
-                            words(p.throughput_tokens, FAST_REPEAT),
-                            "--concurrency",
-                            str(p.throughput_clients),
-                            "--requests",
-                            str(requests),
-                            "--max-s",
-                            "120",
-                            timeout=180,
-                        )
-                    )
+            per = self.interleaved(
+                "throughput",
+                p.throughput_rounds,
+                stub,
+                servers,
+                ["--query", words(p.throughput_tokens, FAST_REPEAT), "--concurrency", str(p.throughput_clients),
+                 "--requests", str(requests), "--max-s", "120"],
+            )
         finally:
             self.stop(stub, servers)
         out: dict[str, Any] = {
@@ -428,22 +420,8 @@ class Bench:
             for target in [t for t in self.targets if t in HTTP_TARGETS]:
                 server = servers[target]
                 log(f"idle_connections {p.idle_streams} streams: {target}")
-                # Warm-up: the first streams pay for imports, pools and caches, not per connection.
-                if not self.quick:
-                    warm = self.loadgen(
-                        target,
-                        stub,
-                        servers,
-                        "--query",
-                        "idle",
-                        "--concurrency",
-                        "50",
-                        "--hold-s",
-                        "0.5",
-                        "--max-s",
-                        "20",
-                    )
-                    warm.result(40)
+                self.warm_up(target, stub, servers, "--query", "idle", "--concurrency", "50", "--hold-s", "0.5",
+                             "--max-s", "20", timeout=40)
                 time.sleep(self.settle)
                 before = server.rss()
                 lg = self.loadgen(
@@ -592,23 +570,8 @@ class Bench:
             for target in [t for t in self.targets if t in HTTP_TARGETS]:
                 server = servers[target]
                 log(f"slow_reader {p.slow_stall_s}s stall: {target}")
-                if not self.quick:
-                    warm = self.loadgen(
-                        target,
-                        stub,
-                        servers,
-                        "--query",
-                        slow_query,
-                        "--stall-after-tokens",
-                        "2000",
-                        "--stall-s",
-                        "0.2",
-                        "--rcvbuf",
-                        "65536",
-                        "--max-s",
-                        "30",
-                    )
-                    warm.result(60)
+                self.warm_up(target, stub, servers, "--query", slow_query, "--stall-after-tokens", "2000",
+                             "--stall-s", "0.2", "--rcvbuf", "65536", "--max-s", "30", timeout=60)
                 time.sleep(self.settle)
                 before = server.rss()
                 stub_ends_before = set(stub.ends())
