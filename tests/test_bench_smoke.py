@@ -76,3 +76,21 @@ def test_quick_bench_reports_every_scenario(tmp_path: Path) -> None:
     assert len(names) == 7
     for check in report["checks"]:
         assert check["met"] in (True, False, None)
+
+
+@pytest.mark.timeout(120)
+def test_ab_compares_two_trees_and_direct_grpc() -> None:
+    """``bench.ab`` runs a bridge from each named tree (here the same tree twice) and direct gRPC."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.ab", "--rounds", "1", f"a={ROOT}", f"b={ROOT}"],
+        cwd=ROOT,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines() if "first token ms p50" in line}
+    assert set(rows) == {"a", "b", "direct"}
+    for row in rows.values():
+        assert "(n=100)" in row
