@@ -322,3 +322,24 @@ async def test_abort_cancels_the_upstream_call_at_once(stub_factory: StubFactory
         assert (await stub.ended("abort-at-once"))["outcome"] == "cancelled"
     finally:
         await upstream.close()
+
+
+async def test_abort_before_the_pump_first_runs_still_ends_the_session(stub_factory: StubFactory) -> None:
+    """Cancelling a task before its first step skips its body, ``finally`` included: the session
+    would never end (no on_end, so the stream slot leaks). ``abort`` defers to the pump instead."""
+    stub = stub_factory("--mode", "echo", "--token-delay-ms", "1000")
+    upstream = Upstream(stub.target)
+    try:
+        call = upstream.stream_chat(rag_pb2.StreamChatRequest(query="a b", request_id="abort-early"), timeout=30)
+        policy = StreamPolicy(heartbeat_interval_s=30, send_timeout_s=30, resume_grace_s=0, window_frames=64,
+                              buffer_frames=100, buffer_bytes=1 << 20)
+        ended: list[str] = []
+        session = StreamSession(stream_id="s2", request_id="abort-early", owner="o", policy=policy,
+                                on_end=lambda _s, result: ended.append(result.outcome))
+        session.start(call)
+        session.abort()  # same turn as start(): the pump task has not run yet
+        await session.wait_closed()
+        assert ended == ["cancelled"]
+        assert call.cancelled()
+    finally:
+        await upstream.close()
