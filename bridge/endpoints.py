@@ -127,6 +127,15 @@ class Endpoints:
             lease.release()
             log_stream_end(result)
             audit.record(audit.events.stream_ended(identity, chat.query, result))
+
+        def settled(result: StreamResult) -> None:
+            """The final frame was written, or no reader is left to write it to.
+
+            Only now does the resume window start: counted from the upstream's end instead, a
+            reader that lagged more than RESUME_GRACE_S behind a finished answer and then lost its
+            connection found the stream forgotten (STREAM_EXPIRED; the 7-minute soak found one).
+            """
+            telemetry.end_stream_span(span, result)
             grace = state.settings.resume_grace_s
             if grace > 0:
                 asyncio.get_running_loop().call_later(grace, state.registry.discard, session)
@@ -143,7 +152,7 @@ class Endpoints:
             observer=state.observer,
             on_end=ended,
             on_first_token=lambda ms: telemetry.record_first_token(span, ms),
-            on_settled=lambda result: telemetry.end_stream_span(span, result),
+            on_settled=settled,
             trace_id=trace_id,
             sink=None if store is None else store.mirror(stream_id, request_id, identity.key),
         )

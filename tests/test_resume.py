@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import socket
 
 import httpx
 
@@ -133,3 +135,42 @@ async def test_stop_while_reading_ends_with_stream_cancelled(
     assert frames[-1]["retryable"] is False
     assert [f["type"] for f in frames].count("error") == 1
     assert (await stub.ended(str(frames[0]["request_id"])))["outcome"] == "cancelled"
+
+
+async def test_a_reader_lagging_behind_a_finished_answer_can_still_resume(
+    stub_factory: StubFactory, bridge_factory: BridgeFactory
+) -> None:
+    """The resume window starts when the reader is done, not when the upstream answer ended.
+
+    Here the answer (8 MB) finishes upstream at once while a reader with a 4 KiB receive buffer
+    is far behind; the reader stalls for twice RESUME_GRACE_S, drops and resumes. Counting the
+    window from the upstream's end forgot the stream before the reader even left (STREAM_EXPIRED;
+    the 7-minute soak met this under CPU pressure).
+    """
+    tokens = 8000
+    stub = stub_factory("--mode", "echo", "--repeat", str(tokens))
+    bridge = bridge_factory(stub, RESUME_GRACE_S="1", STREAM_WINDOW_FRAMES="10000", RESUME_BUFFER_FRAMES="10000",
+                            RESUME_BUFFER_BYTES=str(64 << 20))
+    word = "y" * 1000
+    host, port = bridge.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    writer.write(f"GET {STREAM_PATH}?query={word} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    seen = b""
+    while (match := _TOKEN_ID.search(seen)) is None:
+        seen += await reader.read(4096)
+    request_id = json.loads(seen.split(b"data: ", 1)[1].split(b"\n", 1)[0])["request_id"]
+    assert (await stub.ended(request_id))["outcome"] == "completed"  # upstream done, reader far behind
+    await asyncio.sleep(2)  # the scenario: the reader stalls for twice the grace window
+    writer.transport.abort()
+    last_id = match.group(1).decode()
+    resumed = await open_stream(bridge.url, params={"query": word}, headers={"Last-Event-ID": last_id})
+    assert resumed.status == 200
+    assert resumed.frames[-1]["type"] == "done", resumed.frames[-1]
+    first_index = resumed.frames[0]["index"]
+    assert [f["index"] for f in resumed.frames[:-1]] == list(range(first_index, tokens))
+
+
+_TOKEN_ID = re.compile(rb'id: ([A-Za-z0-9_-]+:[0-9]+)\ndata: \{"type":"token"')
