@@ -108,7 +108,7 @@ class Endpoints:
         try:
             with telemetry.activate(span):
                 message = rag_pb2.StreamChatRequest(**_upstream_fields(chat, identity, request_id))
-                call, first_read = await self._start_call(message, request_id)
+                call = await self._start_call(message, request_id)
         except BaseException as exc:
             lease.release()
             code = exc.code if isinstance(exc, BridgeError) else "CANCELLED"
@@ -162,22 +162,17 @@ class Endpoints:
                 return state.rag.stream_chat(message, timeout=state.settings.upstream_timeout_s,
                                              metadata=(("x-request-id", request_id),))
 
-        session.start(call, retry=reopen, first_read=first_read)
+        session.start(call, retry=reopen)
         return _StreamResponse(EventStreamResponse(session, 0, headers=admission.headers), state.metrics)
 
     async def _start_call(
         self, message: rag_pb2.StreamChatRequest, request_id: str
-    ) -> tuple[StreamCall, asyncio.Task[Any]]:
+    ) -> StreamCall:
         """Open the gRPC stream; fail as an HTTP error while no frame has been sent.
 
         The bridge waits (briefly) for the RAG service to accept the call, so "unreachable" and
         "bad request" become a 503 or 400 instead of a stream that opens and errors at once.
         An UNAVAILABLE answer is retried once: with several replicas, round robin picks another.
-
-        The first read is issued with the call, not after the HTTP response has been set up: each
-        grpc.aio read is a round trip through gRPC's completion-queue thread, and starting it
-        early takes that wait (about 0.5 ms here) off the first-token path. The pump continues
-        with the returned task.
         """
         settings = self.state.settings
         accept_wait = min(settings.upstream_connect_timeout_s, settings.heartbeat_interval_s)
@@ -185,22 +180,19 @@ class Endpoints:
             call = self.state.rag.stream_chat(
                 message, timeout=settings.upstream_timeout_s, metadata=(("x-request-id", request_id),)
             )
-            first_read: asyncio.Task[Any] = asyncio.ensure_future(call.read())
             try:
                 async with asyncio.timeout(accept_wait):
                     await call.initial_metadata()
             except TimeoutError:
-                return call, first_read  # accepted lazily: heartbeats cover the wait from here on
+                return call  # accepted lazily: heartbeats cover the wait from here on
             except asyncio.CancelledError:
-                _discard(first_read)
                 call.cancel()
                 raise
             if not call.done():
-                return call, first_read
+                return call
             code = await call.code()
             if code == grpc.StatusCode.OK:
-                return call, first_read
-            _discard(first_read)
+                return call
             if code == grpc.StatusCode.UNAVAILABLE and attempt == 1:
                 continue
             raise from_grpc_status(code, await call.details())
@@ -365,9 +357,3 @@ def _trace_parent(request: Request) -> Context:
         if (value := request.headers.get(name) or request.query_params.get(name))
     }
     return Telemetry.extract_context(carrier)
-
-
-def _discard(task: asyncio.Task[Any]) -> None:
-    """Drop a read-ahead whose call failed or was abandoned, without an unretrieved-error warning."""
-    task.cancel()
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())

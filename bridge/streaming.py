@@ -277,25 +277,19 @@ class StreamSession(Wakeable):
 
     # -- upstream side -------------------------------------------------------------------------
 
-    def start(
-        self,
-        call: StreamCall,
-        retry: Callable[[], StreamCall] | None = None,
-        first_read: asyncio.Future[Any] | None = None,
-    ) -> None:
+    def start(self, call: StreamCall, retry: Callable[[], StreamCall] | None = None) -> None:
         """Begin pumping ``call`` into frames.
 
         ``retry`` opens the same call again: used once, when the call fails with UNAVAILABLE
         before any token was produced (a replica died after accepting), so the answer comes from
         another replica instead of an error. Never after a token: the client would see it twice.
-        ``first_read`` is a ``call.read()`` already under way (see Endpoints._start_call).
         """
         self._retry = retry
         self.observer.stream_opened()
         self._call = call
-        self._pump = asyncio.get_running_loop().create_task(self._run(call, first_read))
+        self._pump = asyncio.get_running_loop().create_task(self._run(call))
 
-    async def _run(self, call: StreamCall, first_read: asyncio.Future[Any] | None = None) -> None:
+    async def _run(self, call: StreamCall) -> None:
         outcome: Outcome = "error"
         error: BridgeError | None = None
         finish_reason: str | None = None
@@ -305,11 +299,7 @@ class StreamSession(Wakeable):
                 raise asyncio.CancelledError
             while finish_reason is None:
                 try:
-                    if first_read is not None:
-                        read, first_read = first_read, None
-                        message = await read
-                    else:
-                        message = await call.read()
+                    message = await call.read()
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() != grpc.StatusCode.UNAVAILABLE or self._tokens or self._retry is None:
                         raise
@@ -337,8 +327,6 @@ class StreamSession(Wakeable):
             log.exception("stream %s failed", self.stream_id)
             error = BridgeError("internal error in the bridge", code="INTERNAL", retryable=True)
         finally:
-            if first_read is not None:  # cancelled before the pump took its read-ahead
-                first_read.cancel()
             if outcome != "completed":
                 # A completed call ends with the server's OK status; cancelling it here would turn
                 # every finished stream into a CANCELLED client span.
@@ -778,7 +766,6 @@ class EventStreamResponse:
         finally:
             self._send_since = None
             self._last_write = loop.time()
-
 
     async def _watch(self, receive: Receive, generation: int) -> None:
         """Wait for the client to hang up, then detach at once.
