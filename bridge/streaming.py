@@ -331,6 +331,9 @@ class StreamSession(Wakeable):
                 # A completed call ends with the server's OK status; cancelling it here would turn
                 # every finished stream into a CANCELLED client span.
                 call.cancel()
+            # A finished call holds ~30 KiB of grpc state and the session outlives it by the resume
+            # window: keeping it that long added ~8 MiB to the soak's working set.
+            self._call = None
             result = self._result(outcome, error, finish_reason)
             if outcome == "completed":
                 self._append(sse.json_frame(self._next_id(), self._done_payload(result)), final=True)
