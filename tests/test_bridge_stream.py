@@ -298,6 +298,11 @@ async def test_sigterm_drains_then_ends_streams_with_shutting_down(
     assert bridge.wait(10) == 0
 
 
+# A session driven directly (no HTTP): no resume window, so abort() is the only way it ends early.
+NO_RESUME = StreamPolicy(heartbeat_interval_s=30, send_timeout_s=30, resume_grace_s=0, window_frames=64,
+                         buffer_frames=100, buffer_bytes=1 << 20)
+
+
 async def test_abort_cancels_the_upstream_call_at_once(stub_factory: StubFactory) -> None:
     """``abort`` cancels the gRPC call itself, not only the pump task.
 
@@ -309,9 +314,7 @@ async def test_abort_cancels_the_upstream_call_at_once(stub_factory: StubFactory
     try:
         request = rag_pb2.StreamChatRequest(query="a b c", request_id="abort-at-once")
         call = upstream.stream_chat(request, timeout=30)
-        policy = StreamPolicy(heartbeat_interval_s=30, send_timeout_s=30, resume_grace_s=0, window_frames=64,
-                              buffer_frames=100, buffer_bytes=1 << 20)
-        session = StreamSession(stream_id="s1", request_id="abort-at-once", owner="o", policy=policy)
+        session = StreamSession(stream_id="s1", request_id="abort-at-once", owner="o", policy=NO_RESUME)
         session.start(call)
         while session.last_seq < 2:  # the metadata frame and the first token: the call is streaming
             await session.changed()
@@ -331,10 +334,8 @@ async def test_abort_before_the_pump_first_runs_still_ends_the_session(stub_fact
     upstream = Upstream(stub.target)
     try:
         call = upstream.stream_chat(rag_pb2.StreamChatRequest(query="a b", request_id="abort-early"), timeout=30)
-        policy = StreamPolicy(heartbeat_interval_s=30, send_timeout_s=30, resume_grace_s=0, window_frames=64,
-                              buffer_frames=100, buffer_bytes=1 << 20)
         ended: list[str] = []
-        session = StreamSession(stream_id="s2", request_id="abort-early", owner="o", policy=policy,
+        session = StreamSession(stream_id="s2", request_id="abort-early", owner="o", policy=NO_RESUME,
                                 on_end=lambda _s, result: ended.append(result.outcome))
         session.start(call)
         session.abort()  # same turn as start(): the pump task has not run yet
