@@ -41,11 +41,17 @@ class Child(Process):
     """A child process with a ready line given per instance, and psutil views of it."""
 
     def __init__(
-        self, name: str, argv: list[str], env: Mapping[str, str], ready: re.Pattern[str], ready_timeout: float = 30
+        self,
+        name: str,
+        argv: list[str],
+        env: Mapping[str, str],
+        ready: re.Pattern[str],
+        ready_timeout: float = 30,
+        cwd: Path = ROOT,
     ) -> None:
         self.name = name
         self.ready_pattern = ready
-        super().__init__(argv, env, ROOT, ready_timeout=ready_timeout)
+        super().__init__(argv, env, cwd, ready_timeout=ready_timeout)
         self.ps = psutil.Process(self.proc.pid)
 
     def cpu_s(self) -> float:
@@ -77,13 +83,26 @@ class StubProc(Child):
 
 
 class HttpServer(Child):
-    def __init__(self, name: str, argv: list[str], env: Mapping[str, str], ready: re.Pattern[str]) -> None:
-        super().__init__(name, argv, env, ready)
+    def __init__(
+        self, name: str, argv: list[str], env: Mapping[str, str], ready: re.Pattern[str], cwd: Path = ROOT
+    ) -> None:
+        super().__init__(name, argv, env, ready, cwd=cwd)
         self.url = self.ready.group(1)
         self.stream_url = self.url + STREAM_PATH
 
 
 def start_bridge(target: str, cpus: Sequence[int] | None, workdir: Path, **env: str) -> HttpServer:
+    return _start_bridge(ROOT, target, cpus, workdir, env)
+
+
+def start_bridge_from(source: Path, target: str, cpus: Sequence[int] | None, workdir: Path) -> HttpServer:
+    """The bridge of another source tree (a worktree of an older commit), for bench.ab."""
+    return _start_bridge(source, target, cpus, workdir, {})
+
+
+def _start_bridge(
+    source: Path, target: str, cpus: Sequence[int] | None, workdir: Path, env: Mapping[str, str]
+) -> HttpServer:
     full = {
         "RAG_TARGET": target,
         "ENABLE_SSE_STREAMING": "true",
@@ -95,7 +114,7 @@ def start_bridge(target: str, cpus: Sequence[int] | None, workdir: Path, **env: 
         "MAX_STREAMS_TOTAL": "1000000",
         **env,
     }
-    return HttpServer("bridge", python_argv("bridge", ["--port", "0"], cpus), base_env(full), BRIDGE_READY)
+    return HttpServer("bridge", python_argv("bridge", ["--port", "0"], cpus), base_env(full), BRIDGE_READY, cwd=source)
 
 
 def start_peer(target: str, cpus: Sequence[int] | None, **env: str) -> HttpServer:

@@ -35,18 +35,20 @@ def dig(data: Any, path: tuple[str, ...]) -> Any:
     return data
 
 
+def run_module(module: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python -m module args`` from the project root; fails the test on a non-zero exit."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=base_env(), capture_output=True, text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.timeout(150)
 def test_quick_bench_reports_every_scenario(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--out", str(out)],
-        cwd=ROOT,
-        env=base_env(),
-        capture_output=True,
-        text=True,
-        timeout=140,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_module("bench.run", "--quick", "--out", str(out), timeout=140)
     report = json.loads((out / "report.json").read_text())
     assert (out / "chart.png").stat().st_size > 10_000
     assert "| measure | bridge | direct gRPC | reference peer |" in proc.stdout
@@ -81,15 +83,7 @@ def test_quick_bench_reports_every_scenario(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_ab_compares_two_trees_and_direct_grpc() -> None:
     """``bench.ab`` runs a bridge from each named tree (here the same tree twice) and direct gRPC."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.ab", "--rounds", "1", f"a={ROOT}", f"b={ROOT}"],
-        cwd=ROOT,
-        env=base_env(),
-        capture_output=True,
-        text=True,
-        timeout=110,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_module("bench.ab", "--rounds", "1", f"a={ROOT}", f"b={ROOT}", timeout=110)
     rows = {line.split()[0]: line for line in proc.stdout.splitlines() if "first token ms p50" in line}
     assert set(rows) == {"a", "b", "direct"}
     for row in rows.values():
