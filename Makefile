@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 NODE_INSTALLED := node_modules/.installed
 BUF := node_modules/.bin/buf
-SYSTEM_TEST_DEPS := chromium=chromium redis-server=redis-server nginx=nginx node=nodejs npm=npm curl=curl
+SYSTEM_TEST_DEPS := chromium=chromium redis-server=redis-server nginx=nginx node=nodejs npm=npm curl=curl ip=iproute2 tc=iproute2
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
 .PHONY: run test lint proto bench fuzz soak clean system-deps constraints
@@ -41,7 +41,8 @@ lint: $(INSTALLED) $(NODE_INSTALLED)
 	  $(BUF) breaking --against '.git#branch=main'; \
 	else echo "buf breaking: no protos/ on main yet, nothing to compare"; fi
 	$(BIN)/ruff check .
-	$(BIN)/mypy bridge rag_stub scripts tests bench
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy bridge rag_stub scripts tests bench bzb_shared
 
 proto: $(INSTALLED)
 	$(BIN)/python scripts/gen_proto.py
@@ -52,8 +53,11 @@ bench: $(INSTALLED)
 fuzz: $(INSTALLED)
 	FUZZ_EXAMPLES=5000 $(BIN)/pytest tests/test_fuzz.py tests/test_sse_properties.py -q
 
+# `make soak SOAK_DURATION=1800` is the long run that proves the RSS plateau (chart and JSON in
+# bench/results/soak-long.*); plain `make soak` is the one-minute accounting run.
+SOAK_DURATION ?=
 soak: $(INSTALLED)
-	$(BIN)/python -m bench.soak
+	$(BIN)/python -m bench.soak $(if $(SOAK_DURATION),--duration $(SOAK_DURATION) --out bench/results/soak-long.json --chart bench/results/soak-long.png) $(SOAK_ARGS)
 
 # constraints.txt pins every Python package to the versions the suite last passed with, so a
 # fresh clone installs the same set; refresh it deliberately after upgrading.

@@ -3,6 +3,7 @@
     git worktree add /tmp/before HEAD~1
     python -m bench.ab --rounds 8 before=/tmp/before after=.            # first-token latency
     python -m bench.ab --rounds 5 --mode throughput before=/tmp/before after=.
+    python -m bench.ab --peer before=/tmp/before after=.                 # and the reference peer
 
 One stub, one bridge per source tree (each run from its own tree, pinned to core 1 like the bench's
 system under test) and direct gRPC as the floor; every round runs the same load against each, in
@@ -18,8 +19,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench.procs import HttpServer, Loadgen, StubProc, start_bridge_from
-from bench.run import FAST_REPEAT, words
+from bench.procs import HttpServer, Loadgen, StubProc, start_bridge_from, start_peer
+from bench.workload import FAST_REPEAT, words
 
 CPU_STUB, CPU_SUT = [0], [1]  # as in bench.run: the stub and the HTTP load generator share core 0
 
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("trees", nargs="+", help="NAME=PATH of a source tree holding bridge/")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--mode", choices=("latency", "throughput"), default="latency")
+    parser.add_argument("--peer", action="store_true", help="also measure the reference peer")
     args = parser.parse_args(argv)
     trees = {name: Path(path).resolve() for name, path in (t.split("=", 1) for t in args.trees)}
     if args.mode == "latency":
@@ -42,8 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="bench-ab-"))
         for name, tree in trees.items():
             bridges[name] = start_bridge_from(tree, stub.target, CPU_SUT, workdir)
+        if args.peer:
+            bridges["peer"] = start_peer(stub.target, CPU_SUT)
         samples: dict[str, list[float]] = {name: [] for name in [*bridges, "direct"]}
+        rounds: list[dict[str, float]] = []
         for _ in range(args.rounds):
+            rounds.append({})
             for name in samples:
                 if name == "direct":
                     lg = Loadgen(["grpc", "--target", stub.target, *load], CPU_SUT)
@@ -52,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = lg.result(600)
                 if args.mode == "latency":
                     samples[name].extend(result["first_token_ms_all"])
+                    rounds[-1][name] = statistics.median(result["first_token_ms_all"])
                 else:
                     samples[name].append(result["tokens_per_s"])
     finally:
@@ -64,9 +71,32 @@ def main(argv: list[str] | None = None) -> int:
             p99 = values[min(len(values) - 1, int(len(values) * 0.99))]
             print(f"{name:10s} first token ms p50 {statistics.median(values):.3f} p99 {p99:.3f} (n={len(values)})")
         else:
-            print(f"{name:10s} tokens/s median {statistics.median(values):,.0f} "
-                  f"(rounds {', '.join(f'{v:,.0f}' for v in values)})")
+            print(
+                f"{name:10s} tokens/s median {statistics.median(values):,.0f} "
+                f"(rounds {', '.join(f'{v:,.0f}' for v in values)})"
+            )
+    if args.mode == "latency":
+        print(paired_rounds(rounds, first=next(iter(trees))))
     return 0
+
+
+def paired_rounds(rounds: list[dict[str, float]], first: str) -> str:
+    """Per round, each target's p50 minus direct gRPC's (ms); then, per target, the median of
+    those and in how many rounds it added less than ``first`` (and, with the peer, than the peer)."""
+    names = [name for name in rounds[0] if name != "direct"]
+    added = {name: [r[name] - r["direct"] for r in rounds] for name in names}
+    lines = ["added p50 over direct gRPC per round, ms:"]
+    lines += [f"  {name:10s} " + " ".join(f"{v:+.3f}" for v in values) for name, values in added.items()]
+    for name in names:
+        line = f"  {name:10s} median added {statistics.median(added[name]):+.3f} ms"
+        for other in dict.fromkeys((first, "peer")):
+            if other in added and other != name:
+                wins = sum(a < b for a, b in zip(added[name], added[other], strict=True))
+                ratios = [a / b for a, b in zip(added[name], added[other], strict=True) if b > 0]
+                ratio = f", median ratio {statistics.median(ratios):.2f}" if ratios else ""
+                line += f"; below {other} in {wins}/{len(rounds)} rounds{ratio}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

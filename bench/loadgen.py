@@ -26,21 +26,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import resource
-import socket
 import sys
 import time
 import uuid
 from array import array
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import quote_plus, urlsplit
 
+from bench.http1 import Http1Connection, HttpError
+from bench.results import Summary
+
 TOKEN_PREFIX = b'{"type":"token"'
-READ_SIZE = 256 * 1024
+SSE_HEADERS = {"Accept": "text/event-stream", "Cache-Control": "no-cache", "User-Agent": "bench-loadgen"}
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -56,30 +57,6 @@ def raise_fd_limit() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolated percentile (q in 0..100) of already sorted values."""
-    if not sorted_values:
-        return None
-    if len(sorted_values) == 1:
-        return float(sorted_values[0])
-    rank = (len(sorted_values) - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(sorted_values) - 1)
-    return float(sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low))
-
-
-def summarize(values: Sequence[float]) -> dict[str, float | int | None]:
-    ordered = sorted(values)
-    return {
-        "n": len(ordered),
-        "p50": percentile(ordered, 50),
-        "p95": percentile(ordered, 95),
-        "p99": percentile(ordered, 99),
-        "max": float(ordered[-1]) if ordered else None,
-        "mean": (sum(ordered) / len(ordered)) if ordered else None,
-    }
 
 
 @dataclass(slots=True)
@@ -110,56 +87,7 @@ class Stream:
         self.tokens += count
 
 
-# --------------------------------------------------------------------------------------------- HTTP
-
-
-class ChunkedDecoder:
-    """Incremental ``Transfer-Encoding: chunked`` decoder; ``finished`` after the last chunk and trailers."""
-
-    __slots__ = ("_buf", "_crlf", "_remaining", "_trailers", "finished")
-
-    def __init__(self) -> None:
-        self._buf = b""
-        self._remaining = 0
-        self._crlf = False
-        self._trailers = False
-        self.finished = False
-
-    def feed(self, data: bytes) -> bytes:
-        buf = self._buf + data if self._buf else data
-        out: list[bytes] = []
-        pos, end = 0, len(buf)
-        while pos < end and not self.finished:
-            if self._remaining:
-                take = min(self._remaining, end - pos)
-                out.append(buf[pos : pos + take])
-                pos += take
-                self._remaining -= take
-                if not self._remaining:
-                    self._crlf = True
-                continue
-            if self._crlf:
-                if end - pos < 2:
-                    break
-                pos += 2
-                self._crlf = False
-                continue
-            eol = buf.find(b"\r\n", pos)
-            if eol < 0:
-                break
-            line = buf[pos:eol]
-            pos = eol + 2
-            if self._trailers:
-                if not line:
-                    self.finished = True
-                continue
-            size = int(line.split(b";", 1)[0], 16)
-            if size == 0:
-                self._trailers = True
-            else:
-                self._remaining = size
-        self._buf = buf[pos:]
-        return out[0] if len(out) == 1 else b"".join(out)
+# ------------------------------------------------------------------------------------ event streams
 
 
 class FastEvents:
@@ -220,52 +148,6 @@ class WhatwgEvents:
         return tokens, others
 
 
-class HttpConnection:
-    """One keep-alive HTTP/1.1 connection over asyncio streams."""
-
-    def __init__(self, host: str, port: int, rcvbuf: int | None) -> None:
-        self.host, self.port, self.rcvbuf = host, port, rcvbuf
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def connect(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
-        sock.setblocking(False)
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.sock_connect(sock, (self.host, self.port))
-        except BaseException:
-            sock.close()
-            raise
-        self.reader, self.writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
-
-    async def head(self, path: str) -> tuple[int, dict[str, str]]:
-        if self.writer is None:
-            await self.connect()
-        assert self.reader is not None and self.writer is not None
-        self.writer.write(
-            f"GET {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nAccept: text/event-stream\r\n"
-            f"Cache-Control: no-cache\r\nUser-Agent: bench-loadgen\r\n\r\n".encode()
-        )
-        raw = await self.reader.readuntil(b"\r\n\r\n")
-        lines = raw.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-        return status, headers
-
-
 # --------------------------------------------------------------------------------------------- runs
 
 
@@ -322,7 +204,7 @@ class Run:
         parts = urlsplit(self.opts.url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
         path = f"{parts.path}?query={quote_plus(self.opts.query)}"
-        conn = HttpConnection(host, port, self.opts.rcvbuf)
+        conn = Http1Connection(host, port, rcvbuf=self.opts.rcvbuf)
         try:
             while (stream := self.next_stream()) is not None:
                 reuse = await self.sse_one(conn, path, stream)
@@ -331,40 +213,30 @@ class Run:
         finally:
             conn.close()
 
-    async def sse_one(self, conn: HttpConnection, path: str, stream: Stream) -> bool:
+    async def sse_one(self, conn: Http1Connection, path: str, stream: Stream) -> bool:
         """One stream on ``conn``; True when the connection can carry the next request."""
         opts = self.opts
         stream.started = time.perf_counter()
         try:
-            status, headers = await conn.head(path)
-        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
+            head = await conn.request("GET", path, SSE_HEADERS)
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError, HttpError) as exc:
             stream.error = f"connect: {type(exc).__name__}: {exc}"
             self.connect_errors += 1
             return False
-        if status != 200:
-            stream.error = f"http {status}"
-        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        length = int(headers["content-length"]) if "content-length" in headers else None
-        decoder = ChunkedDecoder() if chunked else None
+        if head.status != 200:
+            stream.error = f"http {head.status}"
         events = FastEvents() if opts.parser == "fast" else WhatwgEvents()
-        reader = conn.reader
-        assert reader is not None
         first_frame = True
-        received = 0
         perf = time.perf_counter
         try:
             while True:
-                data = await reader.read(READ_SIZE)
-                if not data:
-                    if stream.error is None and not stream.done:
-                        stream.error = "eof before done"
-                    return False
+                body = await conn.read()
+                if body is None:
+                    if conn.eof:
+                        break
+                    return head.keep_alive
                 now = perf()
-                body = decoder.feed(data) if decoder is not None else data
-                received += len(body)
-                if status != 200:
-                    if (decoder is not None and decoder.finished) or (length is not None and received >= length):
-                        return True
+                if head.status != 200:
                     continue
                 tokens, others = events.feed(body)
                 if first_frame and (tokens or others):
@@ -397,13 +269,12 @@ class Run:
                 if opts.stall_after_tokens is not None and stream.tokens >= opts.stall_after_tokens and not stream.done:
                     await self.stall(stream)
                     return False
-                if decoder is not None and decoder.finished:
-                    return headers.get("connection", "").lower() != "close"
-                if length is not None and received >= length:
-                    return headers.get("connection", "").lower() != "close"
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
             stream.error = f"read: {type(exc).__name__}: {exc}"
             return False
+        if stream.error is None and not stream.done:
+            stream.error = "eof before done"
+        return False
 
     # ---- gRPC
     async def grpc_worker(self, delay: float, stub: Any) -> None:
@@ -518,8 +389,8 @@ def result_of(run: Run, wall: float, cpu: float, max_rss_kib: int) -> dict[str, 
         "cpu_s": cpu,
         "cpu_utilisation": cpu / wall if wall > 0 else None,
         "max_rss_kib": max_rss_kib,
-        "first_token_ms": summarize(first),
-        "gap_ms": summarize(gaps_ms),
+        "first_token_ms": asdict(Summary.of(first)),
+        "gap_ms": asdict(Summary.of(gaps_ms)),
         "parser": run.opts.parser,
     }
     if len(first) <= 5000:

@@ -1,6 +1,6 @@
 """The processes a benchmark runs: stubs, our bridge, the reference peer and load generators.
 
-Built on tests/support/processes.py (each child prints a ready line; stdout lines are kept).
+Built on bzb_shared/childproc.py (each child prints a ready line; stdout lines are kept).
 Every child can be pinned to CPUs through ``bench.pin`` (affinity set before exec).
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 
-from tests.support.processes import ROOT, Process, base_env
+from bzb_shared.childproc import ROOT, Process, base_env
 
 STUB_READY = re.compile(r"^rag-stub listening on (\S+):(\d+)$")
 BRIDGE_READY = re.compile(r"^bali-zero-bridge listening on (http://\S+)$")
@@ -72,9 +72,8 @@ class StubProc(Child):
 
     def ends(self) -> dict[str, dict[str, Any]]:
         """request_id -> stream_end record, for every stream ended so far (parsed incrementally)."""
-        with self._cond:
-            new = self.lines[self._parsed :]
-            self._parsed = len(self.lines)
+        new = self.lines_from(self._parsed)
+        self._parsed += len(new)
         for line in new:
             if line.startswith('{"event":"stream_end"'):
                 record = json.loads(line)
@@ -103,7 +102,12 @@ def start_bridge_from(source: Path, target: str, cpus: Sequence[int] | None, wor
 def _start_bridge(
     source: Path, target: str, cpus: Sequence[int] | None, workdir: Path, env: Mapping[str, str]
 ) -> HttpServer:
-    full = {
+    argv = python_argv("bridge", ["--port", "0"], cpus)
+    return HttpServer("bridge", argv, base_env(_bridge_env(target, workdir, env)), BRIDGE_READY, cwd=source)
+
+
+def _bridge_env(target: str, workdir: Path, env: Mapping[str, str]) -> dict[str, str]:
+    return {
         "RAG_TARGET": target,
         "ENABLE_SSE_STREAMING": "true",
         "AUDIT_DB": str(workdir / f"audit-{time.monotonic_ns()}.sqlite3"),
@@ -114,7 +118,21 @@ def _start_bridge(
         "MAX_STREAMS_TOTAL": "1000000",
         **env,
     }
-    return HttpServer("bridge", python_argv("bridge", ["--port", "0"], cpus), base_env(full), BRIDGE_READY, cwd=source)
+
+
+def start_traced_bridge(target: str, probes: Path, frames: int, workdir: Path, **env: str) -> HttpServer:
+    """The bridge under ``bench.memtrace``: memory probes into ``probes`` on each SIGUSR2
+    (tracemalloc too when ``frames`` > 0)."""
+    argv = python_argv("bench.memtrace", [str(probes), str(frames), "--", "--port", "0"], None)
+    return HttpServer("bridge", argv, base_env(_bridge_env(target, workdir, env)), BRIDGE_READY)
+
+
+def start_probed(server: str, out: Path, target: str, cpus: Sequence[int] | None, workdir: Path) -> HttpServer:
+    """The bridge or the peer under ``bench.probes`` (the first-token timeline), writing ``out`` at exit."""
+    argv = python_argv("bench.probes", [str(out), server, "--port", "0"], cpus)
+    if server == "bridge":
+        return HttpServer("bridge", argv, base_env(_bridge_env(target, workdir, {})), BRIDGE_READY)
+    return HttpServer("peer", argv, base_env({"RAG_TARGET": target}), PEER_READY)
 
 
 def start_peer(target: str, cpus: Sequence[int] | None, **env: str) -> HttpServer:

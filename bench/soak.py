@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import math
 import os
@@ -47,100 +48,18 @@ from urllib.parse import quote
 
 import psutil
 
-from bench.loadgen import ChunkedDecoder, raise_fd_limit
-from bench.procs import HttpServer, StubProc, start_bridge
+from bench.http1 import Http1Connection, HttpError
+from bench.loadgen import raise_fd_limit
+from bench.procs import HttpServer, StubProc, start_bridge, start_traced_bridge
 from bridge.sse import Parser
-from tests.support.processes import ROOT, base_env
+from bzb_shared.childproc import ROOT, base_env
 
 STREAM_PATH = "/api/v2/bali-zero/chat-stream"
 STATS_PATH = "/api/v2/bali-zero/stream-stats"
-READ_SIZE = 64 * 1024
 MIN_OPEN_GAP_S = 0.25  # a normal user opens at most one stream per this long (stays under RATE_LIMIT)
 MAX_FAILURES_KEPT = 50
 HAMMER_EXTRA = 20  # a hammer burst is RATE_LIMIT + this many parallel opens: >= this many 429s each
 HAMMER_PAUSE_S = 1.0
-
-
-# ------------------------------------------------------------------------------------------ HTTP
-
-
-class HttpError(Exception):
-    pass
-
-
-class Conn:
-    """One HTTP/1.1 request over a raw asyncio connection; the body is read incrementally."""
-
-    def __init__(self, host: str, port: int, read_timeout: float) -> None:
-        self.host, self.port, self.read_timeout = host, port, read_timeout
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        self.status = 0
-        self.headers: dict[str, str] = {}
-        self._decoder: ChunkedDecoder | None = None
-        self._remaining: int | None = None
-        self.finished = False
-
-    async def request(self, method: str, path: str, headers: dict[str, str]) -> None:
-        async with asyncio.timeout(self.read_timeout):
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=READ_SIZE)
-            head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-            head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-            if method != "GET":
-                head += "Content-Length: 0\r\n"
-            self.writer.write((head + "\r\n").encode("latin-1"))
-            raw = await self.reader.readuntil(b"\r\n\r\n")
-        lines = raw.decode("latin-1").split("\r\n")
-        self.status = int(lines[0].split(" ", 2)[1])
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                self.headers[name.strip().lower()] = value.strip()
-        if "chunked" in self.headers.get("transfer-encoding", "").lower():
-            self._decoder = ChunkedDecoder()
-        elif "content-length" in self.headers:
-            self._remaining = int(self.headers["content-length"])
-            self.finished = self._remaining == 0
-        elif self.status in (204, 304):
-            self.finished = True
-
-    @property
-    def is_sse(self) -> bool:
-        return self.headers.get("content-type", "").startswith("text/event-stream")
-
-    async def read(self) -> bytes | None:
-        """The next piece of body, or None at the end of the body (or EOF)."""
-        if self.finished or self.reader is None:
-            return None
-        async with asyncio.timeout(self.read_timeout):
-            data = await self.reader.read(READ_SIZE)
-        if not data:
-            self.finished = True
-            return None
-        if self._decoder is not None:
-            body = self._decoder.feed(data)
-            self.finished = self._decoder.finished
-            return body
-        if self._remaining is not None:
-            body = data[: self._remaining]
-            self._remaining -= len(body)
-            self.finished = self._remaining <= 0
-            return body
-        return data
-
-    async def body(self) -> bytes:
-        parts: list[bytes] = []
-        for _ in range(10_000):  # bounded: small JSON bodies only
-            piece = await self.read()
-            if piece is None:
-                break
-            parts.append(piece)
-        return b"".join(parts)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -170,6 +89,10 @@ class LStream:
     resumes: int = 0
     done: bool = False
     error_code: str | None = None  # code of a final error frame
+    error_message: str = ""  # its message: the refusals of a resume differ per cause
+    # Per reconnect: seconds from the cut to sending the request, and from there to the response
+    # head; tells a client that came back late (its own loop lagging) from a bridge that refused early.
+    away: list[tuple[float, float]] = field(default_factory=list)
     expired: bool = False  # a resume answered STREAM_EXPIRED
     deleted: bool = False  # DELETE answered 204
     failures: list[str] = field(default_factory=list)
@@ -200,6 +123,10 @@ class Options:
     fd_margin: int
     rate_limit: int
     rate_window_s: int
+    bridge_env: dict[str, str] = field(default_factory=dict)
+    memtrace_at_s: tuple[float, ...] = ()  # probe times (s of traffic) under bench.memtrace
+    memtrace_frames: int = 0  # > 0: tracemalloc too, with this many frames
+    chart: Path | None = None
 
 
 class Soak:
@@ -213,6 +140,7 @@ class Soak:
         self.retry_after_missing = 0
         self.other_rejections: Counter[int] = Counter()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.opened = 0  # streams whose opening request got 200 (the RSS timeline's x axis)
         self.delay_s = opts.token_delay_ms / 1000
         self.read_timeout = max(30.0, opts.grace_s * 3)
 
@@ -240,8 +168,7 @@ class Soak:
             return Plan("abandon", self.long_n(cut), [cut])
         if roll < 0.40:
             cut = rng.randint(1, 5)
-            return Plan("delete", cut + math.ceil(1.5 / max(self.delay_s, 0.001)) + rng.randint(2, 10),
-                        delete_at=cut)
+            return Plan("delete", cut + math.ceil(1.5 / max(self.delay_s, 0.001)) + rng.randint(2, 10), delete_at=cut)
         return Plan("complete", rng.randint(10, 30))
 
     def new_stream(self, user: str, plan: Plan) -> LStream:
@@ -263,36 +190,42 @@ class Soak:
     async def _run_stream(self, s: LStream, first_leg_done: asyncio.Event) -> None:
         path = f"{STREAM_PATH}?query={quote(s.query, safe='')}"
         last_id: str | None = None
+        cut_at = 0.0
         for cut_no in range(len(s.plan.cuts) + 1):
             headers = {"Accept": "text/event-stream", "x-user-id": s.user, "x-request-id": s.lid}
             if last_id is not None:
                 headers["Last-Event-ID"] = last_id
-            conn = Conn(self.host, self.port, self.read_timeout)
+            conn = Http1Connection(self.host, self.port, timeout=self.read_timeout)
             try:
-                await conn.request("GET", path, headers)
+                sent = time.monotonic()
+                head = await conn.request("GET", path, headers)
+                if last_id is not None:
+                    s.away.append((round(sent - cut_at, 2), round(time.monotonic() - sent, 2)))
                 s.connections += 1
                 if last_id is None:
-                    s.status = conn.status
-                    if conn.status == 429:
+                    s.status = head.status
+                    if head.status == 429:
                         self.rejected_429 += 1
-                        self.retry_after_missing += "retry-after" not in conn.headers
+                        self.retry_after_missing += "retry-after" not in head.headers
                         await conn.body()
                         return
-                    if conn.status != 200 or not conn.is_sse:
-                        self.other_rejections[conn.status] += 1
-                        s.fail(f"open answered {conn.status}: {(await conn.body())[:200]!r}")
+                    if head.status != 200 or not head.is_event_stream:
+                        self.other_rejections[head.status] += 1
+                        s.fail(f"open answered {head.status}: {(await conn.body())[:200]!r}")
                         return
                     s.started = True
+                    self.opened += 1
                 else:
                     s.resumes += 1
-                    if conn.status == 204:  # only when the client already has the final frame
+                    if head.status == 204:  # only when the client already has the final frame
                         s.fail("resume answered 204 before the final frame was received")
                         return
-                    if conn.status != 200 or not conn.is_sse:
-                        s.fail(f"resume answered {conn.status}: {(await conn.body())[:200]!r}")
+                    if head.status != 200 or not head.is_event_stream:
+                        s.fail(f"resume answered {head.status}: {(await conn.body())[:200]!r}")
                         return
                 cut = s.plan.cuts[cut_no] if cut_no < len(s.plan.cuts) else None
                 last_id = await self._read(s, conn, cut)
+                cut_at = time.monotonic()
             finally:
                 conn.close()
             if last_id is None:
@@ -305,7 +238,7 @@ class Soak:
             await asyncio.sleep(pause)
         s.fail("more legs than planned")
 
-    async def _read(self, s: LStream, conn: Conn, cut: int | None) -> str | None:
+    async def _read(self, s: LStream, conn: Http1Connection, cut: int | None) -> str | None:
         """Read one connection. Returns the Last-Event-ID to resume from when we cut it on purpose."""
         parser = Parser()
         terminal = False
@@ -342,6 +275,7 @@ class Soak:
                 elif kind == "error":
                     terminal = True
                     s.error_code = str(frame.get("code"))
+                    s.error_message = str(frame.get("message", ""))
                     if s.error_code == "STREAM_EXPIRED" and s.connections > 1:
                         s.expired = True
                 else:
@@ -362,14 +296,14 @@ class Soak:
         s.tokens.append(str(text))
 
     async def _delete(self, s: LStream) -> None:
-        conn = Conn(self.host, self.port, self.read_timeout)
+        conn = Http1Connection(self.host, self.port, timeout=self.read_timeout)
         try:
-            await conn.request("DELETE", f"{STREAM_PATH}/{s.stream_id}", {"x-user-id": s.user})
+            head = await conn.request("DELETE", f"{STREAM_PATH}/{s.stream_id}", {"x-user-id": s.user})
             await conn.body()
         finally:
             conn.close()
-        if conn.status != 204:
-            s.fail(f"DELETE answered {conn.status}")
+        if head.status != 204:
+            s.fail(f"DELETE answered {head.status}")
         s.deleted = True
 
     # -- users ---------------------------------------------------------------------------------
@@ -421,7 +355,7 @@ class Soak:
         await self.slot(i, deadline, plans)
 
     async def get_json(self, path: str) -> Any:
-        conn = Conn(self.host, self.port, 10)
+        conn = Http1Connection(self.host, self.port, timeout=10)
         try:
             await conn.request("GET", path, {"Accept": "application/json"})
             return json.loads(await conn.body())
@@ -448,8 +382,7 @@ def cpu_s(process: psutil.Process) -> float:
 
 
 def stub_end_lines(stub: StubProc) -> list[dict[str, Any]]:
-    with stub._cond:
-        lines = list(stub.lines)
+    lines = stub.lines_from(0)
     return [json.loads(x) for x in lines if x.startswith('{"event":"stream_end"')]
 
 
@@ -472,10 +405,16 @@ def check_streams(streams: Sequence[LStream], failures: list[str]) -> None:
             failures.append(f"{s.lid}: tokens are not a prefix of the expected list")
         kind = s.plan.kind
         if kind in ("complete", "resume", "hammer") and not s.done:
-            failures.append(f"{s.lid} ({kind}): no done (error {s.error_code})")
+            error = f"{s.error_code}: {s.error_message!r} on connection {s.connections}" if s.error_code else None
+            failures.append(
+                f"{s.lid} ({kind}): no done (error {error}; {len(s.tokens)}/{s.plan.n} tokens, cuts {s.plan.cuts}, "
+                f"pauses {[round(p, 2) for p in s.plan.pauses]}, away (sent, answered) {s.away})"
+            )
         if kind == "late" and not s.expired:
-            failures.append(f"{s.lid} (late): resume after the grace window was not STREAM_EXPIRED "
-                            f"(done={s.done}, error={s.error_code}, {len(s.tokens)}/{s.plan.n} tokens)")
+            failures.append(
+                f"{s.lid} (late): resume after the grace window was not STREAM_EXPIRED "
+                f"(done={s.done}, error={s.error_code}, {len(s.tokens)}/{s.plan.n} tokens)"
+            )
         if kind == "delete" and not s.deleted:
             failures.append(f"{s.lid} (delete): never stopped")
 
@@ -512,16 +451,25 @@ def check_stub(streams: Sequence[LStream], ends: list[dict[str, Any]], failures:
         if not ok:
             mismatched += 1
             if mismatched <= 10:
-                failures.append(f"stub end of {rid} ({s.plan.kind}): {end} but the client saw {want}, "
-                                f"{len(s.tokens)} tokens")
-    for name, items in (("ended more than once", duplicates), ("ended but never started", unknown),
-                        ("started but never ended", missing)):
+                failures.append(
+                    f"stub end of {rid} ({s.plan.kind}): {end} but the client saw {want}, {len(s.tokens)} tokens"
+                )
+    for name, items in (
+        ("ended more than once", duplicates),
+        ("ended but never started", unknown),
+        ("started but never ended", missing),
+    ):
         if items:
             failures.append(f"stub: {len(items)} stream(s) {name}, e.g. {items[:5]}")
-    return {"stream_ends": len(ends), "duplicates": len(duplicates), "unknown": len(unknown),
-            "missing": len(missing), "outcome_mismatches": mismatched,
-            "completed_upstream_before_bridge_cancel": finished_first,
-            "outcomes": dict(Counter(e["outcome"] for e in ends))}
+    return {
+        "stream_ends": len(ends),
+        "duplicates": len(duplicates),
+        "unknown": len(unknown),
+        "missing": len(missing),
+        "outcome_mismatches": mismatched,
+        "completed_upstream_before_bridge_cancel": finished_first,
+        "outcomes": dict(Counter(e["outcome"] for e in ends)),
+    }
 
 
 def check_audit(streams: Sequence[LStream], rejected_429: int, audit_db: Path, failures: list[str]) -> dict[str, Any]:
@@ -561,10 +509,113 @@ def check_audit(streams: Sequence[LStream], rejected_429: int, audit_db: Path, f
         if starts_by_id.get(s.lid) != 1 or ends_by_id.get(s.lid) != [names[expected_outcome(s)]]:
             wrong += 1
             if wrong <= 5:
-                failures.append(f"audit records of {s.lid}: {starts_by_id.get(s.lid)} start(s), "
-                                f"ends {ends_by_id.get(s.lid)}, the client saw {expected_outcome(s)}")
-    return {"verify": verify.stdout.strip(), "records": len(records), "counts": dict(counts),
-            "expected": expect, "per_stream_mismatches": wrong}
+                failures.append(
+                    f"audit records of {s.lid}: {starts_by_id.get(s.lid)} start(s), "
+                    f"ends {ends_by_id.get(s.lid)}, the client saw {expected_outcome(s)}"
+                )
+    return {
+        "verify": verify.stdout.strip(),
+        "records": len(records),
+        "counts": dict(counts),
+        "expected": expect,
+        "per_stream_mismatches": wrong,
+    }
+
+
+def fit(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Least-squares slope of ys over xs (0 with fewer than two distinct xs)."""
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    return 0.0 if var == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var
+
+
+def memory_split_mib(pid: int) -> tuple[float, float]:
+    """(anonymous, file-backed) resident MiB of ``pid`` from ``/proc/PID/smaps_rollup``.
+
+    Why split: anonymous memory is the heap (Python objects, grpc core, allocator arenas) and is
+    what a leak grows; file-backed pages (shared libraries, SQLite's mapped WAL index) are
+    clean or shared, reclaimable by the kernel, and grow as the audit store is touched.
+    """
+    fields: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            name, _, rest = line.partition(":")
+            parts = rest.split()
+            if len(parts) == 2 and parts[1] == "kB":
+                fields[name] = int(parts[0])
+    anonymous = fields.get("Anonymous", 0)
+    return round(anonymous / 1024, 2), round((fields.get("Rss", 0) - anonymous) / 1024, 2)
+
+
+def memtrace_growth(probes: Path, at_s: Sequence[float], failures: list[str]) -> dict[str, Any]:
+    """pymalloc's arenas and blocks per probe, and with tracemalloc the lines that grew between the
+    last two snapshots."""
+    from bench.memtrace import growth, pymalloc_summary, total_kib
+
+    def numbered(pattern: str) -> list[Path]:
+        return sorted(probes.glob(pattern), key=lambda p: int(p.stem.split("-")[1]))
+
+    stats, snapshots = numbered("pymalloc-*.txt"), numbered("snapshot-*.tracemalloc")
+    if max(len(stats), len(snapshots)) < 2:
+        failures.append(f"memtrace: {len(stats) + len(snapshots)} probe(s) taken, 2 needed (run longer)")
+        return {}
+    report: dict[str, Any] = {"at_s": list(at_s)}
+    if stats:
+        report["pymalloc"] = [pymalloc_summary(p) for p in stats]
+    if snapshots:
+        report["traced_kib"] = [total_kib(p) for p in snapshots]
+        report["top_growth"] = growth(snapshots[-2], snapshots[-1])
+    return report
+
+
+def window_means(timeline: Sequence[Sequence[float]], column: int, width_s: float) -> list[float]:
+    """Mean of ``column`` per consecutive ``width_s`` window: a plateau shows as equal means."""
+    buckets: dict[int, list[float]] = {}
+    for row in timeline:
+        if len(row) > column:
+            buckets.setdefault(int(row[0] // width_s), []).append(row[column])
+    return [round(sum(v) / len(v), 2) for _, v in sorted(buckets.items())]
+
+
+def rss_slope(timeline: Sequence[Sequence[float]], traffic_s: float) -> dict[str, Any]:
+    """RSS growth after the warm-up: per stream started and per 10 minutes, by linear fit.
+
+    The first third of the run (at least 30 s) is left out: pools, arenas and bounded caches fill
+    there. For long runs the fit covers the last 20 minutes, the window the plateau is judged on.
+    Samples after ``traffic_s`` (the last streams draining) are left out too.
+    """
+    timeline = [row for row in timeline if row[0] <= traffic_s]
+    if len(timeline) < 4:
+        return {}
+    end = timeline[-1][0]
+    start = max(end / 3, 30.0, end - 1200.0) if end > 90 else end / 3
+    window = [row for row in timeline if row[0] >= start]
+    if len(window) < 3:
+        return {}
+    secs = [row[0] for row in window]
+    rss = [row[2] for row in window]
+    opened = [row[3] for row in window]
+    slope: dict[str, Any] = {
+        "from_s": window[0][0],
+        "to_s": window[-1][0],
+        "points": len(window),
+        "streams": int(opened[-1] - opened[0]),
+        "kib_per_stream": round(fit(opened, rss) * 1024, 4),
+        "mib_per_10min": round(fit(secs, rss) * 600, 3),
+        "rss_first_mib": rss[0],
+        "rss_last_mib": rss[-1],
+        # Means per 5 minutes over the whole run: growth that slows down window after window is a
+        # cache filling up; a leak adds the same amount to every window.
+        "rss_means_per_5min_mib": window_means(timeline, 2, 300.0),
+    }
+    if all(len(row) >= 6 for row in window):
+        slope["anon_mib_per_10min"] = round(fit(secs, [row[4] for row in window]) * 600, 3)
+        slope["file_mib_per_10min"] = round(fit(secs, [row[5] for row in window]) * 600, 3)
+        slope["anon_means_per_5min_mib"] = window_means(timeline, 4, 300.0)
+    return slope
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -574,17 +625,58 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     p = argparse.ArgumentParser(prog="bench.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=60.0, help="seconds of mixed traffic")
     p.add_argument("--concurrency", type=int, default=1000, help="logical streams kept running")
-    p.add_argument("--token-delay-ms", type=float, default=None,
-                   help="stub pacing (default: 20, slowed for high concurrency so 2 cores keep up)")
+    p.add_argument(
+        "--token-delay-ms",
+        type=float,
+        default=None,
+        help="stub pacing (default: 20, slowed for high concurrency so 2 cores keep up)",
+    )
     p.add_argument("--grace-s", type=float, default=5.0, help="RESUME_GRACE_S of the bridge")
     p.add_argument("--hammer-users", type=int, default=3, help="users that exceed the rate limit")
     p.add_argument("--warmup-s", type=float, default=None, help="warm-up before the baseline")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "soak.json"),
-                   help="summary file (a directory gets soak.json)")
+    p.add_argument(
+        "--out", default=str(ROOT / "bench" / "results" / "soak.json"), help="summary file (a directory gets soak.json)"
+    )
     p.add_argument("--rss-margin-mib", type=float, default=None, help="allowed RSS growth over the baseline")
     p.add_argument("--fd-margin", type=int, default=8, help="allowed open-fd growth over the baseline")
+    p.add_argument(
+        "--chart",
+        default=None,
+        metavar="PNG",
+        help="also draw the RSS timeline (RSS over time and over streams started) to this file",
+    )
+    p.add_argument(
+        "--bridge-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra bridge setting, repeatable (elimination runs: TELEMETRY off, another AUDIT_DB...)",
+    )
+    p.add_argument(
+        "--memtrace-at",
+        default="",
+        metavar="MIN,MIN",
+        help="diagnosis: run the bridge under bench.memtrace, probe its memory at these minutes of "
+        "traffic (pymalloc arenas; tracemalloc with --memtrace-frames) and report the growth between the last two",
+    )
+    p.add_argument(
+        "--memtrace-frames",
+        type=int,
+        default=0,
+        help="also trace Python allocations with this many frames (~half the throughput); 0: allocator stats only",
+    )
     a = p.parse_args(argv)
+    try:
+        memtrace_at = tuple(sorted(float(m) * 60 for m in a.memtrace_at.split(",") if m.strip()))
+    except ValueError:
+        p.error(f"--memtrace-at wants minutes like 6,11, got {a.memtrace_at!r}")
+    extra: dict[str, str] = {}
+    for item in a.bridge_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            p.error(f"--bridge-env wants NAME=VALUE, got {item!r}")
+        extra[name] = value
     out = Path(a.out)
     if out.suffix != ".json":
         out = out / "soak.json"
@@ -593,14 +685,25 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     delay = a.token_delay_ms if a.token_delay_ms is not None else max(20.0, concurrency / 5.0)
     warmup = a.warmup_s if a.warmup_s is not None else min(5.0, max(3.0, a.duration / 6))
     return Options(
-        duration=max(1.0, min(a.duration, 3600.0)), concurrency=concurrency, token_delay_ms=delay,
-        grace_s=a.grace_s, hammer_users=max(0, a.hammer_users), warmup_s=warmup, seed=a.seed, out=out,
+        duration=max(1.0, min(a.duration, 3600.0)),
+        concurrency=concurrency,
+        token_delay_ms=delay,
+        grace_s=a.grace_s,
+        hammer_users=max(0, a.hammer_users),
+        warmup_s=warmup,
+        seed=a.seed,
+        out=out,
         # Bounded caches still fill after the warm-up (stats window buckets, SQLite page cache,
         # allocator arenas): a flat allowance plus a little per concurrent stream.
         rss_margin_mib=a.rss_margin_mib if a.rss_margin_mib is not None else 16.0 + concurrency * 0.02,
         fd_margin=a.fd_margin,
         # A normal user opens <= 10 s / MIN_OPEN_GAP_S = 40 streams per 10 s; hammers try ~200.
-        rate_limit=60, rate_window_s=10,
+        rate_limit=60,
+        rate_window_s=10,
+        bridge_env=extra,
+        memtrace_at_s=memtrace_at,
+        memtrace_frames=max(0, a.memtrace_frames),
+        chart=Path(a.chart) if a.chart else None,
     )
 
 
@@ -609,22 +712,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     fd_limit = raise_fd_limit()  # the children inherit it
     started_at = time.monotonic()
     failures: list[str] = []
-    summary: dict[str, Any] = {"concurrency": opts.concurrency, "duration_s": opts.duration,
-                               "token_delay_ms": opts.token_delay_ms, "resume_grace_s": opts.grace_s,
-                               "rate_limit": f"{opts.rate_limit} per {opts.rate_window_s} seconds",
-                               "hammer_users": opts.hammer_users, "fd_limit": fd_limit, "seed": opts.seed}
+    summary: dict[str, Any] = {
+        "concurrency": opts.concurrency,
+        "duration_s": opts.duration,
+        "token_delay_ms": opts.token_delay_ms,
+        "resume_grace_s": opts.grace_s,
+        "rate_limit": f"{opts.rate_limit} per {opts.rate_window_s} seconds",
+        "hammer_users": opts.hammer_users,
+        "fd_limit": fd_limit,
+        "seed": opts.seed,
+        "bridge_env": opts.bridge_env,
+    }
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         audit_db = Path(tmp) / "audit.sqlite3"
-        stub = StubProc(["--mode", "echo", "--echo-delimiter", ",", "--token-delay-ms",
-                         f"{opts.token_delay_ms:g}"], None)
+        stub = StubProc(
+            ["--mode", "echo", "--echo-delimiter", ",", "--token-delay-ms", f"{opts.token_delay_ms:g}"], None
+        )
         bridge: HttpServer | None = None
         try:
-            bridge = start_bridge(
-                stub.target, None, Path(tmp), RESUME_GRACE_S=f"{opts.grace_s:g}", AUDIT_DB=str(audit_db),
-                RATE_LIMIT=f"{opts.rate_limit} per {opts.rate_window_s} seconds", TRUSTED_PROXIES="127.0.0.1/32",
-                MAX_STREAMS_PER_USER="1000000", MAX_STREAMS_TOTAL="1000000", LOG_LEVEL="WARNING",
-            )
+            env = {
+                "RESUME_GRACE_S": f"{opts.grace_s:g}",
+                "AUDIT_DB": str(audit_db),
+                "RATE_LIMIT": f"{opts.rate_limit} per {opts.rate_window_s} seconds",
+                "TRUSTED_PROXIES": "127.0.0.1/32",
+                "MAX_STREAMS_PER_USER": "1000000",
+                "MAX_STREAMS_TOTAL": "1000000",
+                "LOG_LEVEL": "WARNING",
+                **opts.bridge_env,
+            }
+            probes = Path(tmp) / "memtrace"
+            if opts.memtrace_at_s:
+                bridge = start_traced_bridge(stub.target, probes, opts.memtrace_frames, Path(tmp), **env)
+            else:
+                bridge = start_bridge(stub.target, None, Path(tmp), **env)
             run(opts, stub, bridge, audit_db, summary, failures)
+            if opts.memtrace_at_s:
+                summary["memtrace"] = memtrace_growth(probes, opts.memtrace_at_s, failures)
         finally:
             if bridge is not None:
                 bridge.stop(30)
@@ -637,11 +760,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text, flush=True)
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(text + "\n")
+    if opts.chart is not None and "resources" in summary:
+        chart(summary, opts.chart)
     return 0 if not failures else 1
 
 
-def run(opts: Options, stub: StubProc, bridge: HttpServer, audit_db: Path, summary: dict[str, Any],
-        failures: list[str]) -> None:
+def chart(summary: dict[str, Any], path: Path) -> None:
+    """RSS of the bridge over the run, and over streams started with the fitted slope window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = summary["resources"]
+    rows = res["timeline"]
+    minutes = [row[0] / 60 for row in rows]
+    rss = [row[2] for row in rows]
+    opened = [row[3] / 1000 for row in rows]
+    fig, (by_time, by_streams) = plt.subplots(1, 2, figsize=(12, 4.5))
+    by_time.plot(minutes, rss, color="tab:blue", label="bridge RSS")
+    if rows and len(rows[0]) >= 6:
+        by_time.plot(minutes, [row[4] for row in rows], color="tab:purple", linewidth=0.8, label="anonymous")
+    by_time.axhline(res["rss_before_mib"], color="grey", linestyle=":", label="baseline after warm-up")
+    by_time.axhline(res["rss_after_mib"], color="tab:green", linestyle="--", label="after traffic stopped")
+    slope = summary.get("rss_slope") or {}
+    if slope:
+        by_time.axvspan(
+            slope["from_s"] / 60,
+            slope["to_s"] / 60,
+            color="tab:orange",
+            alpha=0.12,
+            label=f"fit window: {slope['mib_per_10min']:+.2f} MiB / 10 min",
+        )
+    by_time.set_xlabel("minutes of traffic")
+    by_time.set_ylabel("RSS (MiB)")
+    by_time.legend(loc="lower right", fontsize=8)
+    by_streams.plot(opened, rss, color="tab:blue")
+    by_streams.set_xlabel("streams started (thousands)")
+    by_streams.set_ylabel("RSS (MiB)")
+    if slope:
+        by_streams.set_title(f"{slope['kib_per_stream'] * 1024:+.1f} bytes per stream (fit window)", fontsize=10)
+    fig.suptitle(
+        f"bench.soak: {summary['concurrency']} concurrent streams, {summary['duration_s']:g} s, "
+        f"load average {summary.get('cpu_s', {}).get('load_average_1m', '?')}",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(
+    opts: Options, stub: StubProc, bridge: HttpServer, audit_db: Path, summary: dict[str, Any], failures: list[str]
+) -> None:
     import uvloop
 
     host, port = "127.0.0.1", int(bridge.url.rsplit(":", 1)[1])
@@ -658,8 +830,11 @@ def run(opts: Options, stub: StubProc, bridge: HttpServer, audit_db: Path, summa
 
         def idle(sessions: bool = True) -> bool:
             snap = stats()
-            return bool(snap["open_streams"] == 0 and snap["open_connections_by_cap"] == 0
-                        and (not sessions or snap["sessions_held"] == 0))
+            return bool(
+                snap["open_streams"] == 0
+                and snap["open_connections_by_cap"] == 0
+                and (not sessions or snap["sessions_held"] == 0)
+            )
 
         settle_s = opts.grace_s + 30
         # Warm-up with the same mix at full concurrency, so the baseline already has the pools and
@@ -677,14 +852,40 @@ def run(opts: Options, stub: StubProc, bridge: HttpServer, audit_db: Path, summa
         peak = {"fds": 0, "rss": 0}
         cpu0 = {"bridge": cpu_s(ps), "stub": cpu_s(stub.ps), "client": cpu_s(psutil.Process())}
 
-        timeline: list[list[float]] = []  # [seconds, open fds, RSS MiB] every 5 s
+        # [seconds, open fds, RSS MiB, streams started since t0, anonymous MiB, file-backed MiB]
+        # every 5 s: the slope per stream started is what tells a leak from a busy box (a loaded
+        # host just starts fewer streams).
+        timeline: list[list[float]] = []
+        opened0 = soak.opened
+
+        snapshot_times = list(opts.memtrace_at_s)
 
         async def sample() -> None:
             for i in range(100_000):
+                if snapshot_times and time.monotonic() - t0 >= snapshot_times[0]:
+                    snapshot_times.pop(0)
+                    os.kill(ps.pid, signal.SIGUSR2)  # bench.memtrace dumps a snapshot
                 fds, rss = resources()
                 peak["fds"], peak["rss"] = max(peak["fds"], fds), max(peak["rss"], rss)
+                if i % 60 == 0:
+                    # The client keeps every stream's record (tokens included) for the final
+                    # accounting: millions of objects, which a full collection scans. In the
+                    # 30-minute run those collections stalled this client's loop for ~3.5 s at a
+                    # time, so planned 1 s reconnects arrived after the 5 s window (clusters of
+                    # STREAM_EXPIRED charged to the bridge). Frozen objects are not scanned again.
+                    gc.freeze()
                 if i % 10 == 0:
-                    timeline.append([round(time.monotonic() - t0, 1), fds, round(rss / 2**20, 1)])
+                    anonymous, file_backed = memory_split_mib(ps.pid)
+                    timeline.append(
+                        [
+                            round(time.monotonic() - t0, 1),
+                            fds,
+                            round(rss / 2**20, 2),
+                            soak.opened - opened0,
+                            anonymous,
+                            file_backed,
+                        ]
+                    )
                 await asyncio.sleep(0.5)
 
         async def main_phase() -> None:
@@ -703,12 +904,17 @@ def run(opts: Options, stub: StubProc, bridge: HttpServer, audit_db: Path, summa
         if not poll(idle, settle_s):
             failures.append(f"after the run the bridge is not idle: {stats()}")
         final_stats = stats()
-        back = poll(lambda: resources()[0] <= fds0 + opts.fd_margin
-                    and resources()[1] <= rss0 + opts.rss_margin_mib * 2**20, 15, 0.5)
+        back = poll(
+            lambda: resources()[0] <= fds0 + opts.fd_margin and resources()[1] <= rss0 + opts.rss_margin_mib * 2**20,
+            15,
+            0.5,
+        )
         fds1, rss1 = resources()
         if not back:
-            failures.append(f"resources did not return to baseline: fds {fds0} -> {fds1} (margin {opts.fd_margin}), "
-                            f"RSS {rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MiB (margin {opts.rss_margin_mib:g})")
+            failures.append(
+                f"resources did not return to baseline: fds {fds0} -> {fds1} (margin {opts.fd_margin}), "
+                f"RSS {rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MiB (margin {opts.rss_margin_mib:g})"
+            )
     # Every stream the stub served has ended by now (the bridge is idle); give the pipe a moment.
     n_started = sum(1 for s in soak.streams if s.started)
     poll(lambda: len(stub_end_lines(stub)) >= n_started, 10)
@@ -733,35 +939,58 @@ def run(opts: Options, stub: StubProc, bridge: HttpServer, audit_db: Path, summa
     # Every resume that was served (not answered STREAM_EXPIRED) is one reconnection for the bridge.
     served = sum(s.resumes - s.expired for s in soak.streams)
     if final_stats.get("reconnections") != served:
-        failures.append(f"stream-stats counts {final_stats.get('reconnections')} reconnections, "
-                        f"the soak resumed {served} times")
+        failures.append(
+            f"stream-stats counts {final_stats.get('reconnections')} reconnections, the soak resumed {served} times"
+        )
     main_streams = soak.streams[warm:]
     started = [s for s in main_streams if s.started]
     plans = Counter(s.plan.kind for s in started)
-    summary.update({
-        "traffic_s": round(traffic_s, 1),
-        "streams": {"started": len(started), "warmup": warm, "by_plan": dict(plans),
-                    "completed": sum(s.done for s in started),
-                    "cancelled": sum(expected_outcome(s) == "cancelled" for s in started),
-                    "failed": sum(expected_outcome(s) == "error" for s in started),
-                    "deleted": sum(s.deleted for s in started),
-                    "abandoned": plans["abandon"]},
-        "tokens": sum(len(s.tokens) for s in main_streams),
-        "tokens_per_s": round(sum(len(s.tokens) for s in main_streams) / max(traffic_s, 0.001)),
-        "connections": sum(s.connections for s in main_streams),
-        "resumes": sum(s.resumes for s in main_streams),
-        "expired": sum(s.expired for s in main_streams),
-        "rate_limited_429": soak.rejected_429,
-        "resources": {"fds_before": fds0, "fds_peak": peak["fds"], "fds_after": fds1,
-                      "rss_before_mib": round(rss0 / 2**20, 1), "rss_peak_mib": round(peak["rss"] / 2**20, 1),
-                      "rss_after_mib": round(rss1 / 2**20, 1), "returned": back, "timeline": timeline},
-        "stream_stats_after": {k: final_stats.get(k) for k in ("open_streams", "sessions_held",
-                                                               "open_connections_by_cap", "streams_opened",
-                                                               "outcomes", "reconnections")},
-        "stub": stub_report,
-        "audit": audit_report,
-        "bridge_stderr_tail": bridge.stderr_lines[-5:],
-    })
+    summary.update(
+        {
+            "traffic_s": round(traffic_s, 1),
+            "streams": {
+                "started": len(started),
+                "warmup": warm,
+                "by_plan": dict(plans),
+                "completed": sum(s.done for s in started),
+                "cancelled": sum(expected_outcome(s) == "cancelled" for s in started),
+                "failed": sum(expected_outcome(s) == "error" for s in started),
+                "deleted": sum(s.deleted for s in started),
+                "abandoned": plans["abandon"],
+            },
+            "tokens": sum(len(s.tokens) for s in main_streams),
+            "tokens_per_s": round(sum(len(s.tokens) for s in main_streams) / max(traffic_s, 0.001)),
+            "connections": sum(s.connections for s in main_streams),
+            "resumes": sum(s.resumes for s in main_streams),
+            "expired": sum(s.expired for s in main_streams),
+            "rate_limited_429": soak.rejected_429,
+            "resources": {
+                "fds_before": fds0,
+                "fds_peak": peak["fds"],
+                "fds_after": fds1,
+                "rss_before_mib": round(rss0 / 2**20, 1),
+                "rss_peak_mib": round(peak["rss"] / 2**20, 1),
+                "rss_after_mib": round(rss1 / 2**20, 1),
+                "returned": back,
+                "timeline": timeline,
+            },
+            "rss_slope": rss_slope(timeline, opts.duration),
+            "stream_stats_after": {
+                k: final_stats.get(k)
+                for k in (
+                    "open_streams",
+                    "sessions_held",
+                    "open_connections_by_cap",
+                    "streams_opened",
+                    "outcomes",
+                    "reconnections",
+                )
+            },
+            "stub": stub_report,
+            "audit": audit_report,
+            "bridge_stderr_tail": bridge.stderr_lines[-5:],
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -20,35 +20,33 @@ from starlette.types import Receive, Scope, Send
 
 from bridge.audit.http import admin_audit_endpoint
 from bridge.config import Settings
+from bridge.docs import docs_routes
 from bridge.endpoints import Endpoints
 from bridge.errors import BridgeError, MethodNotAllowed, NotFound
 from bridge.guards import HeaderSizeLimit
 from bridge.openapi import openapi_endpoint
+from bridge.pageheaders import with_security_headers
 from bridge.responses import error_response
+from bridge.resume.client import ResumeStore
 from bridge.state import BridgeState
-from bridge.streaming import RAW_SEND_KEY
+from bridge.stream.response import RAW_SEND_KEY
 from bridge.upstream import Upstream
 
 STATIC_DIR = Path(__file__).parent / "static"
 log = logging.getLogger("bridge")
 
-CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
-)
-PAGE_HEADERS = {
-    "Content-Security-Policy": CSP,
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-}
-
 
 class BridgeApp(Starlette):
-    """Starlette, plus the server's unwrapped ``send`` in the scope for the event-stream writer."""
+    """Starlette, plus the server's unwrapped ``send`` in the scope for the event-stream writer.
+
+    Everything else goes out through ``with_security_headers``, outside every middleware, so even
+    the outermost error handler's responses carry them.
+    """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope[RAW_SEND_KEY] = send
+        if scope["type"] == "http":
+            send = with_security_headers(send)
         await super().__call__(scope, receive, send)
 
 
@@ -59,22 +57,30 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state.upstream = Upstream(
-            settings.rag_target, state.telemetry.client_interceptors(), settings.upstream_ejection_interval_s
+            settings.rag_target,
+            state.telemetry.client_interceptors(),
+            settings.upstream_ejection_interval_s,
+            timeout_s=settings.upstream_timeout_s,
+            stream_tracing=state.telemetry.stream_tracing(),
         )
         await state.audit.start()
-        state.registry.resume_store(settings, state.policy)  # subscribe to remote cancels at boot
+        if settings.resume_store and settings.resume_grace_s > 0:
+            state.resume_store = ResumeStore(settings.resume_store, state.policy, on_cancel=state.registry.cancel)
+            state.resume_store.start()  # subscribe to remote cancels at boot
+            state.metrics.watch_resume_store(state.resume_store.stats)
         try:
             yield
         finally:
             await state.registry.wait_all(0)
-            await state.registry.aclose()  # flush resume-store writes, stop its cancel subscriber
+            if state.resume_store is not None:  # flush its writes, stop its cancel subscriber
+                await state.resume_store.aclose()
             await state.gate.limiter.aclose()
             await state.upstream.close()
             await state.audit.aclose()  # after the streams: their end records are written too
             await asyncio.to_thread(state.telemetry.shutdown)
 
     async def index(request: Request) -> Response:
-        return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+        return FileResponse(STATIC_DIR / "index.html")
 
     async def bridge_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, BridgeError)
@@ -84,8 +90,8 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
         assert isinstance(exc, HTTPException)
         if exc.status_code == 404:
             return error_response(NotFound("no such endpoint"))
-        if exc.status_code == 405:
-            return error_response(MethodNotAllowed("method not allowed for this endpoint"))
+        if exc.status_code == 405:  # keeps Starlette's Allow header, which RFC 9110 requires
+            return error_response(MethodNotAllowed("method not allowed for this endpoint"), exc.headers)
         return error_response(BridgeError(str(exc.detail), code="HTTP_ERROR", status=exc.status_code))
 
     async def unexpected(request: Request, exc: Exception) -> Response:
@@ -93,14 +99,19 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
         return error_response(BridgeError("internal error", code="INTERNAL"))
 
     routes = [
-        Route("/api/v2/bali-zero/chat-stream", endpoints.chat_stream, methods=["GET", "POST"]),
+        _without_head(Route("/api/v2/bali-zero/chat-stream", endpoints.chat_stream, methods=["GET", "POST"])),
+        # Gated like a chat request (rate limit, stream slot): a HEAD would spend both for nothing.
+        _without_head(Route("/api/v2/bali-zero/chat-stream/diagnostic", endpoints.diagnostic_stream, methods=["GET"])),
         Route("/api/v2/bali-zero/chat-stream/{stream_id}", endpoints.cancel_stream, methods=["DELETE"]),
         Route("/api/v2/bali-zero/chat-stream/{stream_id}/cancel", endpoints.cancel_stream, methods=["POST"]),
         Route("/api/v2/bali-zero/chat", endpoints.chat, methods=["POST"]),
         Route("/api/v2/bali-zero/stream-stats", endpoints.stream_stats, methods=["GET"]),
         Route("/metrics", endpoints.metrics, methods=["GET"]),
-        Route("/api/admin/audit", admin_audit_endpoint(state.audit, state.gate.identify), methods=["GET"]),
+        _without_head(
+            Route("/api/admin/audit", admin_audit_endpoint(state.audit, state.gate.identify), methods=["GET"])
+        ),
         Route("/openapi.json", openapi_endpoint, methods=["GET"]),
+        *docs_routes(STATIC_DIR / "docs.html"),
         Route("/healthz", endpoints.healthz, methods=["GET"]),
         Route("/readyz", endpoints.readyz, methods=["GET"]),
         Route("/", index, methods=["GET"]),
@@ -115,10 +126,23 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["GET", "POST", "DELETE"],
-                allow_headers=["authorization", "content-type", "last-event-id", "x-connection-id",
-                               "x-user-id", "traceparent", "tracestate"],
-                expose_headers=["x-connection-id", "x-request-id", "retry-after", "ratelimit-limit",
-                                "ratelimit-remaining", "ratelimit-reset"],
+                allow_headers=[
+                    "authorization",
+                    "content-type",
+                    "last-event-id",
+                    "x-connection-id",
+                    "x-user-id",
+                    "traceparent",
+                    "tracestate",
+                ],
+                expose_headers=[
+                    "x-connection-id",
+                    "x-request-id",
+                    "retry-after",
+                    "ratelimit-limit",
+                    "ratelimit-remaining",
+                    "ratelimit-reset",
+                ],
                 max_age=600,
             )
         )
@@ -130,3 +154,15 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
     )
     app.state.bridge = state
     return app
+
+
+def _without_head(route: Route) -> Route:
+    """The route without the HEAD that Starlette adds to every GET route.
+
+    A handler with side effects runs in full for HEAD, only the body is dropped: HEAD on the
+    stream endpoint took a rate-limit slot and, with a JSON body, opened a real upstream stream
+    (the stub sent 40 tokens nobody read). Such routes answer HEAD with 405 and ``Allow``.
+    """
+    assert route.methods is not None
+    route.methods.discard("HEAD")
+    return route

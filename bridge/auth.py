@@ -8,7 +8,10 @@ Invariants, each closing a known hole:
 * ``exp`` is required; an unexpiring token leaked once would be valid forever.
 * Oversized tokens are refused before any base64/JSON work, so a 1 MB header costs nothing.
 * ``user_id``, ``role`` and ``email`` come only from verified claims. ``x-user-id`` is believed
-  only from a trusted proxy and only for callers without a token, so a client cannot pick its id.
+  only from a trusted proxy and only for callers without a token, so a client cannot pick its id;
+  even then it is a ``proxy`` identity with its own key space, never the token user of that name.
+* A present Authorization header is always used or refused, never skipped: an empty one is a
+  401 like any bad token (the gate refuses several of them, see bridge/gate.py).
 * JWKS fetches are blocking HTTP in pyjwt; they run in a worker thread so a slow key server
   stalls only the requests that need it, never the event loop.
 * Error messages are fixed strings: the token (or pyjwt's text about it) never reaches a client.
@@ -26,8 +29,8 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from bridge.config import ConfigError, Settings
-from bridge.errors import ServiceUnavailable, Unauthorized
+from bridge.config import Settings
+from bridge.errors import ConfigError, ServiceUnavailable, Unauthorized
 from bridge.types import Identity
 
 log = logging.getLogger(__name__)
@@ -46,9 +49,7 @@ class Authenticator:
     cannot turn the bridge into a flood against the key server).
     """
 
-    def __init__(
-        self, settings: Settings, *, jwks_timeout_s: float = 5.0, jwks_lifespan_s: float = 300.0
-    ) -> None:
+    def __init__(self, settings: Settings, *, jwks_timeout_s: float = 5.0, jwks_lifespan_s: float = 300.0) -> None:
         self._required = settings.auth_required
         self._leeway = settings.jwt_leeway_s
         self._audience = settings.jwt_audience or None
@@ -64,8 +65,11 @@ class Authenticator:
             self._key, self._algorithms = _load_rsa_public_key(settings.jwt_public_key_file), ["RS256"]
         elif settings.jwt_jwks_url:
             self._jwks = jwt.PyJWKClient(
-                settings.jwt_jwks_url, cache_keys=True, cache_jwk_set=True,
-                lifespan=jwks_lifespan_s, timeout=jwks_timeout_s,
+                settings.jwt_jwks_url,
+                cache_keys=True,
+                cache_jwk_set=True,
+                lifespan=jwks_lifespan_s,
+                timeout=jwks_timeout_s,
             )
             self._algorithms = ["RS256"]
 
@@ -100,14 +104,22 @@ class Authenticator:
                 key = (await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)).key
             required = ["exp", "sub"] + ["aud"] * bool(self._audience) + ["iss"] * bool(self._issuer)
             claims: dict[str, Any] = jwt.decode(
-                token, key, algorithms=self._algorithms, audience=self._audience, issuer=self._issuer,
+                token,
+                key,
+                algorithms=self._algorithms,
+                audience=self._audience,
+                issuer=self._issuer,
                 leeway=self._leeway,
                 options={"require": required, "verify_aud": self._audience is not None},
             )
         except jwt.PyJWKClientConnectionError:
             log.warning("JWKS endpoint unreachable; cannot verify tokens")
-            raise ServiceUnavailable("token keys are unavailable, try again shortly",
-                                     code="AUTH_UNAVAILABLE", retryable=True, retry_after_s=5) from None
+            raise ServiceUnavailable(
+                "token keys are unavailable, try again shortly",
+                code="AUTH_UNAVAILABLE",
+                retryable=True,
+                retry_after_s=5,
+            ) from None
         except jwt.PyJWTError as exc:
             raise _translate(exc) from None
         return claims
@@ -129,8 +141,15 @@ def effective_role(identity: Identity, requested: str | None) -> str | None:
 
 
 def _bearer_token(authorization: str | None) -> str | None:
-    if authorization is None or not authorization.strip():
+    """The bearer token, None when the header is absent; a present but unusable one is a 401.
+
+    An empty or blank header is not "no header": read as absent, an empty Authorization sent
+    beside a bad one let a caller be served as anonymous where a bad token must be a 401.
+    """
+    if authorization is None:
         return None
+    if not authorization.strip():
+        raise Unauthorized("the Authorization header is empty", code="INVALID_TOKEN")
     scheme, _, token = authorization.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("expected an Authorization: Bearer token", code="INVALID_TOKEN")
@@ -142,7 +161,10 @@ def _identity_from_claims(claims: Mapping[str, Any], client_ip: str) -> Identity
     if not isinstance(sub, str) or not sub or len(sub) > _MAX_USER_ID_CHARS:
         raise _invalid("token subject is invalid")
     return Identity(
-        client_ip=client_ip, user_id=sub, role=_highest_role(claims), email=_email(claims.get("email")),
+        client_ip=client_ip,
+        user_id=sub,
+        role=_highest_role(claims),
+        email=_email(claims.get("email")),
         authenticated=True,
     )
 

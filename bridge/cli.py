@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import sys
 from collections.abc import Mapping
 from types import FrameType
@@ -18,7 +19,14 @@ from types import FrameType
 import uvicorn
 
 from bridge.audit.cli import add_audit_commands
-from bridge.config import ConfigError, Settings
+from bridge.config import Settings, variables_help
+from bridge.doctor import add_doctor_command, run_doctor
+from bridge.errors import ConfigError
+from bridge.netsock import HalfOpenDetection
+
+PATH_VARIABLES = ("AUDIT_DB", "LOG_FILE", "ERROR_LOG_FILE", "JWT_PUBLIC_KEY_FILE")
+"""Settings naming files: a relative one in an env file is relative to that file, not to the cwd,
+so the server and `audit verify` started from different directories find the same store."""
 
 
 def load_environment(env_file: str | None) -> Mapping[str, str]:
@@ -29,16 +37,31 @@ def load_environment(env_file: str | None) -> Mapping[str, str]:
         if not os.path.isfile(env_file):
             raise ConfigError(f"--env-file {env_file!r}: no such file")
         file_values = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+        base = os.path.dirname(os.path.abspath(env_file))
+        for name in PATH_VARIABLES:
+            value = file_values.get(name, "").strip()
+            if value and not os.path.isabs(value):
+                file_values[name] = os.path.join(base, value)
         environ = {**file_values, **environ}  # the real environment wins over the file
     return environ
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server, announcing readiness and telling the app when SIGTERM arrives."""
+def print_config(settings: Settings) -> int:
+    """`bali-zero-bridge config`: the effective settings, one VARIABLE=value a line, secrets masked."""
+    for name, value in settings.effective():
+        print(f"{name}={value}")
+    return 0
 
-    def __init__(self, config: uvicorn.Config, on_exit_signal: object, announce: str) -> None:
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, announcing readiness and telling the app when SIGTERM or SIGINT arrives."""
+
+    def __init__(
+        self, config: uvicorn.Config, on_exit_signal: object, announce: str, on_repeated_signal: object = None
+    ) -> None:
         super().__init__(config)
         self._on_exit_signal = on_exit_signal
+        self._on_repeated_signal = on_repeated_signal
         self._announce = announce
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -47,38 +70,64 @@ class _Server(uvicorn.Server):
             print(self._announce, flush=True)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        callback = self._on_exit_signal
+        repeated = self.should_exit
+        callback = self._on_repeated_signal if repeated else self._on_exit_signal
         if callable(callback):
             with contextlib.suppress(RuntimeError):  # no loop running: nothing to drain
                 asyncio.get_running_loop().call_soon_threadsafe(callback)
+        if repeated and callable(self._on_repeated_signal):
+            # Ctrl-C twice (or Ctrl-C in `make run`, which also sends SIGTERM): the streams are being
+            # ended now, so uvicorn's force-exit, which cancels handlers mid-stream (a CancelledError
+            # traceback each) and skips the lifespan shutdown (the audit flush), is not needed.
+            return
         super().handle_exit(sig, frame)
-        # uvicorn re-raises a captured SIGTERM after shutting down, so the process would die by
-        # the signal; a drained, orderly shutdown exits 0 instead.
-        captured = getattr(self, "_captured_signals", None)
-        if isinstance(captured, list) and sig == signal.SIGTERM:
-            captured.remove(sig)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _after_drain(sig: int, frame: FrameType | None) -> None:
+    """SIGTERM's and SIGINT's handler once uvicorn has shut down: the drain is over, do nothing.
+
+    uvicorn restores the handlers it found and re-raises a captured signal after its graceful
+    shutdown; with the default handlers the process would then die by SIGTERM (exit -15) or raise
+    a KeyboardInterrupt inside the loop (a CancelledError traceback per open handler) although
+    every stream was drained. Installed before uvicorn runs, this handler is the one it restores,
+    so an orderly shutdown exits 0 (no private uvicorn state is touched).
+    """
 
 
 def serve(settings: Settings, host: str, port: int) -> int:
     from bridge.app import create_app
+    from bridge.http_protocol import ConnectionLimits, protocol_class
     from bridge.logs import configure_logging
     from bridge.state import BridgeState
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted sockets inherit these: a client that vanished without a FIN is dropped in seconds.
+    HalfOpenDetection(settings.tcp_user_timeout_s, settings.tcp_keepalive_s).apply(sock)
     try:
         sock.bind((host, port))
     except OSError as exc:
         print(f"bali-zero-bridge: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 1
     bound_port = sock.getsockname()[1]
-    configure_logging(settings)
-    state = BridgeState.from_settings(settings)
+    try:
+        configure_logging(settings)
+        state = BridgeState.from_settings(settings)
+    except (OSError, sqlite3.Error) as exc:
+        # A valid path that cannot be written here (read-only mount, /proc): one line, not a traceback.
+        sock.close()
+        print(f"bali-zero-bridge: cannot start: {exc}", file=sys.stderr)
+        return 1
     app = create_app(settings, state)
     config = uvicorn.Config(
         app,
         loop="uvloop",
-        http="httptools",
+        # httptools with the request head bounded in bytes and time as it arrives, and the idle
+        # keep-alive timeout (KEEPALIVE_TIMEOUT_S) applied by the protocol.
+        http=protocol_class(ConnectionLimits.from_settings(settings), state.metrics),
         lifespan="on",
         log_level=settings.log_level.lower(),
         log_config=None,  # keep the bridge's JSON logging (bridge/logs.py) for uvicorn's loggers too
@@ -90,25 +139,50 @@ def serve(settings: Settings, host: str, port: int) -> int:
         proxy_headers=False,
     )
     shown_host = f"[{host}]" if ":" in host else host
-    server = _Server(config, state.begin_drain, f"bali-zero-bridge listening on http://{shown_host}:{bound_port}")
-    server.run(sockets=[sock])
+    server = _Server(
+        config,
+        state.begin_drain,
+        f"bali-zero-bridge listening on http://{shown_host}:{bound_port}",
+        on_repeated_signal=state.end_streams_now,
+    )
+    previous = {sig: signal.signal(sig, _after_drain) for sig in STOP_SIGNALS}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bali-zero-bridge", description="gRPC → Server-Sent Events bridge")
+    parser = argparse.ArgumentParser(
+        prog="bali-zero-bridge",
+        description="gRPC → Server-Sent Events bridge",
+        epilog=variables_help() + "\n\nAPI reference: GET /docs on a running bridge.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--env-file", default=None, help="load settings from a .env file")
+    # The same option after a subcommand (`audit verify --env-file .env`); SUPPRESS keeps the
+    # top-level value when it is not repeated there.
+    env_file = argparse.ArgumentParser(add_help=False)
+    env_file.add_argument("--env-file", default=argparse.SUPPRESS, help="load settings from a .env file")
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("serve", help="serve HTTP (the default)")
-    add_audit_commands(sub, lambda args: Settings.from_env(load_environment(args.env_file)))
+    sub.add_parser("serve", help="serve HTTP (the default)", parents=[env_file])
+    sub.add_parser("config", help="print the effective settings (secrets masked) and exit", parents=[env_file])
+    add_audit_commands(sub, lambda args: Settings.from_env(load_environment(args.env_file)), parents=[env_file])
+    add_doctor_command(sub)
     args = parser.parse_args(argv)
+    if args.command == "doctor":  # a client of some bridge: needs none of this bridge's settings
+        return run_doctor(args)
     try:
         if args.command == "audit":
             code: int = args.func(args)
             return code
         settings = Settings.from_env(load_environment(args.env_file))
+        if args.command == "config":
+            return print_config(settings)
     except ConfigError as exc:
         print(f"bali-zero-bridge: invalid configuration: {exc}", file=sys.stderr)
         return 2

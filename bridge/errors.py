@@ -3,26 +3,73 @@
 Before a stream starts an error is an HTTP status with a JSON body
 ``{"error": {"code", "message"}}``; after it started it is an ``error`` SSE frame with
 ``code``, ``message`` and ``retryable``. Both come from the same ``BridgeError`` so a code means
-the same thing on either path.
+the same thing on either path. No error class carries a success status: an error that is only
+ever sent as a frame (``StreamExpired``) still has the status it would have over plain HTTP.
 
-    BridgeError
+    BridgeError                    answered as JSON (HTTP) or as an ``error`` frame (mid-stream)
     ├── BadRequest            400 INVALID_REQUEST / INVALID_JSON / QUERY_TOO_LONG / ...
+    ├── ClientDisconnected    400 CLIENT_DISCONNECTED: the client left mid-body (never answered)
     ├── Unauthorized          401 UNAUTHORIZED
     ├── Forbidden             403 FORBIDDEN
     ├── NotFound              404 NOT_FOUND / STREAMING_DISABLED / STREAM_NOT_FOUND
+    ├── MethodNotAllowed      405 METHOD_NOT_ALLOWED
+    ├── RequestHeadTimeout    408 HEADER_TIMEOUT (written by the connection, bridge/http_protocol.py)
+    ├── StreamExpired         410 STREAM_EXPIRED (sent as an ``error`` frame: a late or invalid resume)
     ├── PayloadTooLarge       413 PAYLOAD_TOO_LARGE
     ├── UnsupportedMediaType  415 UNSUPPORTED_MEDIA_TYPE
     ├── TooManyRequests       429 RATE_LIMITED / TOO_MANY_STREAMS (+ Retry-After)
+    ├── RequestHeadTooLarge   431 HEADERS_TOO_LARGE
     ├── ServiceUnavailable    503 UPSTREAM_UNAVAILABLE / OVERLOADED / SHUTTING_DOWN (+ Retry-After)
+    │   ├── ResumeStoreUnavailable  503 RESUME_UNAVAILABLE (Redis could not be asked; retryable)
+    │   └── OwnerUnreachable  503 OWNER_UNREACHABLE: a cross-instance stop reached no one
     └── UpstreamError         mapped from a gRPC status by ``from_grpc_status``
+
+    Rejected                       a gate refusal: a BridgeError plus the headers and identity
+    ClientGone                     the HTTP client left or stopped reading (never answered)
+    ConfigError (ValueError)       a setting the bridge cannot start with; names the variable
+    FrameError (ValueError)        a field value that would corrupt an event stream
+    AuditChainBroken               the audit chain does not verify: retention refuses to purge
+    TelemetryConfigError           an unusable OTEL_* value; defined in ``bzb_shared.otel``
+                                   because the stub raises it too, re-exported here
+
+Outcomes that are expected answers rather than failures (a resume finding its frames trimmed, a
+stream already over) are return values of the functions that find them, not exceptions.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, ClassVar
 
 import grpc
+
+from bridge.types import Identity
+from bzb_shared.otel import TelemetryConfigError
+
+__all__ = [
+    "AuditChainBroken",
+    "BadRequest",
+    "BridgeError",
+    "ClientGone",
+    "ConfigError",
+    "Forbidden",
+    "FrameError",
+    "MethodNotAllowed",
+    "NotFound",
+    "PayloadTooLarge",
+    "Rejected",
+    "RequestHeadTimeout",
+    "RequestHeadTooLarge",
+    "ResumeStoreUnavailable",
+    "ServiceUnavailable",
+    "StreamExpired",
+    "TelemetryConfigError",
+    "TooManyRequests",
+    "UnsupportedMediaType",
+    "UpstreamError",
+    "from_grpc_status",
+]
 
 
 class BridgeError(Exception):
@@ -90,6 +137,35 @@ class MethodNotAllowed(BridgeError):
     default_code = "METHOD_NOT_ALLOWED"
 
 
+class StreamExpired(BridgeError):
+    """A resume that cannot be served: the stream is over, unknown, or its frames are gone.
+
+    Always answered as a whole event stream of one ``error`` frame (not retryable), so an
+    EventSource stops reconnecting; 410 is what it would be over plain HTTP.
+    """
+
+    status = 410
+    default_code = "STREAM_EXPIRED"
+
+
+class RequestHeadTimeout(BridgeError):
+    """The request head did not arrive within HEADER_TIMEOUT_S (slowloris)."""
+
+    status = 408
+    default_code = "HEADER_TIMEOUT"
+
+
+class ClientDisconnected(BridgeError):
+    """The client went away before its request body was complete; nobody reads the answer.
+
+    Typed so that it is not an "unhandled error": a client that closed mid-body (or was closed by
+    the connection's limits) logged a traceback at ERROR and a 500 was attempted.
+    """
+
+    status = 400
+    default_code = "CLIENT_DISCONNECTED"
+
+
 class PayloadTooLarge(BridgeError):
     status = 413
     default_code = "PAYLOAD_TOO_LARGE"
@@ -98,6 +174,13 @@ class PayloadTooLarge(BridgeError):
 class UnsupportedMediaType(BridgeError):
     status = 415
     default_code = "UNSUPPORTED_MEDIA_TYPE"
+
+
+class RequestHeadTooLarge(BridgeError):
+    """Request line plus headers over MAX_HEADER_BYTES, as counted on the wire or by the app."""
+
+    status = 431
+    default_code = "HEADERS_TOO_LARGE"
 
 
 class TooManyRequests(BridgeError):
@@ -110,11 +193,49 @@ class ServiceUnavailable(BridgeError):
     default_code = "UPSTREAM_UNAVAILABLE"
 
 
+class ResumeStoreUnavailable(ServiceUnavailable):
+    """The shared resume store (Redis) could not be asked; retryable, the owner may still serve."""
+
+    default_code = "RESUME_UNAVAILABLE"
+
+
+class OwnerUnreachable(ServiceUnavailable):
+    """A cross-instance stop that no subscriber received (PUBLISH counted zero receivers).
+
+    Answered as a retryable 503 instead of 204: the owner's cancel subscriber was still in its
+    reconnect backoff after a Redis outage, and a 204 promised a stop that never happened.
+    """
+
+    default_code = "OWNER_UNREACHABLE"
+
+
 class UpstreamError(BridgeError):
     """The RAG service ended a call with a non-OK gRPC status."""
 
     status = 502
     default_code = "UPSTREAM_ERROR"
+
+
+class Rejected(Exception):
+    """A gate refusal carrying the headers and identity the response and audit need."""
+
+    def __init__(self, error: BridgeError, headers: dict[str, str], identity: Identity) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.headers = headers
+        self.identity = identity
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected or stopped reading for longer than SEND_TIMEOUT_S."""
+
+
+class ConfigError(ValueError):
+    """A setting has a value the bridge cannot run with; the message names the variable."""
+
+
+class FrameError(ValueError):
+    """A field value that would corrupt the stream (an id with CR, LF or NUL, a bad event name)."""
 
 
 # gRPC status -> (code, HTTP status before the stream starts, retryable). The only such table.
@@ -136,11 +257,60 @@ GRPC_STATUS_MAP: dict[grpc.StatusCode, tuple[str, int, bool]] = {
     grpc.StatusCode.UNKNOWN: ("UPSTREAM_ERROR", 502, True),
 }
 
+# Bridge code -> the one message a client ever reads for it. gRPC's details carry the upstream's
+# address ("ipv4:127.0.0.1:41397"), the C core's debug text and whatever the RAG service chose
+# to say; passed on, they mapped the network behind the bridge for any caller. They go to the log.
+CLIENT_MESSAGES: dict[str, str] = {
+    "INVALID_REQUEST": "the RAG service refused the request as invalid",
+    "UPSTREAM_UNAUTHENTICATED": "the bridge could not authenticate to the RAG service",
+    "FORBIDDEN": "the RAG service refused the request",
+    "NOT_FOUND": "the RAG service does not know what was asked for",
+    "UPSTREAM_OVERLOADED": "the RAG service is overloaded; retry shortly",
+    "UPSTREAM_UNAVAILABLE": "the RAG service is unavailable; retry shortly",
+    "UPSTREAM_TIMEOUT": "the RAG service did not answer in time; retry",
+    "UPSTREAM_ABORTED": "the RAG service aborted the answer; retry",
+    "UPSTREAM_CANCELLED": "the RAG service cancelled the answer; retry",
+    "UPSTREAM_UNIMPLEMENTED": "the RAG service does not support this request",
+    "UPSTREAM_INTERNAL": "the RAG service failed",
+    "UPSTREAM_ERROR": "the RAG service failed",
+}
 
-def from_grpc_status(code: grpc.StatusCode, details: str | None) -> BridgeError:
-    """Translate a gRPC status into the bridge's error, keeping the upstream's message."""
+upstream_log = logging.getLogger("bridge.upstream")
+_MAX_LOGGED_DETAILS = 2048  # the upstream chooses the details' size; a log line must stay bounded
+
+
+def from_grpc_status(code: grpc.StatusCode, details: str | None, request_id: str = "") -> BridgeError:
+    """Translate a gRPC status into the bridge's error: a stable message, the details logged.
+
+    The client sees only ``CLIENT_MESSAGES[code]``; the upstream's own details (addresses, ports,
+    debug strings) are logged at WARNING with the request id, where operators look for them.
+    """
     mapped_code, status, retryable = GRPC_STATUS_MAP.get(code, ("UPSTREAM_ERROR", 502, True))
-    message = details or code.name.lower().replace("_", " ")
+    upstream_log.warning(
+        "upstream call failed",
+        extra={
+            "request_id": request_id,
+            "grpc_status": code.name,
+            "grpc_details": (details or "")[:_MAX_LOGGED_DETAILS],
+            "error_code": mapped_code,
+        },
+    )
     retry_after = 1.0 if retryable and status == 503 else None
     cls: type[BridgeError] = BadRequest if status == 400 else UpstreamError
-    return cls(message, code=mapped_code, retryable=retryable, retry_after_s=retry_after, status=status)
+    return cls(
+        CLIENT_MESSAGES[mapped_code], code=mapped_code, retryable=retryable, retry_after_s=retry_after, status=status
+    )
+
+
+class AuditChainBroken(Exception):
+    """The audit chain does not verify, so retention refuses to purge.
+
+    Not an HTTP error: it stops ``audit purge`` (exit 1) and the bridge's scheduled purge (logged
+    CRITICAL). Purging a chain that does not verify would delete the evidence and write a valid
+    checkpoint over it (the backdated-``ts`` attack).
+    """
+
+    def __init__(self, first_bad_id: int | None, reason: str) -> None:
+        super().__init__(f"the audit chain does not verify at record {first_bad_id}: {reason}")
+        self.first_bad_id = first_bad_id
+        self.reason = reason

@@ -3,6 +3,12 @@
 Both chat endpoints pass through the same gate, in this order: shutting down (503), identity
 (401), rate limit (429 + Retry-After). The rate-limit headers of the decision are returned so
 every response, successful or not, carries them.
+
+A header that names the caller is read only when it is unambiguous. Starlette's
+``headers.get`` returns the first of several copies, so an empty ``Authorization`` followed by a
+bad one was served as anonymous, and a proxy that appends its ``x-user-id`` after a client's
+would let the client's copy win. Several ``Authorization`` headers are a 401 and several
+``x-user-id`` headers from a trusted proxy a 400: the bridge refuses rather than picks.
 """
 
 from __future__ import annotations
@@ -15,11 +21,11 @@ from starlette.requests import Request
 from bridge.auth import Authenticator
 from bridge.clientip import client_ip
 from bridge.config import Settings
-from bridge.errors import BridgeError, ServiceUnavailable, Unauthorized
+from bridge.errors import BadRequest, BridgeError, Rejected, ServiceUnavailable, Unauthorized
 from bridge.ratelimit import RateDecision, RateLimiter
 from bridge.types import Identity
 
-AuthFailureHook = Callable[[Request, str, Unauthorized], None]
+AuthFailureHook = Callable[[Request, str, BridgeError], None]
 RejectionHook = Callable[[Request, Identity, BridgeError], None]
 
 
@@ -53,18 +59,19 @@ class Gate:
     async def identify(self, request: Request) -> Identity:
         ip, trusted = self.client(request)
         try:
-            return await self.authenticator.authenticate(
-                request.headers.get("authorization"), request.headers.get("x-user-id"), ip, trusted
-            )
-        except Unauthorized as exc:
+            authorization = _single(request, "authorization")
+            x_user_id = _single(request, "x-user-id") if trusted else None
+            return await self.authenticator.authenticate(authorization, x_user_id, ip, trusted)
+        except (Unauthorized, BadRequest) as exc:
             if self.on_auth_failure is not None:
                 self.on_auth_failure(request, ip, exc)
             raise
 
     async def admit(self, request: Request) -> Admission:
         if self.draining:
-            raise ServiceUnavailable("the bridge is shutting down", code="SHUTTING_DOWN", retryable=True,
-                                     retry_after_s=1)
+            raise ServiceUnavailable(
+                "the bridge is shutting down", code="SHUTTING_DOWN", retryable=True, retry_after_s=1
+            )
         identity = await self.identify(request)
         decision: RateDecision = await self.limiter.hit(identity.key)
         headers = decision.headers()
@@ -76,11 +83,11 @@ class Gate:
         return Admission(identity, headers)
 
 
-class Rejected(Exception):
-    """A gate refusal carrying the headers and identity the response and audit need."""
-
-    def __init__(self, error: BridgeError, headers: dict[str, str], identity: Identity) -> None:
-        super().__init__(error.message)
-        self.error = error
-        self.headers = headers
-        self.identity = identity
+def _single(request: Request, name: str) -> str | None:
+    """The one value of header ``name``, None when absent; several copies are refused, not picked."""
+    values = request.headers.getlist(name)
+    if len(values) <= 1:
+        return values[0] if values else None
+    if name == "authorization":
+        raise Unauthorized("send one Authorization header, not several", code="INVALID_TOKEN")
+    raise BadRequest(f"several {name} headers; send at most one", code="DUPLICATE_HEADER")

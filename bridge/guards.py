@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from bridge.errors import BridgeError
+from bridge.errors import RequestHeadTooLarge
 from bridge.responses import error_response
 
 
 class HeaderSizeLimit:
-    """Answer 431 when the request's headers exceed ``max_bytes`` in total.
+    """Answer 431 when the request's headers and URL exceed ``max_bytes`` in total.
 
-    httptools (uvicorn's fast parser) sets no header limit of its own, so without this a client
-    could make every request carry megabytes of headers into JWT parsing and logging.
+    The exact, per-request check. Memory is bounded earlier, as bytes arrive, by the connection
+    protocol (bridge/http_protocol.py), which allows the request line's framing on top; this guard
+    is what keeps a head just under that wire bound from reaching JWT parsing and logging.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -29,11 +30,7 @@ class HeaderSizeLimit:
             size = sum(len(name) + len(value) + 4 for name, value in scope["headers"])
             size += len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
             if size > self.max_bytes:
-                error = BridgeError(
-                    f"request headers and URL must total at most {self.max_bytes} bytes",
-                    code="HEADERS_TOO_LARGE",
-                    status=431,
-                )
+                error = RequestHeadTooLarge(f"request headers and URL must total at most {self.max_bytes} bytes")
                 await error_response(error)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

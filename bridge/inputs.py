@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from bridge.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from bridge.errors import BadRequest, ClientDisconnected, PayloadTooLarge, UnsupportedMediaType
 
 ROLES = ("user", "assistant", "system")
 _EMAIL = re.compile(r"^[^@\s\x00-\x1f]{1,64}@[^@\s\x00-\x1f]{1,190}$")
@@ -67,11 +67,14 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             raise PayloadTooLarge(f"the body must be at most {max_bytes} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise PayloadTooLarge(f"the body must be at most {max_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise PayloadTooLarge(f"the body must be at most {max_bytes} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientDisconnected("the client closed the connection before the body was complete") from None
     return b"".join(chunks)
 
 
@@ -88,7 +91,7 @@ def validate(data: Mapping[str, Any], limits: Limits) -> ChatInput:
         raise BadRequest("query is required and must be a non-empty string", code="QUERY_REQUIRED")
     if len(query.encode("utf-8", "surrogatepass")) > limits.max_query_bytes:
         raise BadRequest(f"query must be at most {limits.max_query_bytes} bytes", code="QUERY_TOO_LONG")
-    _check_text(query, "query")
+    check_text(query, "query")
     email = _optional_str(data, "user_email")
     if email is not None and not _EMAIL.match(email):
         raise BadRequest("user_email is not an email address")
@@ -104,6 +107,7 @@ def _optional_str(data: Mapping[str, Any], name: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise BadRequest(f"{name} must be a string")
+    check_text(value, name)
     return value
 
 
@@ -119,23 +123,31 @@ def _history(raw: Any, limits: Limits) -> tuple[tuple[str, str], ...]:
     out = []
     for i, item in enumerate(raw):
         if not isinstance(item, dict) or set(item) - {"role", "content"}:
-            raise BadRequest(f"conversation_history[{i}] must be an object with role and content only",
-                             code="INVALID_HISTORY")
+            raise BadRequest(
+                f"conversation_history[{i}] must be an object with role and content only", code="INVALID_HISTORY"
+            )
         role, content = item.get("role"), item.get("content")
         if role not in ROLES:
-            raise BadRequest(f"conversation_history[{i}].role must be one of {', '.join(ROLES)}",
-                             code="INVALID_HISTORY")
+            raise BadRequest(
+                f"conversation_history[{i}].role must be one of {', '.join(ROLES)}", code="INVALID_HISTORY"
+            )
         if not isinstance(content, str) or not content:
-            raise BadRequest(f"conversation_history[{i}].content must be a non-empty string",
-                             code="INVALID_HISTORY")
-        _check_text(content, f"conversation_history[{i}].content")
+            raise BadRequest(f"conversation_history[{i}].content must be a non-empty string", code="INVALID_HISTORY")
+        check_text(content, f"conversation_history[{i}].content")
         out.append((role, content))
     return tuple(out)
 
 
-def _check_text(text: str, name: str) -> None:
-    # JSON allows lone surrogates ("\ud800") that cannot be encoded as UTF-8 for gRPC.
+def check_text(text: str, name: str) -> None:
+    """Refuse a lone surrogate in any string field, naming the field in the 400.
+
+    JSON's ``\\ud800`` escape yields a lone surrogate that no UTF-8 encoder accepts: before this
+    check ran on every field, such a ``user_email`` reached protobuf serialisation and answered
+    500. NUL is a character like any other in free text (the SSE edge-case payloads push it end
+    to end, and the query reaches SQLite only as an HMAC, logs never); identifier fields refuse it
+    and every other control character through their own patterns.
+    """
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise BadRequest(f"{name} is not valid Unicode text") from None
+        raise BadRequest(f"{name} is not valid Unicode text (lone surrogate)") from None

@@ -5,7 +5,7 @@ working. Fields: ``ts`` (UTC ISO 8601, ms), ``level``, ``logger``, ``message``, 
 ``extra=`` field of the call, so stream ends can be queried by request or trace id.
 
 Privacy: ``log_stream_end`` writes identifiers, outcome and timings only. Query text never goes in
-a log line; ``StreamResult.extra`` contributes only its numeric and boolean values for that reason.
+a log line (``StreamResult`` does not carry it).
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ from bridge.types import StreamResult
 STREAM_LOGGER = "bridge.streams"
 _OURS = "_bali_zero_handler"  # marks handlers we installed, so reconfiguring replaces only them
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message", "asctime", "taskName"
-}
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -98,9 +96,6 @@ def stream_end_fields(result: StreamResult) -> dict[str, Any]:
         "error_code": result.error_code,
         "finish_reason": result.finish_reason,
     }
-    for key, value in result.extra.items():
-        if isinstance(value, bool | int | float) and key not in fields:
-            fields[key] = value
     return fields
 
 

@@ -13,15 +13,15 @@ Every metric lives in the registry passed in (a fresh one by default), never the
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from bridge.types import StreamResult
+from bridge.types import CONNECTION_CLOSE_REASONS, ConnectionCloseReason, StreamResult
 
 # 1 ms … 10 s, roughly 1-2.5-5 per decade: fine where interactive latency matters, coarse beyond.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -35,43 +35,53 @@ class BridgeMetrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         self._first_token = Histogram(
-            "bridge_first_token_seconds", "Time from stream start to the first token.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "bridge_first_token_seconds",
+            "Time from stream start to the first token.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self._inter_token = BatchHistogram(
-            "bridge_inter_token_seconds", "Time between consecutive tokens of one stream.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "bridge_inter_token_seconds",
+            "Time between consecutive tokens of one stream.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self._duration = Histogram(
-            "bridge_stream_duration_seconds", "Whole stream duration, by how it ended.",
-            ["outcome"], buckets=DURATION_BUCKETS, registry=r,
+            "bridge_stream_duration_seconds",
+            "Whole stream duration, by how it ended.",
+            ["outcome"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
         )
         self._streams = Counter(
-            "bridge_streams", "Streams ended, by outcome and error code ('' when none).",
-            ["outcome", "error_code"], registry=r,
+            "bridge_streams",
+            "Streams ended, by outcome and error code ('' when none).",
+            ["outcome", "error_code"],
+            registry=r,
         )
         self._tokens = Counter("bridge_tokens", "Tokens relayed to clients.", registry=r)
         self._open_streams = Gauge("bridge_open_streams", "Streams currently open.", registry=r)
-        self._open_connections = Gauge(
-            "bridge_open_connections", "SSE connections currently held open.", registry=r
-        )
-        self._reconnections = Counter(
-            "bridge_reconnections", "Streams resumed with Last-Event-ID.", registry=r
-        )
+        self._open_connections = Gauge("bridge_open_connections", "SSE connections currently held open.", registry=r)
+        self._reconnections = Counter("bridge_reconnections", "Streams resumed with Last-Event-ID.", registry=r)
         self._rate_limited = Counter(
             "bridge_rate_limited", "Requests rejected by limits, by reason.", ["reason"], registry=r
         )
         self._rate_limit_storage_errors = Counter(
-            "bridge_rate_limit_storage_errors", "Rate-limit storage failures (fail-open or -closed).",
+            "bridge_rate_limit_storage_errors",
+            "Rate-limit storage failures (fail-open or -closed).",
             registry=r,
         )
         self._audit_dropped = Counter(
             "bridge_audit_dropped", "Audit records dropped because the queue was full.", registry=r
         )
-        self._http_requests = Counter(
-            "bridge_http_requests", "HTTP responses by route template and status.",
-            ["route", "status"], registry=r,
+        self._connections_closed = Counter(
+            "bridge_connections_closed",
+            "HTTP connections the bridge closed itself before or between requests, by reason.",
+            ["reason"],
+            registry=r,
         )
+        for reason in CONNECTION_CLOSE_REASONS:  # every series exists from the start, at 0
+            self._connections_closed.labels(reason)
 
     # ----------------------------------------------------------------- StreamObserver
 
@@ -112,9 +122,12 @@ class BridgeMetrics:
     def audit_dropped(self, count: int = 1) -> None:
         self._audit_dropped.inc(count)
 
-    def http_request(self, route: str, status: int) -> None:
-        """``route`` must be the route template, never the raw path (unbounded label values)."""
-        self._http_requests.labels(route, str(status)).inc()
+    def watch_resume_store(self, stats: Callable[[], Mapping[str, int | bool]]) -> None:
+        """Export the resume store's counters (RESUME_STORE), read at scrape time."""
+        ResumeStoreCollector(stats, self.registry)
+
+    def connection_closed_by_bridge(self, reason: ConnectionCloseReason) -> None:
+        self._connections_closed.labels(reason).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition body and its content type, for GET /metrics."""
@@ -131,9 +144,7 @@ class BatchHistogram(Collector):
     custom-collector API, so the text format is still prometheus-client's own.
     """
 
-    def __init__(
-        self, name: str, documentation: str, *, buckets: Sequence[float], registry: CollectorRegistry
-    ) -> None:
+    def __init__(self, name: str, documentation: str, *, buckets: Sequence[float], registry: CollectorRegistry) -> None:
         self._name = name
         self._documentation = documentation
         self._bounds = sorted(float(b) for b in buckets)
@@ -154,3 +165,26 @@ class BatchHistogram(Collector):
             cumulative += count
             buckets.append((floatToGoString(bound), cumulative))  # type: ignore[no-untyped-call]
         yield HistogramMetricFamily(self._name, self._documentation, buckets=buckets, sum_value=self._sum)
+
+
+class ResumeStoreCollector(Collector):
+    """``bridge_resume_store_<counter>_total`` and ``bridge_resume_store_down`` from the store's stats.
+
+    Read at scrape time from the one ``ResumeStore`` of the app, so the store keeps plain integer
+    counters on its hot paths and /metrics still shows them.
+    """
+
+    def __init__(self, stats: Callable[[], Mapping[str, int | bool]], registry: CollectorRegistry) -> None:
+        self._stats = stats
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        for name, value in self._stats().items():
+            if name == "store_down":
+                yield GaugeMetricFamily(
+                    "bridge_resume_store_down", "1 while the resume store is failing.", value=float(value)
+                )
+            else:
+                yield CounterMetricFamily(
+                    f"bridge_resume_store_{name}", f"Resume store: {name.replace('_', ' ')}.", value=float(value)
+                )

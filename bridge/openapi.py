@@ -32,5 +32,4 @@ def load_openapi() -> dict[str, Any]:
 
 async def openapi_endpoint(request: Request) -> Response:
     """``GET /openapi.json``."""
-    return Response(openapi_bytes(), media_type="application/json",
-                    headers={"cache-control": "public, max-age=300"})
+    return Response(openapi_bytes(), media_type="application/json", headers={"cache-control": "public, max-age=300"})

@@ -77,11 +77,15 @@ class RateDecision:
         if self.allowed:
             return None
         if self.storage_error:
-            return ServiceUnavailable("rate limiting is unavailable, try again shortly",
-                                      code="RATE_LIMIT_UNAVAILABLE", retryable=True,
-                                      retry_after_s=self.retry_after_s)
-        return TooManyRequests("rate limit exceeded", code="RATE_LIMITED", retryable=True,
-                               retry_after_s=self.retry_after_s)
+            return ServiceUnavailable(
+                "rate limiting is unavailable, try again shortly",
+                code="RATE_LIMIT_UNAVAILABLE",
+                retryable=True,
+                retry_after_s=self.retry_after_s,
+            )
+        return TooManyRequests(
+            "rate limit exceeded", code="RATE_LIMITED", retryable=True, retry_after_s=self.retry_after_s
+        )
 
 
 class _Window(Protocol):
@@ -121,22 +125,26 @@ class RateLimiter:
         self._storage_retry_after = storage_retry_after_s
         scheme = settings.rate_limit_storage.split("://", 1)[0].lower()
         self._window: _Window
+        self._in_memory = scheme == "memory"
         if scheme == "memory":
             self._window = _MemoryWindow(self.limit, self.window_s, clock or time.monotonic)
         elif scheme in {"redis", "rediss"}:
             if clock is not None:
                 raise ValueError("an injected clock works only with memory:// rate-limit storage")
-            self._window = _RedisWindow(
-                settings.rate_limit_storage, self.limit, self.window_s, storage_timeout_s
-            )
+            self._window = _RedisWindow(settings.rate_limit_storage, self.limit, self.window_s, storage_timeout_s)
         else:
             raise ValueError(f"unsupported RATE_LIMIT_STORAGE scheme {scheme!r}")
 
     async def hit(self, key: str) -> RateDecision:
         """Count a request for ``key``; never raises for a storage failure (see fail_open)."""
         try:
-            async with asyncio.timeout(self._timeout * 2):
+            if self._in_memory:
+                # Nothing to wait for: a timeout (a timer armed and cancelled per request) would
+                # be pure cost on the path to the first token.
                 allowed, count, reset_after = await self._window.hit(key)
+            else:
+                async with asyncio.timeout(self._timeout * 2):
+                    allowed, count, reset_after = await self._window.hit(key)
         except (StorageError, OSError, TimeoutError, redis.RedisError) as exc:
             return self._without_storage(exc)
         if self._storage_down:
@@ -163,14 +171,12 @@ class RateLimiter:
         if not self._storage_down:  # warn once per outage, not once per request
             self._storage_down = True
             action = "allowing" if self.fail_open else "refusing"
-            log.warning("rate-limit storage failed (%s); %s requests until it recovers",
-                        type(exc).__name__, action)
+            log.warning("rate-limit storage failed (%s); %s requests until it recovers", type(exc).__name__, action)
         if self.fail_open:
             self.failures_open += 1
             return RateDecision(True, self.limit, self.limit, 0.0, storage_error=True)
         self.failures_closed += 1
-        return RateDecision(False, self.limit, 0, 0.0, retry_after_s=self._storage_retry_after,
-                            storage_error=True)
+        return RateDecision(False, self.limit, 0, 0.0, retry_after_s=self._storage_retry_after, storage_error=True)
 
 
 class _MemoryWindow:
@@ -218,7 +224,9 @@ class _RedisWindow:
         )
         # limits types its pass-through options as scalars; redis-py's Redis() takes the pool.
         storage = RedisStorage(
-            "async+" + uri, wrap_exceptions=True, implementation="redispy",
+            "async+" + uri,
+            wrap_exceptions=True,
+            implementation="redispy",
             connection_pool=self._pool,  # type: ignore[arg-type]
         )
         self._strategy = MovingWindowRateLimiter(storage)

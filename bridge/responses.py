@@ -20,5 +20,4 @@ class JSONResponse(Response):
 
 def error_response(error: BridgeError, headers: Mapping[str, str] | None = None) -> JSONResponse:
     merged = {**(headers or {}), **error.headers()}
-    status = error.status if error.status >= 400 else 400
-    return JSONResponse(error.body(), status_code=status, headers=merged)
+    return JSONResponse(error.body(), status_code=error.status, headers=merged)

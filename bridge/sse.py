@@ -16,15 +16,35 @@ from __future__ import annotations
 import codecs
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring
+
+from bridge.errors import FrameError
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _BAD_ID = re.compile(r"[\r\n\x00]")
 
 
-class FrameError(ValueError):
-    """A field value that would corrupt the stream (an id with CR, LF or NUL, a bad event name)."""
+MEDIA_TYPE = "text/event-stream; charset=utf-8"
+
+
+def response_headers(heartbeat_interval_s: float, headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    """The raw headers of an event-stream response; ``headers`` add to or override the base set.
+
+    ``no-transform`` and ``x-accel-buffering: no`` keep proxies from compressing or buffering the
+    frames (what ``bali-zero-bridge doctor`` checks on the path); ``x-heartbeat-interval`` tells the
+    browser client's watchdog how long silence may last.
+    """
+    base = {
+        "content-type": MEDIA_TYPE,
+        "cache-control": "no-cache, no-transform",
+        "x-accel-buffering": "no",
+        "connection": "keep-alive",
+        "x-heartbeat-interval": f"{heartbeat_interval_s:g}",
+    }
+    base.update({name.lower(): value for name, value in headers.items()})
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in base.items()]
 
 
 def frame(event_id: str, data: str, event: str | None = None) -> bytes:
@@ -61,10 +81,6 @@ def token_frame(event_id: str, index: int, text: str) -> bytes:
 def retry_field(milliseconds: int) -> bytes:
     """A ``retry:`` hint; the standard accepts ASCII digits only."""
     return f"retry: {max(0, int(milliseconds))}\n\n".encode("ascii")
-
-
-def comment(text: str = "") -> bytes:
-    return (": " + _LINE_BREAK.sub(" ", text) + "\n\n").encode("utf-8")
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,18 +9,19 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 
 from bridge.audit import AuditTrail
-from bridge.audit.http import request_ids
 from bridge.auth import Authenticator
 from bridge.config import Settings
-from bridge.errors import BridgeError, ServiceUnavailable, Unauthorized
+from bridge.errors import BridgeError, ServiceUnavailable
 from bridge.gate import Gate
 from bridge.inputs import Limits
 from bridge.metrics import BridgeMetrics
 from bridge.ratelimit import RateLimiter
-from bridge.sessions import SessionRegistry
+from bridge.request_ids import request_ids
+from bridge.resume.client import ResumeStore
 from bridge.stats import FanOut, StreamStats
+from bridge.stream.policy import StreamPolicy
+from bridge.stream.registry import SessionRegistry
 from bridge.streamcap import StreamCaps
-from bridge.streaming import StreamPolicy
 from bridge.telemetry import Telemetry
 from bridge.types import Identity
 from bridge.upstream import Upstream
@@ -41,8 +42,10 @@ class BridgeState:
     observer: FanOut
     audit: AuditTrail
     registry: SessionRegistry = field(default_factory=SessionRegistry)
-    upstream: Upstream | None = None
+    upstream: Upstream | None = None  # opened in the lifespan (a channel is bound to its loop)
+    resume_store: ResumeStore | None = None  # likewise; None without RESUME_STORE or a grace window
     _drain_task: asyncio.Task[None] | None = None
+    _grace_cut: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
     def from_settings(cls, settings: Settings, telemetry: Telemetry | None = None) -> BridgeState:
@@ -55,15 +58,19 @@ class BridgeState:
             on_storage_error=lambda exc: metrics.rate_limit_storage_failed(),
         )
 
-        def auth_failed(request: Request, ip: str, error: Unauthorized) -> None:
+        def auth_failed(request: Request, ip: str, error: BridgeError) -> None:
             request_id, trace_id = request_ids(request)
-            audit.record(audit.events.auth_failed(Identity(client_ip=ip), request_id, trace_id,
-                                                  path=request.url.path, reason=error.code))
+            audit.record(
+                audit.events.auth_failed(
+                    Identity(client_ip=ip), request_id, trace_id, path=request.url.path, reason=error.code
+                )
+            )
 
         def rejected(request: Request, identity: Identity, error: BridgeError) -> None:
             request_id, trace_id = request_ids(request)
-            audit.record(audit.events.rate_limited(identity, request_id, trace_id,
-                                                   path=request.url.path, reason=error.code))
+            audit.record(
+                audit.events.rate_limited(identity, request_id, trace_id, path=request.url.path, reason=error.code)
+            )
 
         return cls(
             settings=settings,
@@ -98,11 +105,29 @@ class BridgeState:
         self.gate.draining = True
         self._drain_task = asyncio.get_running_loop().create_task(self._drain())
 
+    def end_streams_now(self) -> None:
+        """A second Ctrl-C: cut the grace short and end the running streams with SHUTTING_DOWN now.
+
+        uvicorn's own answer to a second Ctrl-C ("force quit") skips the lifespan shutdown, so
+        the audit queue was not flushed, and the open handlers were cancelled mid-stream, which
+        logged a CancelledError traceback for each.
+        """
+        self.begin_drain()
+        self._grace_cut.set()
+
     async def _drain(self) -> None:
-        await self.registry.wait_all(self.settings.shutdown_grace_s)
+        grace = asyncio.ensure_future(self.registry.wait_all(self.settings.shutdown_grace_s))
+        cut = asyncio.ensure_future(self._grace_cut.wait())
+        await asyncio.wait({grace, cut}, return_when=asyncio.FIRST_COMPLETED)
+        grace.cancel()
+        cut.cancel()
         ended = self.registry.abort_all(
-            ServiceUnavailable("the bridge is shutting down; reconnect to continue", code="SHUTTING_DOWN",
-                               retryable=True, retry_after_s=1)
+            ServiceUnavailable(
+                "the bridge is shutting down; reconnect to continue",
+                code="SHUTTING_DOWN",
+                retryable=True,
+                retry_after_s=1,
+            )
         )
         if ended:
             log.warning("shutdown grace over: ended %d running stream(s)", len(ended))

@@ -39,9 +39,7 @@ class _Bucket:
 class WindowedSamples:
     """Samples of one quantity over the last ``window_s`` seconds, reservoir-capped per bucket."""
 
-    def __init__(
-        self, window_s: float, clock: Callable[[], float], samples_per_bucket: int, seed: int
-    ) -> None:
+    def __init__(self, window_s: float, clock: Callable[[], float], samples_per_bucket: int, seed: int) -> None:
         self._bucket_s = max(1.0, window_s / MAX_BUCKETS)
         self._keep = math.ceil(window_s / self._bucket_s)
         self._clock = clock

@@ -8,14 +8,11 @@ let a user exceed the cap, or drive a count negative).
 
 from __future__ import annotations
 
-import threading
-from types import TracebackType
-
 from bridge.errors import ServiceUnavailable, TooManyRequests
 
 
 class Lease:
-    """One open stream's slot; ``release()`` is idempotent and thread-safe."""
+    """One open stream's slot; ``release()`` is idempotent."""
 
     __slots__ = ("_caps", "_released", "key")
 
@@ -32,13 +29,6 @@ class Lease:
         """Give the slot back; later calls do nothing."""
         self._caps._release(self)
 
-    def __enter__(self) -> Lease:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.release()
-
 
 class StreamCaps:
     """Counts open streams; ``acquire`` refuses over ``per_user`` (429) or ``total`` (503).
@@ -54,8 +44,7 @@ class StreamCaps:
         self.total = total
         self.retry_after_s = retry_after_s
         self._by_key: dict[str, int] = {}
-        self._open = 0
-        self._lock = threading.Lock()
+        self._open = 0  # no lock: only the event loop's thread touches the caps
 
     @property
     def open_total(self) -> int:
@@ -66,30 +55,32 @@ class StreamCaps:
 
     def acquire(self, key: str) -> Lease:
         """Take a slot for ``key`` or raise TooManyRequests / ServiceUnavailable."""
-        with self._lock:
-            mine = self._by_key.get(key, 0)
-            if mine >= self.per_user:
-                raise TooManyRequests(
-                    f"too many concurrent streams (limit {self.per_user})", code="TOO_MANY_STREAMS",
-                    retryable=True, retry_after_s=self.retry_after_s,
-                )
-            if self._open >= self.total:
-                raise ServiceUnavailable(
-                    "the server is at its stream capacity, try again shortly", code="OVERLOADED",
-                    retryable=True, retry_after_s=self.retry_after_s,
-                )
-            self._by_key[key] = mine + 1
-            self._open += 1
+        mine = self._by_key.get(key, 0)
+        if mine >= self.per_user:
+            raise TooManyRequests(
+                f"too many concurrent streams (limit {self.per_user})",
+                code="TOO_MANY_STREAMS",
+                retryable=True,
+                retry_after_s=self.retry_after_s,
+            )
+        if self._open >= self.total:
+            raise ServiceUnavailable(
+                "the server is at its stream capacity, try again shortly",
+                code="OVERLOADED",
+                retryable=True,
+                retry_after_s=self.retry_after_s,
+            )
+        self._by_key[key] = mine + 1
+        self._open += 1
         return Lease(self, key)
 
     def _release(self, lease: Lease) -> None:
-        with self._lock:
-            if lease._released:
-                return
-            lease._released = True
-            left = self._by_key[lease.key] - 1
-            if left:
-                self._by_key[lease.key] = left
-            else:
-                del self._by_key[lease.key]  # no entry per past user: the dict cannot grow forever
-            self._open -= 1
+        if lease._released:
+            return
+        lease._released = True
+        left = self._by_key[lease.key] - 1
+        if left:
+            self._by_key[lease.key] = left
+        else:
+            del self._by_key[lease.key]  # no entry per past user: the dict cannot grow forever
+        self._open -= 1

@@ -4,213 +4,52 @@ Why explicit and not the global provider: the OTel global can be set only once p
 apps in one test process (or a reload) would silently share the first app's exporter. Every span
 here comes from ``Telemetry.tracer``; nothing calls ``trace.set_tracer_provider``.
 
-Why our own small gRPC client interceptors instead of opentelemetry-instrumentation-grpc's
+Why our own small gRPC client tracing instead of opentelemetry-instrumentation-grpc's
 ``aio_client_interceptors``: its unary-stream interceptor ends the client span in the ``finally`` of
 the response async generator, so after ``call.cancel()`` the span ends only if the caller keeps
 iterating (and then with status UNSET), and when the caller uses ``call.read()`` it never ends at
 all. Ours ends the span from the call's done callback, which fires on completion, error and
 cancellation alike, and it hands back the real call object, so ``read()`` and ``cancel()`` keep
-working (see tests/test_telemetry_grpc.py).
+working (see tests/test_telemetry_grpc.py). Streams are traced without any interceptor at all
+(``StreamTracing``): cancelling an intercepted stream mid-read leaks native memory in grpcio.
 
-Propagation uses W3C tracecontext + baggage through a module-level propagator instead of the
-global one, whose choice depends on ``OTEL_PROPAGATORS`` in ``os.environ`` at import time.
+The provider itself is built from ``OTEL_*`` by ``bzb_shared.otel`` (shared with the stub, which must
+not import the bridge).
 
 Tracing is off unless ``OTEL_TRACES_EXPORTER`` names an exporter or an OTLP endpoint is set. (The
 SDK's own default is "otlp", which would make every developer run try localhost:4317.) Off means
-a ``NoOpTracer``, no interceptors and no span processors: a stream then costs one tiny
+a ``NoOpTracer``, no interceptors or stream tracing and no span processors: a stream then costs one tiny
 ``NonRecordingSpan`` that still carries the caller's trace id for log correlation.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
-from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import Getter, Setter
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    ConsoleSpanExporter,
-    SimpleSpanProcessor,
-    SpanExporter,
-)
-from opentelemetry.sdk.trace.sampling import (
-    ALWAYS_OFF,
-    ALWAYS_ON,
-    ParentBased,
-    ParentBasedTraceIdRatio,
-    Sampler,
-    TraceIdRatioBased,
-)
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from bridge.types import StreamResult
+from bzb_shared.otel import PROPAGATOR, build_tracer_provider
 
-PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
 INSTRUMENTATION_NAME = "bali_zero_bridge"
 
 __all__ = [
     "PROPAGATOR",
+    "StreamTracing",
     "Telemetry",
-    "TelemetryConfigError",
     "build_tracer_provider",
     "client_interceptors_for",
     "trace_id_of",
 ]
-
-
-class TelemetryConfigError(ValueError):
-    """An OTEL_* variable has a value we cannot use; the message names it."""
-
-
-# --------------------------------------------------------------------------- provider from OTEL_*
-
-
-def _parse_pairs(raw: str) -> dict[str, str]:
-    """``k1=v1,k2=v2`` as used by OTEL_RESOURCE_ATTRIBUTES and OTEL_EXPORTER_OTLP_HEADERS."""
-    from urllib.parse import unquote
-
-    pairs: dict[str, str] = {}
-    for part in raw.split(","):
-        if "=" in part:
-            key, value = part.split("=", 1)
-            if key.strip():
-                pairs[unquote(key.strip())] = unquote(value.strip())
-    return pairs
-
-
-def _sampler(environ: Mapping[str, str]) -> Sampler:
-    name = environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
-    arg = environ.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
-    try:
-        ratio = float(arg) if arg else 1.0
-    except ValueError:
-        raise TelemetryConfigError(f"OTEL_TRACES_SAMPLER_ARG={arg!r}: expected a number in 0..1") from None
-    if not 0.0 <= ratio <= 1.0:
-        raise TelemetryConfigError(f"OTEL_TRACES_SAMPLER_ARG={arg!r}: expected a number in 0..1")
-    choices: dict[str, Callable[[], Sampler]] = {
-        "always_on": lambda: ALWAYS_ON,
-        "always_off": lambda: ALWAYS_OFF,
-        "traceidratio": lambda: TraceIdRatioBased(ratio),
-        "parentbased_always_on": lambda: ParentBased(ALWAYS_ON),
-        "parentbased_always_off": lambda: ParentBased(ALWAYS_OFF),
-        "parentbased_traceidratio": lambda: ParentBasedTraceIdRatio(ratio),
-    }
-    if name not in choices:
-        raise TelemetryConfigError(f"OTEL_TRACES_SAMPLER={name!r}: expected one of {', '.join(choices)}")
-    return choices[name]()
-
-
-def _otlp_exporter(environ: Mapping[str, str]) -> SpanExporter:
-    # Imported lazily: the gRPC exporter pulls in a second grpc channel stack nobody needs when off.
-    from urllib.parse import urlparse
-
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-    def pick(suffix: str, default: str = "") -> str:
-        specific = environ.get(f"OTEL_EXPORTER_OTLP_TRACES_{suffix}")
-        return specific or environ.get(f"OTEL_EXPORTER_OTLP_{suffix}") or default
-
-    endpoint = pick("ENDPOINT", "http://localhost:4317")
-    insecure_raw = pick("INSECURE")
-    insecure = insecure_raw.lower() == "true" if insecure_raw else urlparse(endpoint).scheme == "http"
-    try:
-        timeout = float(pick("TIMEOUT", "10000")) / 1000  # the spec gives milliseconds
-    except ValueError:
-        raise TelemetryConfigError("OTEL_EXPORTER_OTLP_TIMEOUT: expected milliseconds") from None
-    compression = grpc.Compression.Gzip if pick("COMPRESSION") == "gzip" else grpc.Compression.NoCompression
-    # Everything is passed explicitly so that the exporter does not fall back to os.environ.
-    return OTLPSpanExporter(
-        endpoint=endpoint,
-        insecure=insecure,
-        headers=_parse_pairs(pick("HEADERS")),
-        timeout=timeout,
-        compression=compression,
-    )
-
-
-def _int_env(environ: Mapping[str, str], name: str, default: int) -> int:
-    """A positive integer OTEL_* setting (the SDK's own names and defaults)."""
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise TelemetryConfigError(f"{name}={raw!r}: expected a whole number") from None
-    if value <= 0:
-        raise TelemetryConfigError(f"{name}={raw!r}: must be > 0")
-    return value
-
-
-def _exporter_names(environ: Mapping[str, str]) -> list[str]:
-    raw = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
-    if not raw:
-        endpoints = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
-        return ["otlp"] if any(environ.get(name) for name in endpoints) else []
-    names = [n.strip() for n in raw.split(",") if n.strip() and n.strip() != "none"]
-    for name in names:
-        if name not in {"otlp", "console"}:
-            raise TelemetryConfigError(f"OTEL_TRACES_EXPORTER={raw!r}: expected otlp, console or none")
-    return names
-
-
-def build_tracer_provider(
-    environ: Mapping[str, str],
-    default_service_name: str,
-    *,
-    shutdown_on_exit: bool = False,
-    extra_processors: tuple[SpanProcessor, ...] = (),
-) -> TracerProvider | None:
-    """A TracerProvider configured from OTEL_* variables, or None when tracing is off.
-
-    ``extra_processors`` lets tests attach an in-memory exporter to a provider that is otherwise
-    configured exactly as in production (with them, tracing is on even without an exporter).
-    """
-    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return None
-    names = _exporter_names(environ)
-    if not names and not extra_processors:
-        return None
-    attributes: dict[str, str] = _parse_pairs(environ.get("OTEL_RESOURCE_ATTRIBUTES", ""))
-    attributes["service.name"] = (
-        environ.get("OTEL_SERVICE_NAME") or attributes.get("service.name") or default_service_name
-    )
-    provider = TracerProvider(
-        sampler=_sampler(environ),
-        # Resource(...) rather than Resource.create(...): create() reads os.environ itself.
-        resource=Resource(attributes),
-        span_limits=SpanLimits(max_attributes=128, max_events=128, max_links=128),
-        shutdown_on_exit=shutdown_on_exit,
-    )
-    for name in names:
-        if name == "otlp":
-            provider.add_span_processor(
-                BatchSpanProcessor(
-                    _otlp_exporter(environ),
-                    max_queue_size=_int_env(environ, "OTEL_BSP_MAX_QUEUE_SIZE", 2048),
-                    schedule_delay_millis=_int_env(environ, "OTEL_BSP_SCHEDULE_DELAY", 5000),
-                    max_export_batch_size=_int_env(environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512),
-                    export_timeout_millis=_int_env(environ, "OTEL_BSP_EXPORT_TIMEOUT", 30000),
-                )
-            )
-        else:
-            # stderr, not stdout: the stub's stdout carries the stream_end JSON lines tests parse.
-            provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
-    for processor in extra_processors:
-        provider.add_span_processor(processor)
-    return provider
 
 
 # --------------------------------------------------------------------------- gRPC client side
@@ -249,41 +88,95 @@ async def _finish_client_span(span: Span, call: grpc.aio.Call, ended_ns: int) ->
     span.end(end_time=ended_ns)
 
 
-class _ClientInterceptorBase:
+class _KeptTasks:
+    """Tasks kept referenced until they finish: the event loop holds only weak references, so a
+    fire-and-forget task (a span ended after its call) could be collected before it ran."""
+
+    __slots__ = ("_tasks",)
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+class ClientCallTracer:
     """Starts a CLIENT span in the caller's context, injects it, and ends it when the call is done.
 
-    grpc.aio runs interceptors in a task created when the stub method is called, which copies the
-    caller's contextvars: the parent is whatever span is current at ``stub.Method(...)`` time.
+    The span's parent is whatever span is current when the call is started (``stub.Method(...)``
+    time for an interceptor, whose task copies the caller's contextvars; ``start`` time here).
     """
 
     def __init__(self, tracer: trace.Tracer) -> None:
         self._tracer = tracer
-        self._pending: set[asyncio.Task[None]] = set()
+        self._pending = _KeptTasks()  # status readers until their spans end
+
+    def start(self, method: str | bytes, metadata: Any) -> tuple[Span, list[tuple[str, str]]]:
+        """A new CLIENT span for ``method`` and ``metadata`` with its context injected."""
+        name = _method_name(method)
+        span = self._tracer.start_span(name, kind=SpanKind.CLIENT, attributes=_rpc_attributes(name))
+        carrier: list[tuple[str, str]] = [(str(k), str(v)) for k, v in (metadata or ())]
+        PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span), setter=_SETTER)
+        return span, carrier
+
+    @staticmethod
+    def failed(span: Span, exc: BaseException) -> None:
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+        span.end()
+
+    def watch(self, span: Span, call: Any) -> None:
+        """End ``span`` from the call's done callback: completion, error and cancellation alike."""
+
+        def done(finished: grpc.aio.Call) -> None:
+            self._pending.spawn(_finish_client_span(span, finished, time.time_ns()))
+
+        call.add_done_callback(done)
+
+
+class StreamTracing(ClientCallTracer):
+    """Traces server-streaming calls *without* a grpc.aio interceptor.
+
+    Why: an intercepted unary-stream call is read through grpc.aio's async-generator wrapper
+    (``InterceptedUnaryStreamCall.read``), and cancelling such a call while a read is pending
+    leaks native memory that closing the channel does not return: 0.2-0.7 KiB per cancelled
+    stream with grpcio 1.85, against a flat line for the same cancel on a plain call (measured by
+    tests/support/grpc_cancel.py; the same family as grpc/grpc#43360). With tracing on, every
+    disconnect would leak. ``bridge.upstream.Upstream`` opens its streams through ``open``.
+    """
+
+    def open(self, multicallable: Any, request: Any, *, method: str, timeout: float, metadata: Any) -> Any:
+        span, carrier = self.start(method, metadata)
+        try:
+            call = multicallable(request, timeout=timeout, metadata=tuple(carrier))
+        except BaseException as exc:
+            self.failed(span, exc)
+            raise
+        self.watch(span, call)
+        return call
+
+
+class _ClientInterceptorBase(ClientCallTracer):
+    """The tracer as a grpc.aio interceptor, for unary calls (their calls are never read in parts)."""
 
     async def _intercept(self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
-        method = _method_name(details.method)
-        span = self._tracer.start_span(method, kind=SpanKind.CLIENT, attributes=_rpc_attributes(method))
-        metadata: list[tuple[str, str]] = [(str(k), str(v)) for k, v in (details.metadata or ())]
-        PROPAGATOR.inject(metadata, context=trace.set_span_in_context(span), setter=_SETTER)
+        span, carrier = self.start(details.method, details.metadata)
         new_details = grpc.aio.ClientCallDetails(
-            details.method, details.timeout, grpc.aio.Metadata(*metadata), details.credentials,
+            details.method,
+            details.timeout,
+            grpc.aio.Metadata(*carrier),
+            details.credentials,
             details.wait_for_ready,
         )
         try:
             call = await continuation(new_details, request)
         except BaseException as exc:
-            span.record_exception(exc)
-            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-            span.end()
+            self.failed(span, exc)
             raise
-        loop = asyncio.get_running_loop()
-
-        def done(finished: grpc.aio.Call) -> None:
-            task = loop.create_task(_finish_client_span(span, finished, time.time_ns()))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
-
-        call.add_done_callback(done)
+        self.watch(span, call)
         return call
 
 
@@ -298,7 +191,11 @@ class _UnaryStreamTracing(_ClientInterceptorBase, grpc.aio.UnaryStreamClientInte
 
 
 def client_interceptors_for(tracer: trace.Tracer) -> list[Any]:
-    """Tracing interceptors for a grpc.aio channel (unary-unary and unary-stream RPCs)."""
+    """Tracing interceptors for a grpc.aio channel (unary-unary and unary-stream RPCs).
+
+    The bridge's own channel takes only the unary one: its streams are traced by ``StreamTracing``
+    (see there why an intercepted stream must not be cancelled mid-read).
+    """
     return [_UnaryUnaryTracing(tracer), _UnaryStreamTracing(tracer)]
 
 
@@ -338,6 +235,7 @@ class Telemetry:
         self.tracer: trace.Tracer = (
             provider.get_tracer(INSTRUMENTATION_NAME) if provider is not None else trace.NoOpTracer()
         )
+        self._pending = _KeptTasks()  # stream spans waiting for their gRPC call
 
     @classmethod
     def from_settings(cls, settings: Any, *, extra_processors: tuple[SpanProcessor, ...] = ()) -> Telemetry:
@@ -345,14 +243,16 @@ class Telemetry:
         return cls.from_environ(settings.otel, extra_processors=extra_processors)
 
     @classmethod
-    def from_environ(
-        cls, environ: Mapping[str, str], *, extra_processors: tuple[SpanProcessor, ...] = ()
-    ) -> Telemetry:
+    def from_environ(cls, environ: Mapping[str, str], *, extra_processors: tuple[SpanProcessor, ...] = ()) -> Telemetry:
         return cls(build_tracer_provider(environ, "bali-zero-bridge", extra_processors=extra_processors))
 
     def client_interceptors(self) -> list[Any]:
-        """Interceptors for the upstream channel; [] when tracing is off (no per-call cost at all)."""
-        return client_interceptors_for(self.tracer) if self.enabled else []
+        """Interceptors for the upstream channel (unary calls); [] when tracing is off (no cost)."""
+        return [_UnaryUnaryTracing(self.tracer)] if self.enabled else []
+
+    def stream_tracing(self) -> StreamTracing | None:
+        """How the upstream channel traces its streams; None when tracing is off."""
+        return StreamTracing(self.tracer) if self.enabled else None
 
     @staticmethod
     def extract_context(headers: Mapping[str, str]) -> Context:
@@ -406,8 +306,17 @@ class Telemetry:
                 span.set_status(Status(StatusCode.ERROR, result.error_code or "error"))
         span.end()
 
-    def force_flush(self, timeout_ms: int = 30_000) -> bool:
-        return self.provider.force_flush(timeout_ms) if self.provider is not None else True
+    def end_stream_span_after(self, upstream_closed: Awaitable[None], span: Span, result: StreamResult) -> None:
+        """``end_stream_span`` once ``upstream_closed`` is over, so a parent span never ends before
+        the gRPC client span it contains (the call's status can arrive after the final frame)."""
+
+        async def end_after() -> None:
+            try:
+                await upstream_closed
+            finally:
+                self.end_stream_span(span, result)
+
+        self._pending.spawn(end_after())
 
     def shutdown(self) -> None:
         """Flush and stop the exporters. Blocking: from async code use ``asyncio.to_thread``."""

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 Outcome = Literal["completed", "cancelled", "error"]
+IdentityKind = Literal["token", "proxy", "anonymous"]
+
+# Why the bridge itself closed an HTTP connection before or between requests (a metric label).
+ConnectionCloseReason = Literal["header_too_large", "header_timeout", "keepalive_idle"]
+CONNECTION_CLOSE_REASONS: tuple[ConnectionCloseReason, ...] = ("header_too_large", "header_timeout", "keepalive_idle")
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,7 +20,8 @@ class Identity:
 
     ``user_id`` and ``role`` come only from a verified token (or, for anonymous callers, an
     ``x-user-id`` set by a trusted proxy); nothing the client writes in the request body can
-    change them.
+    change them. ``authenticated`` is True only for a verified token: a ``user_id`` without it
+    was asserted by a proxy hop, which is a weaker claim (see :attr:`kind`).
     """
 
     client_ip: str
@@ -25,9 +31,29 @@ class Identity:
     authenticated: bool = False
 
     @property
+    def kind(self) -> IdentityKind:
+        """How the caller is known: a verified token, a trusted proxy's ``x-user-id``, or only an IP.
+
+        Derived, not stored, so a ``user_id`` without ``authenticated`` can only ever fall to the
+        weaker ``proxy`` kind, never be mistaken for a verified one.
+        """
+        if self.authenticated and self.user_id:
+            return "token"
+        return "proxy" if self.user_id else "anonymous"
+
+    @property
     def key(self) -> str:
-        """The key for rate limits, stream caps and rollout: the user if known, else the IP."""
-        return f"user:{self.user_id}" if self.user_id else f"ip:{self.client_ip}"
+        """The key for rate limits, stream caps, rollout and stream ownership.
+
+        Each kind has its own key space (``user:``, ``proxy:``, ``ip:``). Sharing one let an
+        anonymous caller behind nginx send ``x-user-id: alice`` and get the key of the verified
+        token ``sub=alice``: resume and stop her streams, spend her rate limit, be audited as her.
+        """
+        if self.kind == "token":
+            return f"user:{self.user_id}"
+        if self.kind == "proxy":
+            return f"proxy:{self.user_id}"
+        return f"ip:{self.client_ip}"
 
 
 @dataclass(slots=True)
@@ -43,7 +69,6 @@ class StreamResult:
     error_code: str | None = None
     finish_reason: str | None = None
     trace_id: str | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 class StreamObserver(Protocol):

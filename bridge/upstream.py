@@ -2,20 +2,32 @@
 
 The channel is created in the app's lifespan, inside the server's event loop: a channel made at
 import time is bound to another loop and fails with "attached to a different loop".
+
+``Upstream`` is the only place that calls the RAG service, so the deadline
+(UPSTREAM_TIMEOUT_S), the ``x-request-id`` metadata and the retry rule are written once:
+
+    A streaming call that fails with UNAVAILABLE before its first token is opened again, once
+    (a replica was down or died after accepting; round robin picks another). Never after a
+    token: the client would see it twice.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bali_zero.rag.v1 import rag_pb2, rag_pb2_grpc
+from bridge.errors import from_grpc_status
+from bridge.telemetry import StreamTracing
 
 SERVICE_NAME: str = rag_pb2.DESCRIPTOR.services_by_name["RagService"].full_name
+STREAM_METHOD = f"/{SERVICE_NAME}/StreamChat"
+
 
 class StreamCall(Protocol):
     """The parts of grpc.aio's UnaryStreamCall the bridge uses (grpcio ships no type hints)."""
@@ -26,13 +38,7 @@ class StreamCall(Protocol):
 
     def cancelled(self) -> bool: ...
 
-    def done(self) -> bool: ...
-
-    async def initial_metadata(self) -> Any: ...
-
     async def code(self) -> grpc.StatusCode: ...
-
-    async def details(self) -> str: ...
 
 
 def channel_target(rag_target: str) -> str:
@@ -87,6 +93,56 @@ def channel_options(rag_target: str, ejection_interval_s: float = 10.0) -> list[
     ]
 
 
+class ChatStream:
+    """One streaming chat as the pump reads it: the current gRPC call, replaced under the retry rule.
+
+    ``open_call`` makes a new call in the context the stream was opened in (so a retry's client
+    span has the same parent as the first call's).
+    """
+
+    __slots__ = ("_call", "_cancelled", "_open_call", "_read_retried", "request_id")
+
+    def __init__(self, open_call: Callable[[], StreamCall], request_id: str = "") -> None:
+        self.request_id = request_id  # logged with the upstream's status details on a failure
+        self._open_call = open_call
+        self._call = open_call()
+        self._read_retried = False
+        self._cancelled = False
+
+    def read(self) -> Awaitable[Any]:
+        """The next message, or ``grpc.aio.EOF``; raises ``grpc.aio.AioRpcError`` when the call fails
+        (then ask ``reopen_after``). The call's own read, not a wrapper: one coroutine per token."""
+        return self._call.read()
+
+    def reopen_after(self, error: grpc.aio.AioRpcError, *, token_sent: bool) -> bool:
+        """The retry rule while reading: True when ``error`` allowed a new call, now in place.
+
+        UNAVAILABLE before any token reached the client, once, and never once cancelled (the
+        stream ended here; a retry would reopen what the client asked to stop).
+        """
+        if error.code() != grpc.StatusCode.UNAVAILABLE or token_sent or self._read_retried or self._cancelled:
+            return False
+        self._call.cancel()
+        self._read_retried = True
+        self._call = self._open_call()
+        return True
+
+    def cancel(self) -> bool:
+        """Cancel the current call; no retry replaces it afterwards (a stream ended here)."""
+        self._cancelled = True
+        return self._call.cancel()
+
+    def cancelled(self) -> bool:
+        return self._call.cancelled()
+
+    async def closed(self) -> None:
+        """Wait for the current call's status (its trailers) without cancelling anything.
+
+        Safe to cancel: it awaits the call's status waiter, not a pending gRPC batch.
+        """
+        await self._call.code()
+
+
 class Upstream:
     """The RAG service as the bridge sees it: streaming and unary chat plus its health."""
 
@@ -95,8 +151,16 @@ class Upstream:
         rag_target: str,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
         ejection_interval_s: float = 10.0,
+        *,
+        timeout_s: float = 120.0,
+        stream_tracing: StreamTracing | None = None,
     ) -> None:
+        """``interceptors`` apply to unary calls only in practice: pass no unary-stream interceptor
+        here, trace streams with ``stream_tracing`` (an intercepted stream cancelled mid-read leaks
+        native memory in grpcio, see ``bridge.telemetry.StreamTracing``)."""
         self.target = channel_target(rag_target)
+        self.timeout_s = timeout_s
+        self._stream_tracing = stream_tracing
         self._channel = grpc.aio.insecure_channel(
             self.target,
             options=channel_options(self.target, ejection_interval_s),
@@ -105,17 +169,35 @@ class Upstream:
         self._stub = rag_pb2_grpc.RagServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    def stream_chat(
-        self, request: rag_pb2.StreamChatRequest, *, timeout: float, metadata: Sequence[tuple[str, str]] = ()
-    ) -> StreamCall:
-        call: StreamCall = self._stub.StreamChat(request, timeout=timeout, metadata=tuple(metadata))
-        return call
+    def chat_stream(self, request: rag_pb2.StreamChatRequest) -> ChatStream:
+        """Start a streaming chat; the session's pump reads it (``StreamSession.answered``)."""
+        context = contextvars.copy_context()
+        return ChatStream(lambda: context.run(self._stream_call, request), request.request_id)
 
-    async def chat(
-        self, request: rag_pb2.ChatRequest, *, timeout: float, metadata: Sequence[tuple[str, str]] = ()
-    ) -> rag_pb2.ChatResponse:
-        response: rag_pb2.ChatResponse = await self._stub.Chat(request, timeout=timeout, metadata=tuple(metadata))
+    async def chat(self, request: rag_pb2.ChatRequest) -> rag_pb2.ChatResponse:
+        """The unary chat; a non-OK status is raised as the mapped ``BridgeError``."""
+        try:
+            response: rag_pb2.ChatResponse = await self._stub.Chat(
+                request, timeout=self.timeout_s, metadata=_metadata(request.request_id)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc_status(exc.code(), exc.details(), request.request_id) from None
         return response
+
+    def _stream_call(self, request: rag_pb2.StreamChatRequest) -> StreamCall:
+        if self._stream_tracing is not None:
+            traced: StreamCall = self._stream_tracing.open(
+                self._stub.StreamChat,
+                request,
+                method=STREAM_METHOD,
+                timeout=self.timeout_s,
+                metadata=_metadata(request.request_id),
+            )
+            return traced
+        call: StreamCall = self._stub.StreamChat(
+            request, timeout=self.timeout_s, metadata=_metadata(request.request_id)
+        )
+        return call
 
     async def serving(self, timeout: float = 2.0) -> bool:
         """True when the RAG service answers its health check with SERVING."""
@@ -127,3 +209,8 @@ class Upstream:
 
     async def close(self) -> None:
         await self._channel.close(None)
+
+
+def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
+    """The request id travels as metadata too, for proxies and interceptors that never parse the body."""
+    return (("x-request-id", request_id),)

@@ -19,6 +19,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, StubConfig]:
     p.add_argument("--first-token-delay-ms", type=float, default=0.0)
     p.add_argument("--token-delay-ms", type=float, default=0.0)
     p.add_argument("--fail-after", type=int, default=None, help="abort with UNAVAILABLE after N tokens")
+    p.add_argument(
+        "--status-delay-ms",
+        type=float,
+        default=0.0,
+        help="wait this long between the completion message and the OK status (late trailers)",
+    )
     p.add_argument("--repeat", type=int, default=1, help="echo mode: stream the query N times")
     p.add_argument(
         "--echo-delimiter",
@@ -35,6 +41,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, StubConfig]:
         first_token_delay_ms=args.first_token_delay_ms,
         token_delay_ms=args.token_delay_ms,
         fail_after=args.fail_after,
+        status_delay_ms=args.status_delay_ms,
         repeat=args.repeat,
         echo_delimiter=args.echo_delimiter,
         max_query_bytes=args.max_query_bytes,
@@ -67,6 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(_serve(args, config))
     except OSError as exc:
-        print(f"rag-stub: {exc}", file=sys.stderr)
+        print(f"rag-stub: {exc} (choose another with --port)", file=sys.stderr)
         return 1
     return 0

@@ -36,6 +36,7 @@ class StubConfig:
     first_token_delay_ms: float = 0.0
     token_delay_ms: float = 0.0
     fail_after: int | None = None
+    status_delay_ms: float = 0.0  # between the completion message and the OK status (trailers)
     repeat: int = 1
     echo_delimiter: str | None = None
     max_query_bytes: int = 8 * 1024
@@ -120,9 +121,7 @@ class RagStub(rag_pb2_grpc.RagServiceServicer):
         metadata.request_id = request_id
         return request_id, metadata, tokens
 
-    async def StreamChat(
-        self, request: rag_pb2.StreamChatRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
+    async def StreamChat(self, request: rag_pb2.StreamChatRequest, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         started = time.monotonic()
         request_id, metadata, tokens = await self._accept(request, context)
         # Accepting the call sends headers at once, so a caller can tell "accepted, thinking"
@@ -154,6 +153,8 @@ class RagStub(rag_pb2_grpc.RagServiceServicer):
             )
             await context.write(rag_pb2.StreamChatResponse(completion=completion))
             outcome = "completed"
+            if self.config.status_delay_ms > 0:
+                await asyncio.sleep(self.config.status_delay_ms / 1000)
         except asyncio.CancelledError:
             outcome = _ended_by_caller(context)
             raise
@@ -201,14 +202,20 @@ async def start_server(
     interceptors: list[grpc.aio.ServerInterceptor] | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start the stub with health checking and reflection; return the server and its bound port."""
-    server = grpc.aio.server(interceptors=interceptors or None)
+    # grpc turns SO_REUSEPORT on by default: a second stub on a taken port would print "listening"
+    # and silently share the port (and its callers) with the first one.
+    server = grpc.aio.server(interceptors=interceptors or None, options=[("grpc.so_reuseport", 0)])
     rag_pb2_grpc.add_RagServiceServicer_to_server(RagStub(config, on_stream_end), server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio >= 1.55 raises instead of returning 0
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind {host}:{port}")
+        raise OSError(f"cannot listen on {address}: the address is in use or not available here")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

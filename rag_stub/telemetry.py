@@ -1,7 +1,7 @@
 """Tracing for the stub: the server span continues the caller's trace from gRPC metadata.
 
 The provider is configured from the same OTEL_* variables as the bridge's
-(``bridge.telemetry.build_tracer_provider``), only with the service name ``rag-stub``.
+(``bzb_shared.otel.build_tracer_provider``), only with the service name ``rag-stub``.
 
 Why not opentelemetry-instrumentation-grpc's ``aio_server_interceptor``: for server-streaming
 methods it does ``async for response in behavior(...)``, which only works for async-generator
@@ -22,7 +22,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from bridge.telemetry import PROPAGATOR, build_tracer_provider
+from bzb_shared.otel import PROPAGATOR, build_tracer_provider
 
 INSTRUMENTATION_NAME = "rag_stub"
 _UNTRACED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
@@ -68,8 +68,6 @@ def _finish(span: Span, context: grpc.aio.ServicerContext[Any, Any], error: Base
     span.end()
 
 
-
-
 class TracingServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """One SERVER span per unary-unary or unary-stream call, child of the caller's span."""
 
@@ -94,9 +92,7 @@ class TracingServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
     def _wrap_streaming(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         if inspect.isasyncgenfunction(behavior):
 
-            async def generator(
-                request: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
+            async def generator(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
                 span, error = self._start(method, context), None
                 try:
                     with trace.use_span(span, end_on_exit=False):

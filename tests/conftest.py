@@ -18,8 +18,9 @@ BridgeFactory = Callable[..., Bridge]
 def require_binary(name: str, *candidates: str) -> str:
     """Path of a system binary a test needs. Missing: a skip locally, a failure when CI=true."""
     for candidate in (name, *candidates):
-        found = shutil.which(candidate) or (candidate if os.path.isabs(candidate) and os.access(candidate, os.X_OK)
-                                            else None)
+        found = shutil.which(candidate) or (
+            candidate if os.path.isabs(candidate) and os.access(candidate, os.X_OK) else None
+        )
         if found:
             return found
     message = f"{name} is not installed (make test installs it with apt-get)"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from bridge.audit.chain import Chain, verify
-from bridge.audit.events import checkpoint_event
-from bridge.audit.store import Link, SQLiteStore
+from bridge.audit.retention import purge
+from bridge.audit.store import SQLiteStore
 
 KEY = b"c" * 32
 N = 6
@@ -92,27 +92,30 @@ def test_deleted_head_row_is_detected(store: SQLiteStore) -> None:
 
 def test_head_moved_back_after_tail_delete_is_detected(store: SQLiteStore) -> None:
     _, _, prev_hash = row(store, N - 1)
-    tamper(store, ("DELETE FROM audit_records WHERE id = ?", (N,)),
-           ("UPDATE audit_chain_head SET last_id = ?, last_hash = ?", (N - 1, prev_hash)))
+    tamper(
+        store,
+        ("DELETE FROM audit_records WHERE id = ?", (N,)),
+        ("UPDATE audit_chain_head SET last_id = ?, last_hash = ?", (N - 1, prev_hash)),
+    )
     result = verify(store, KEY)
     assert not result.ok and "MAC" in result.reason
 
 
-def checkpoint(count: int, last: Link) -> dict[str, object]:
-    return dict(checkpoint_event("2025-02-01T00:00:00.000000Z", count, last.id, last.hash,
-                                 "2025-01-04T00:00:00.000000Z").body)
+def purge_before(store: SQLiteStore, cutoff: str) -> int:
+    """Retention as the trail and the CLI run it: verify, then cut the verified old prefix."""
+    return purge(store, KEY, [], cutoff, lambda: "2025-02-01T00:00:00.000000Z")
 
 
 def test_purge_writes_a_checkpoint_and_verify_stays_green(store: SQLiteStore) -> None:
-    assert store.purge_before("2025-01-04T00:00:00.000000Z", Chain(KEY), checkpoint) == 3
+    assert purge_before(store, "2025-01-04T00:00:00.000000Z") == 3
     assert store.count() == N - 3 + 1
     assert verify(store, KEY).ok
     # a second purge removing everything, including the first checkpoint, still verifies
-    assert store.purge_before("2030-01-01T00:00:00.000000Z", Chain(KEY), checkpoint) == N - 3 + 1
+    assert purge_before(store, "2030-01-01T00:00:00.000000Z") == N - 3 + 1
     result = verify(store, KEY)
     assert result.ok and result.checked == 1
     # the next purge removes the previous checkpoint itself
-    assert store.purge_before("2030-01-01T00:00:00.000000Z", Chain(KEY), checkpoint) == 1
+    assert purge_before(store, "2030-01-01T00:00:00.000000Z") == 1
     assert verify(store, KEY).ok
 
 
@@ -120,13 +123,13 @@ def test_purge_is_a_prefix_even_when_clock_went_backwards(tmp_path: Path) -> Non
     s = SQLiteStore(tmp_path / "a.sqlite3")
     stamps = ["2025-01-01", "2025-03-01", "2025-01-02", "2025-03-02"]  # id 3 is "older" than id 2
     s.append_batch([{"ts": f"{t}T00:00:00.000000Z", "event_type": "chat"} for t in stamps], Chain(KEY))
-    assert s.purge_before("2025-02-01T00:00:00.000000Z", Chain(KEY), checkpoint) == 1
+    assert purge_before(s, "2025-02-01T00:00:00.000000Z") == 1
     assert verify(s, KEY).ok
     s.close()
 
 
 def test_deleting_records_after_a_purge_is_still_detected(store: SQLiteStore) -> None:
-    store.purge_before("2025-01-04T00:00:00.000000Z", Chain(KEY), checkpoint)
+    purge_before(store, "2025-01-04T00:00:00.000000Z")
     tamper(store, ("DELETE FROM audit_records WHERE id = 4", ()))
     result = verify(store, KEY)
     assert (result.ok, result.first_bad_id) == (False, 5)

@@ -13,10 +13,9 @@ from bridge.types import Identity, StreamResult
 KEYS = derive_keys(b"k" * 32)
 FACTORY = EventFactory(KEYS, lambda: datetime(2025, 3, 1, 12, 0, tzinfo=UTC))
 QUERY = "Berapa lama visa kunjungan?"
-AUTHED = Identity(client_ip="203.0.113.7", user_id="u-42", role="member", email="ana@example.com",
-                  authenticated=True)
+AUTHED = Identity(client_ip="203.0.113.7", user_id="u-42", role="member", email="ana@example.com", authenticated=True)
 ANON = Identity(client_ip="203.0.113.9", email="unverified@example.com")  # email must never be kept
-BASE = {"ts", "event_type", "request_id", "trace_id", "user_id"}
+BASE = {"ts", "event_type", "request_id", "trace_id", "user_id", "identity_kind"}
 END = BASE | {"query_hmac", "tokens", "first_token_ms", "duration_ms", "outcome"}
 EXPECTED = {
     "stream_started": BASE | {"query_hmac"},
@@ -49,6 +48,7 @@ def test_authenticated_caller_gets_exactly_the_allowed_fields_plus_email(kind: s
     assert set(body) == EXPECTED[kind] | {"email"}
     assert body["email"] == "ana@example.com"
     assert body["user_id"] == "u-42"
+    assert body["identity_kind"] == "token"
     assert body["event_type"] == kind
 
 
@@ -59,6 +59,7 @@ def test_anonymous_caller_has_no_email_and_a_pseudonymous_user_id(kind: str) -> 
     assert "email" not in body
     assert str(body["user_id"]).startswith("anon:") and "203.0.113.9" not in str(body["user_id"])
     assert body["user_id"] == FACTORY.user_id(Identity(client_ip="203.0.113.9"))
+    assert body["identity_kind"] == "anonymous"
 
 
 @pytest.mark.parametrize("kind", sorted(EXPECTED))
@@ -76,6 +77,7 @@ def test_trusted_proxy_user_id_is_kept_but_unverified_email_is_not() -> None:
     proxied = Identity(client_ip="10.0.0.1", user_id="proxy-user", email="x@example.com")
     body = build("stream_started", proxied)
     assert body["user_id"] == "proxy-user"
+    assert body["identity_kind"] == "proxy", "a proxy-asserted id must not read as a verified one"
     assert "email" not in body
 
 
@@ -84,8 +86,12 @@ def test_stream_end_measurements_and_kind_from_outcome() -> None:
     body = FACTORY.stream_ended(AUTHED, QUERY, result).body
     assert body["event_type"] == "stream_cancelled"
     assert (body["request_id"], body["trace_id"]) == ("r9", "a" * 32)
-    assert (body["tokens"], body["duration_ms"], body["first_token_ms"], body["outcome"]) == (4, 55.556, None,
-                                                                                           "cancelled")
+    assert (body["tokens"], body["duration_ms"], body["first_token_ms"], body["outcome"]) == (
+        4,
+        55.556,
+        None,
+        "cancelled",
+    )
     assert body["ts"] == "2025-03-01T12:00:00.000000Z"
 
 

@@ -25,8 +25,9 @@ async def authenticate(request: Request) -> Identity:
     if who == "bad-token":
         raise Unauthorized("token expired", code="TOKEN_EXPIRED")
     if who == "admin":
-        return Identity(client_ip="192.0.2.50", user_id="root", role="admin", email="ops@example.com",
-                        authenticated=True)
+        return Identity(
+            client_ip="192.0.2.50", user_id="root", role="admin", email="ops@example.com", authenticated=True
+        )
     if who == "member":
         return Identity(client_ip="192.0.2.51", user_id="m1", role="member", authenticated=True)
     return Identity(client_ip="192.0.2.52", role="admin")  # a role that was not verified
@@ -50,15 +51,15 @@ async def test_admin_reads_with_filters_pagination_and_chain_status(
     setup: tuple[AuditTrail, httpx.AsyncClient],
 ) -> None:
     trail, client = setup
-    headers = {"x-test-who": "admin", "x-request-id": "req-1",
-               "traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}
+    headers = {"x-test-who": "admin", "x-request-id": "req-1", "traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}
     first = await client.get("/api/admin/audit", params={"ip": "203.0.113.77", "limit": "5"}, headers=headers)
     assert first.status_code == 200
     data = first.json()
     assert data["count"] == 5 and data["chain"]["ok"] is True and data["chain"]["checked"] == 7
     assert [r["request_id"] for r in data["records"]] == ["rl6", "rl5", "rl4", "rl3", "rl2"]
-    second = await client.get("/api/admin/audit", headers=headers,
-                              params={"event_type": "rate_limited", "cursor": str(data["next_cursor"])})
+    second = await client.get(
+        "/api/admin/audit", headers=headers, params={"event_type": "rate_limited", "cursor": str(data["next_cursor"])}
+    )
     assert [r["request_id"] for r in second.json()["records"]] == ["rl1", "rl0"]
     assert second.json()["next_cursor"] is None
 
@@ -68,16 +69,23 @@ async def test_admin_reads_with_filters_pagination_and_chain_status(
     newest, oldest = reads[0].body, reads[1].body
     assert (oldest["request_id"], oldest["trace_id"], oldest["returned"]) == ("req-1", "a" * 32, 5)
     assert oldest["user_id"] == "root" and oldest["email"] == "ops@example.com"
-    assert oldest["filters"] == {"user_id": trail.events.user_id(Identity(client_ip="203.0.113.77")),
-                                 "limit": "5", "offset": "0"}
+    assert oldest["filters"] == {
+        "user_id": trail.events.user_id(Identity(client_ip="203.0.113.77")),
+        "limit": "5",
+        "offset": "0",
+    }
     assert "203.0.113.77" not in repr(oldest)  # the ip filter is stored pseudonymised
     assert newest["filters"]["event_type"] == "rate_limited"
 
 
-@pytest.mark.parametrize(("who", "status", "code"), [("member", 403, "FORBIDDEN"),
-                                                     ("unverified-admin", 401, "UNAUTHORIZED")])
+@pytest.mark.parametrize(
+    ("who", "status", "code"), [("member", 403, "FORBIDDEN"), ("unverified-admin", 401, "UNAUTHORIZED")]
+)
 async def test_non_admins_are_refused_and_the_attempt_is_recorded(
-    setup: tuple[AuditTrail, httpx.AsyncClient], who: str, status: int, code: str,
+    setup: tuple[AuditTrail, httpx.AsyncClient],
+    who: str,
+    status: int,
+    code: str,
 ) -> None:
     """Verified non-admin: 403. No verified identity (whatever role it claims): 401, authenticate first."""
     trail, client = setup
@@ -95,9 +103,16 @@ async def test_bad_token_and_bad_parameters(setup: tuple[AuditTrail, httpx.Async
     _, client = setup
     response = await client.get("/api/admin/audit", headers={"x-test-who": "bad-token"})
     assert response.status_code == 401 and response.json()["error"]["code"] == "TOKEN_EXPIRED"
-    for params in ({"limit": "0"}, {"limit": "abc"}, {"since": "yesterday"}, {"event_type": "nope"},
-                   {"ip": "1.2.3.4", "user_id": "x"}, {"cursor": "-1"},
-                   {"cursor": str(2**63)}, {"offset": str(2**64)}):  # SQLite integers are 64-bit
+    for params in (
+        {"limit": "0"},
+        {"limit": "abc"},
+        {"since": "yesterday"},
+        {"event_type": "nope"},
+        {"ip": "1.2.3.4", "user_id": "x"},
+        {"cursor": "-1"},
+        {"cursor": str(2**63)},
+        {"offset": str(2**64)},
+    ):  # SQLite integers are 64-bit
         response = await client.get("/api/admin/audit", params=params, headers={"x-test-who": "admin"})
         assert response.status_code == 400, params
         assert response.json()["error"]["code"] == "INVALID_REQUEST"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bridge.audit.keys import derive_keys, key_path, load_keys, load_master_key
-from bridge.config import ConfigError
+from bridge.errors import ConfigError
 
 
 def test_key_file_is_generated_0600_and_reused(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import pytest
 from bridge.audit.chain import verify
 from bridge.audit.cli import run_backup
 from bridge.audit.keys import derive_keys
-from bridge.audit.store import CheckpointBuilder, QueryFilters, Sealer, SQLiteStore
+from bridge.audit.store import ChainSnapshot, QueryFilters, Sealer, SQLiteStore
 from bridge.audit.trail import AuditTrail
 from bridge.config import Settings
 from bridge.types import Identity, StreamResult
@@ -88,8 +90,9 @@ async def test_aclose_writes_everything_queued_from_concurrent_tasks_and_threads
         started(trail, 250)
 
     await trail.start()
-    await asyncio.gather(*(producer(n) for n in range(20)), asyncio.to_thread(thread_producer),
-                         asyncio.to_thread(thread_producer))
+    await asyncio.gather(
+        *(producer(n) for n in range(20)), asyncio.to_thread(thread_producer), asyncio.to_thread(thread_producer)
+    )
     await trail.aclose()
     assert trail.dropped == 0
     assert count(db) == 2000
@@ -100,9 +103,7 @@ async def test_aclose_writes_everything_queued_from_concurrent_tasks_and_threads
     assert trail.dropped == 1
 
 
-async def test_full_queue_drops_counts_and_returns_fast(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_full_queue_drops_counts_and_returns_fast(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     drops: list[tuple[str, int]] = []
     trail = make_trail(tmp_path / "audit.sqlite3", queue_size=10, on_drop=lambda r, n: drops.append((r, n)))
     event = trail.events.stream("stream_started", USER, "r", None, QUERY)
@@ -153,26 +154,28 @@ async def test_purge_keeps_the_chain_green_and_runs_at_start(tmp_path: Path) -> 
     clock.now += timedelta(days=100)  # everything is now old: the next start purges it all
     again = make_trail(db, clock=clock, retention_days=90)
     await again.start()
-    await again.flush()
+    assert again.background_purge is not None
+    assert await asyncio.wrap_future(again.background_purge) == 21  # 20 records + the checkpoint
     assert count(db) == 1  # just the new checkpoint
     assert (await again.verify()).ok
     await again.aclose()
 
 
 class ObservedStore(SQLiteStore):
-    """A real store that signals each completed purge."""
+    """A real store that signals each retention run (each one verifies the chain on a snapshot first)."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.purges = 0
         self.purged = threading.Condition()
 
-    def purge_before(self, cutoff_ts: str, sealer: Sealer, checkpoint: CheckpointBuilder) -> int:
-        result = super().purge_before(cutoff_ts, sealer, checkpoint)
+    @contextmanager
+    def snapshot(self) -> Iterator[ChainSnapshot]:
+        with super().snapshot() as snap:
+            yield snap
         with self.purged:
             self.purges += 1
             self.purged.notify_all()
-        return result
 
     def wait_for(self, purges: int) -> bool:
         with self.purged:
@@ -235,8 +238,7 @@ async def test_query_filters_and_pagination(tmp_path: Path) -> None:
     page2 = await trail.query(QueryFilters(before_id=page1[-1].id), limit=4)
     assert [r.id for r in page1 + page2] == list(range(10, 2, -1))
     assert [r.id for r in await trail.query(QueryFilters(), limit=4, offset=4)] == [r.id for r in page2]
-    window = await trail.query(QueryFilters(since="2025-01-01T01:00:00.000000Z",
-                                            until="2025-01-01T03:00:00.000000Z"))
+    window = await trail.query(QueryFilters(since="2025-01-01T01:00:00.000000Z", until="2025-01-01T03:00:00.000000Z"))
     assert len(window) == 4
     await trail.aclose()
 

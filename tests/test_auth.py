@@ -77,11 +77,8 @@ async def reject(auth: Authenticator, token: str) -> Unauthorized:
 
 async def test_hs256_token_gives_verified_identity() -> None:
     auth = Authenticator(replace(BASE, jwt_secret=SECRET))
-    ident = await auth.authenticate(
-        f"Bearer {hs(claims(role='member', email='a@example.com'))}", "spoofed", IP, True
-    )
-    assert ident == Identity(client_ip=IP, user_id="user-1", role="member", email="a@example.com",
-                             authenticated=True)
+    ident = await auth.authenticate(f"Bearer {hs(claims(role='member', email='a@example.com'))}", "spoofed", IP, True)
+    assert ident == Identity(client_ip=IP, user_id="user-1", role="member", email="a@example.com", authenticated=True)
 
 
 async def test_rs256_token_from_public_key_file(rsa_key: rsa.RSAPrivateKey, pem_file: str) -> None:
@@ -192,6 +189,28 @@ async def test_x_user_id_only_from_trusted_proxy_for_anonymous() -> None:
     assert token_user.user_id == "user-1"
 
 
+async def test_proxy_asserted_and_token_identities_never_share_a_key() -> None:
+    auth = Authenticator(replace(BASE, jwt_secret=SECRET))
+    proxied = await auth.authenticate(None, "user-1", IP, True)
+    verified = await auth.authenticate(f"Bearer {hs(claims())}", None, IP, False)
+    anonymous = await auth.authenticate(None, None, IP, False)
+    assert [(i.kind, i.key) for i in (proxied, verified, anonymous)] == [
+        ("proxy", "proxy:user-1"),
+        ("token", "user:user-1"),
+        ("anonymous", f"ip:{IP}"),
+    ]
+    # A user id without a verified token can only ever be the weaker kind.
+    assert Identity(client_ip=IP, user_id="user-1").key == "proxy:user-1"
+
+
+@pytest.mark.parametrize("header", ["", "   ", "\t"])
+async def test_empty_or_blank_authorization_is_401_not_anonymous(header: str) -> None:
+    auth = Authenticator(replace(BASE, jwt_secret=SECRET))
+    with pytest.raises(Unauthorized) as info:
+        await auth.authenticate(header, "alice", IP, True)
+    assert info.value.code == "INVALID_TOKEN"
+
+
 async def test_role_and_email_only_from_verified_well_formed_claims() -> None:
     auth = Authenticator(replace(BASE, jwt_secret=SECRET))
     ident = await auth.authenticate(f"Bearer {hs(claims(role=['admin'], email=42))}", None, IP, False)
@@ -252,9 +271,7 @@ def jwks_server(rsa_key: rsa.RSAPrivateKey) -> Iterator[JwksServer]:
     server.close()
 
 
-async def test_jwks_token_accepted_and_keys_cached(
-    rsa_key: rsa.RSAPrivateKey, jwks_server: JwksServer
-) -> None:
+async def test_jwks_token_accepted_and_keys_cached(rsa_key: rsa.RSAPrivateKey, jwks_server: JwksServer) -> None:
     auth = Authenticator(replace(BASE, jwt_jwks_url=jwks_server.url))
     for _ in range(3):
         token = jwt.encode(claims(roles=["member"]), rsa_key, algorithm="RS256", headers={"kid": "k1"})

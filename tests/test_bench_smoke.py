@@ -38,7 +38,11 @@ def dig(data: Any, path: tuple[str, ...]) -> Any:
 def run_module(module: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     """``python -m module args`` from the project root; fails the test on a non-zero exit."""
     proc = subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=ROOT, env=base_env(), capture_output=True, text=True,
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=base_env(),
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -88,3 +92,56 @@ def test_ab_compares_two_trees_and_direct_grpc() -> None:
     assert set(rows) == {"a", "b", "direct"}
     for row in rows.values():
         assert "(n=100)" in row
+
+
+@pytest.mark.timeout(120)
+def test_timeline_finds_every_probe_of_the_bridge(tmp_path: Path) -> None:
+    """A rename in the request path must fail here, not leave a phase silently out of the timeline."""
+    out = tmp_path / "timeline.json"
+    run_module(
+        "bench.timeline",
+        "--servers",
+        "bridge,peer",
+        "--requests",
+        "8",
+        "--warmup",
+        "2",
+        "--pin",
+        "off",
+        "--out",
+        str(out),
+        timeout=110,
+    )
+    bridge, peer = json.loads(out.read_text())
+    assert bridge["server"] == "bridge" and bridge["requests"] == 8
+    assert bridge["unresolved"] == []
+    phases = {step["phase"] for step in bridge["steps"]}
+    assert {
+        "ASGI receive (parse, task start)",
+        "identity",
+        "rate limit",
+        "input parsing",
+        "stream cap",
+        "span",
+        "gRPC call start",
+        "first message",
+        "first frame built",
+        "first byte written",
+    } <= phases
+    assert bridge["total"]["hops"] >= 2  # at least the pump's read and the response's write
+    assert 0 < bridge["total"]["loop_cpu_us"] <= bridge["total"]["wall_us"]
+    # The peer has none of the bridge's own functions, but the server- and gRPC-level probes fire.
+    assert peer["server"] == "peer" and peer["unresolved"] == []
+    assert {"ASGI receive (parse, task start)", "gRPC call start", "first byte written"} <= {
+        step["phase"] for step in peer["steps"]
+    }
+    # The first-token path (issue 17): no separate wait for the initial metadata, and no more
+    # event-loop hand-offs from request to first token than the obvious bridge.
+    assert "initial metadata" not in phases
+    assert bridge["total"]["hops"] <= peer["total"]["hops"]
+    # From the first message (metadata) to the first token written, only the pump's read of the
+    # token wakes a task: the request task sleeps until the token is out. Woken at the first
+    # message, its bookkeeping sat between the two on the core gRPC's threads need.
+    steps = bridge["steps"]
+    after_first = next(i for i, step in enumerate(steps) if step["start"] == "first_message")
+    assert sum(step["hops"] for step in steps[after_first:]) <= 1, steps[after_first:]

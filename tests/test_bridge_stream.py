@@ -18,11 +18,14 @@ import psutil
 import pytest
 
 from bali_zero.rag.v1 import rag_pb2
-from bridge.streaming import StreamPolicy, StreamSession
+from bridge.errors import BadRequest
+from bridge.stream.session import NoHooks, StreamSession
+from bridge.types import NullObserver, Outcome, StreamResult
 from bridge.upstream import Upstream
 from tests.conftest import BridgeFactory, StubFactory
 from tests.payloads import BIG_TOKEN, DELIM, EDGE_TOKENS, MANY_TOKENS, as_query
 from tests.support.processes import Bridge, Stub
+from tests.support.sessions import NO_RESUME
 from tests.support.sse_client import STREAM_PATH, StreamReply, open_stream
 
 
@@ -50,11 +53,18 @@ def delim_stub() -> Iterator[Stub]:
 
 @pytest.fixture(scope="module")
 def delim_bridge(delim_stub: Stub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
-    bridge = Bridge({
-        "RAG_TARGET": delim_stub.target, "ENABLE_SSE_STREAMING": "true", "RATE_LIMIT": "10000/minute",
-        "MAX_QUERY_BYTES": "70000", "MAX_BODY_BYTES": "300000", "MAX_STREAMS_PER_USER": "50",
-        "AUDIT_DB": str(tmp_path_factory.mktemp("audit") / "a.sqlite3"), "LOG_LEVEL": "WARNING",
-    })
+    bridge = Bridge(
+        {
+            "RAG_TARGET": delim_stub.target,
+            "ENABLE_SSE_STREAMING": "true",
+            "RATE_LIMIT": "10000/minute",
+            "MAX_QUERY_BYTES": "70000",
+            "MAX_BODY_BYTES": "300000",
+            "MAX_STREAMS_PER_USER": "50",
+            "AUDIT_DB": str(tmp_path_factory.mktemp("audit") / "a.sqlite3"),
+            "LOG_LEVEL": "WARNING",
+        }
+    )
     yield bridge
     bridge.stop()
 
@@ -178,8 +188,9 @@ async def test_failure_mid_stream_gives_exactly_one_error_frame(
     assert_well_formed(reply)
     assert reply.tokens() == ["a ", "b ", "c "]
     errors = [f for f in reply.frames if f["type"] == "error"]
-    assert errors == [{"type": "error", "code": "UPSTREAM_UNAVAILABLE", "message": errors[0]["message"],
-                       "retryable": True}]
+    assert errors == [
+        {"type": "error", "code": "UPSTREAM_UNAVAILABLE", "message": errors[0]["message"], "retryable": True}
+    ]
 
 
 async def test_flag_off_gives_404_but_chat_works(stub_factory: StubFactory, bridge_factory: BridgeFactory) -> None:
@@ -214,8 +225,12 @@ async def test_upstream_down_before_stream_is_503_with_retry_after(
         assert (await client.get("/healthz")).status_code == 200
     bridge.stop()  # flushes the audit queue
     export = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "bridge", "audit", "export"], capture_output=True, text=True,
-        env={**os.environ, "AUDIT_DB": audit_db}, check=True,
+        subprocess.run,
+        [sys.executable, "-m", "bridge", "audit", "export"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "AUDIT_DB": audit_db},
+        check=True,
     )
     records = [json.loads(line) for line in export.stdout.splitlines()]
     refused = [r for r in records if r["event_type"] == "stream_failed"]
@@ -225,32 +240,60 @@ async def test_upstream_down_before_stream_is_503_with_retry_after(
 BAD_INPUTS = [
     ("GET", {}, None, {}, 400, "QUERY_REQUIRED"),
     ("GET", {"query": "   "}, None, {}, 400, "QUERY_REQUIRED"),
-    ("POST", {}, b'{"query":"' + b"x" * 70_001 + b'"}', {"content-type": "application/json"}, 400,
-     "QUERY_TOO_LONG"),
+    ("POST", {}, b'{"query":"' + b"x" * 70_001 + b'"}', {"content-type": "application/json"}, 400, "QUERY_TOO_LONG"),
     ("GET", {"query": "hi", "conversation_history": "{not json"}, None, {}, 400, "INVALID_JSON"),
     ("GET", {"query": "hi", "conversation_history": '{"role":"user"}'}, None, {}, 400, "INVALID_HISTORY"),
-    ("GET", {"query": "hi", "conversation_history": '[{"role":"god","content":"x"}]'}, None, {}, 400,
-     "INVALID_HISTORY"),
-    ("GET", {"query": "hi", "conversation_history": '[{"role":"user","content":""}]'}, None, {}, 400,
-     "INVALID_HISTORY"),
+    (
+        "GET",
+        {"query": "hi", "conversation_history": '[{"role":"god","content":"x"}]'},
+        None,
+        {},
+        400,
+        "INVALID_HISTORY",
+    ),
+    (
+        "GET",
+        {"query": "hi", "conversation_history": '[{"role":"user","content":""}]'},
+        None,
+        {},
+        400,
+        "INVALID_HISTORY",
+    ),
     ("GET", {"query": "hi", "conversation_history": "[" * 5000 + "]" * 5000}, None, {}, 400, None),
     ("POST", {}, b"query=hi", {"content-type": "application/x-www-form-urlencoded"}, 415, "UNSUPPORTED_MEDIA_TYPE"),
     ("POST", {}, b"{bad json", {"content-type": "application/json"}, 400, "INVALID_JSON"),
     ("POST", {}, b"[1,2]", {"content-type": "application/json"}, 400, "INVALID_JSON"),
     ("POST", {}, b'{"query": 5}', {"content-type": "application/json"}, 400, "QUERY_REQUIRED"),
     ("POST", {}, b'{"query": "\\ud800"}', {"content-type": "application/json"}, 400, "INVALID_REQUEST"),
-    ("POST", {}, b'{"query":"' + b"x" * 300_000 + b'"}', {"content-type": "application/json"}, 413,
-     "PAYLOAD_TOO_LARGE"),
-    ("POST", {}, b'{"query":"hi","user_email":"not an email"}', {"content-type": "application/json"}, 400,
-     "INVALID_REQUEST"),
+    (
+        "POST",
+        {},
+        b'{"query":"' + b"x" * 300_000 + b'"}',
+        {"content-type": "application/json"},
+        413,
+        "PAYLOAD_TOO_LARGE",
+    ),
+    (
+        "POST",
+        {},
+        b'{"query":"hi","user_email":"not an email"}',
+        {"content-type": "application/json"},
+        400,
+        "INVALID_REQUEST",
+    ),
     ("PUT", {}, b"{}", {"content-type": "application/json"}, 405, "METHOD_NOT_ALLOWED"),
 ]
 
 
 @pytest.mark.parametrize(("method", "params", "body", "headers", "status", "code"), BAD_INPUTS)
 async def test_bad_input_gets_typed_4xx(
-    delim_bridge: Bridge, method: str, params: dict[str, str], body: bytes | None, headers: dict[str, str],
-    status: int, code: str | None,
+    delim_bridge: Bridge,
+    method: str,
+    params: dict[str, str],
+    body: bytes | None,
+    headers: dict[str, str],
+    status: int,
+    code: str | None,
 ) -> None:
     async with httpx.AsyncClient(base_url=delim_bridge.url) as client:
         for path in (STREAM_PATH, "/api/v2/bali-zero/chat"):
@@ -290,17 +333,16 @@ async def test_sigterm_drains_then_ends_streams_with_shutting_down(
     reply = await task
     elapsed = time.monotonic() - signalled
     assert_well_formed(reply)
-    assert reply.frames[-1] == {"type": "error", "code": "SHUTTING_DOWN", "retryable": True,
-                                "message": reply.frames[-1]["message"]}
+    assert reply.frames[-1] == {
+        "type": "error",
+        "code": "SHUTTING_DOWN",
+        "retryable": True,
+        "message": reply.frames[-1]["message"],
+    }
     assert 0.9 < elapsed < 5
     assert len(reply.tokens()) > 40, "streams kept running during the grace period"
     assert (await stub.ended(reply.frames[0]["request_id"]))["outcome"] == "cancelled"
     assert bridge.wait(10) == 0
-
-
-# A session driven directly (no HTTP): no resume window, so abort() is the only way it ends early.
-NO_RESUME = StreamPolicy(heartbeat_interval_s=30, send_timeout_s=30, resume_grace_s=0, window_frames=64,
-                         buffer_frames=100, buffer_bytes=1 << 20)
 
 
 async def test_abort_cancels_the_upstream_call_at_once(stub_factory: StubFactory) -> None:
@@ -310,10 +352,10 @@ async def test_abort_cancels_the_upstream_call_at_once(stub_factory: StubFactory
     would keep generating for a client that left (cancellation p99 was ~80 ms at 500 streams).
     """
     stub = stub_factory("--mode", "echo", "--token-delay-ms", "1000", "--repeat", "10")
-    upstream = Upstream(stub.target)
+    upstream = Upstream(stub.target, timeout_s=30)
     try:
         request = rag_pb2.StreamChatRequest(query="a b c", request_id="abort-at-once")
-        call = upstream.stream_chat(request, timeout=30)
+        call = upstream.chat_stream(request)
         session = StreamSession(stream_id="s1", request_id="abort-at-once", owner="o", policy=NO_RESUME)
         session.start(call)
         while session.last_seq < 2:  # the metadata frame and the first token: the call is streaming
@@ -331,12 +373,16 @@ async def test_abort_before_the_pump_first_runs_still_ends_the_session(stub_fact
     """Cancelling a task before its first step skips its body, ``finally`` included: the session
     would never end (no on_end, so the stream slot leaks). ``abort`` defers to the pump instead."""
     stub = stub_factory("--mode", "echo", "--token-delay-ms", "1000")
-    upstream = Upstream(stub.target)
+    upstream = Upstream(stub.target, timeout_s=30)
     try:
-        call = upstream.stream_chat(rag_pb2.StreamChatRequest(query="a b", request_id="abort-early"), timeout=30)
+        call = upstream.chat_stream(rag_pb2.StreamChatRequest(query="a b", request_id="abort-early"))
         ended: list[str] = []
-        session = StreamSession(stream_id="s2", request_id="abort-early", owner="o", policy=NO_RESUME,
-                                on_end=lambda _s, result: ended.append(result.outcome))
+
+        class Hooks(NoHooks):
+            def ended(self, result: StreamResult) -> None:
+                ended.append(result.outcome)
+
+        session = StreamSession(stream_id="s2", request_id="abort-early", owner="o", policy=NO_RESUME, hooks=Hooks())
         session.start(call)
         session.abort()  # same turn as start(): the pump task has not run yet
         await session.wait_closed()
@@ -344,3 +390,113 @@ async def test_abort_before_the_pump_first_runs_still_ends_the_session(stub_fact
         assert call.cancelled()
     finally:
         await upstream.close()
+
+
+class RecordingObserver(NullObserver):
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def stream_opened(self) -> None:
+        self.events.append("opened")
+
+    def first_token(self, seconds: float) -> None:
+        self.events.append("first_token")
+
+    def stream_closed(self, result: StreamResult) -> None:
+        self.events.append(f"closed:{result.outcome}")
+
+
+class RecordingSink:
+    """A resume-store mirror stand-in that keeps what it was offered (the real one needs Redis)."""
+
+    healthy = True
+    flushed_seq = 0
+
+    def __init__(self) -> None:
+        self.offered: list[int] = []
+        self.ended: list[str] = []
+
+    def offer(self, seq: int, data: bytes, final: bool) -> None:
+        self.offered.append(seq)
+
+    def end(self, outcome: Outcome) -> None:
+        self.ended.append(outcome)
+
+    def reader_attached(self) -> None:
+        pass
+
+    def reader_left(self) -> None:
+        pass
+
+    async def reader_hold_s(self) -> float:
+        return 0.0
+
+
+async def test_an_opening_session_answers_on_the_first_message_and_tells_nobody_until_announced(
+    stub_factory: StubFactory,
+) -> None:
+    """The HTTP status waits on the first message, not the initial metadata; while it waits, a
+    stream the upstream may still refuse must not show up in stats, metrics, hooks or the store."""
+    stub = stub_factory("--mode", "echo", "--first-token-delay-ms", "30000")
+    upstream = Upstream(stub.target, timeout_s=30)
+    observer, sink = RecordingObserver(), RecordingSink()
+    try:
+        call = upstream.chat_stream(rag_pb2.StreamChatRequest(query="a b", request_id="opening"))
+        session = StreamSession(stream_id="s3", request_id="opening", owner="o", policy=NO_RESUME, observer=observer)
+        session.start(call, announce=False)
+        assert await asyncio.wait_for(session.answered(10), 10) is None
+        assert session.last_seq == 1 and b'"type":"metadata"' in session.take()[0]  # the first message
+        assert observer.events == []
+        ended: list[str] = []
+
+        class Hooks(NoHooks):
+            def ended(self, result: StreamResult) -> None:
+                ended.append(result.outcome)
+
+        session.announce(Hooks(), sink)
+        assert observer.events == ["opened"] and sink.offered == [1]  # what it held is mirrored too
+        session.abort()
+        await session.wait_closed()
+        assert observer.events == ["opened", "closed:cancelled"] and ended == ["cancelled"]
+        assert sink.ended == ["cancelled"]
+    finally:
+        await upstream.close()
+
+
+async def test_a_refusal_before_any_frame_is_returned_and_never_announced(stub_factory: StubFactory) -> None:
+    stub = stub_factory("--mode", "echo")
+    upstream = Upstream(stub.target, timeout_s=30)
+    observer = RecordingObserver()
+    try:
+        call = upstream.chat_stream(rag_pb2.StreamChatRequest(query=" ", request_id="refused"))
+        session = StreamSession(stream_id="s4", request_id="refused", owner="o", policy=NO_RESUME, observer=observer)
+        session.start(call, announce=False)
+        refusal = await asyncio.wait_for(session.answered(10), 10)
+        assert isinstance(refusal, BadRequest) and refusal.status == 400
+        assert observer.events == []
+    finally:
+        await upstream.close()
+
+
+async def test_answered_gives_up_after_the_wait_and_the_read_goes_on() -> None:
+    """A RAG service slow to answer: the stream starts (heartbeats cover the wait) and the pending
+    gRPC read is not cancelled by the wait's end (cancelling it leaks grpcio memory, see the pump)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)  # accepts connections, never speaks HTTP/2
+    upstream = Upstream(f"127.0.0.1:{silent.getsockname()[1]}", timeout_s=30)
+    try:
+        call = upstream.chat_stream(rag_pb2.StreamChatRequest(query="a", request_id="silent"))
+        session = StreamSession(stream_id="s5", request_id="silent", owner="o", policy=NO_RESUME)
+        session.start(call, announce=False)
+        started = time.monotonic()
+        assert await session.answered(0.2) is None
+        assert 0.15 < time.monotonic() - started < 5
+        assert session.result is None and not call.cancelled()  # still reading
+        session.announce(NoHooks())
+        session.abort()
+        await session.wait_closed()
+        assert session.result is not None and session.result.outcome == "cancelled"
+    finally:
+        await upstream.close()
+        silent.close()

@@ -61,3 +61,22 @@ def test_hostile_long_header_is_bounded() -> None:
     chain = ", ".join(["10.0.0.1"] * 10_000)
     ip, trusted = client_ip("10.0.0.2", "6.6.6.6, " + chain, TRUSTED)
     assert trusted and ip == "10.0.0.1"
+
+
+def test_the_decision_cache_stays_bounded_whatever_headers_a_client_sends() -> None:
+    """The cache is keyed by client input: a client varying X-Forwarded-For must not grow it."""
+    from bridge import clientip
+
+    clientip._cached_client_ip.cache_clear()
+    for i in range(clientip._CACHE_SIZE * 3):
+        assert client_ip("10.0.0.2", f"198.51.{i // 256 % 256}.{i % 256}", TRUSTED)[1] is True
+    assert clientip._cached_client_ip.cache_info().currsize <= clientip._CACHE_SIZE
+    long_chain = ", ".join(["198.51.100.9"] * 40)  # over the cached key length: parsed, not kept
+    before = clientip._cached_client_ip.cache_info().currsize
+    assert client_ip("10.0.0.2", long_chain, TRUSTED) == ("198.51.100.9", True)
+    assert clientip._cached_client_ip.cache_info().currsize == before
+    # A cached answer is the computed one: the same call twice agrees with an uncached parse.
+    assert client_ip("10.0.0.2", "1.2.3.4, 198.51.100.9", TRUSTED) == ("198.51.100.9", True)
+    assert client_ip("10.0.0.2", "1.2.3.4, 198.51.100.9", TRUSTED) == clientip._client_ip(
+        "10.0.0.2", "1.2.3.4, 198.51.100.9", TRUSTED
+    )

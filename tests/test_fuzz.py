@@ -45,8 +45,13 @@ TOTAL_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "240"))
 JWT_SECRET = "fuzz-secret-that-is-long-enough-for-hs256"
 STREAM_PATHS = {"/api/v2/bali-zero/chat-stream"}
 TRACEBACK = re.compile(rb"Traceback \(most recent call last\)|File \"[^\"]+\", line \d+")
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
-          response_schema_conformance]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
 
 SCHEMA = schemathesis.openapi.from_dict(load_openapi())
 OPERATIONS = loaded_operations(SCHEMA)
@@ -58,12 +63,13 @@ def has_inputs(op: Any) -> bool:
     return bool(list(op.iter_parameters())) or bool(op.body)
 
 
-COMBOS = [(op.label, mode) for op in OPERATIONS
-          for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
-          if mode is schemathesis.GenerationMode.POSITIVE or has_inputs(op)]
+COMBOS = [
+    (op.label, mode)
+    for op in OPERATIONS
+    for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
+    if mode is schemathesis.GenerationMode.POSITIVE or has_inputs(op)
+]
 WEIGHT_SUM = sum(WEIGHTS[label] for label, _ in COMBOS)
-
-
 
 
 def examples_for(label: str) -> int:
@@ -82,21 +88,24 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     stub = Stub("--mode", "echo")
     audit = tmp_path_factory.mktemp("fuzz") / "audit.sqlite3"
     try:
-        bridge = Bridge({
-            "RAG_TARGET": stub.target,
-            "ENABLE_SSE_STREAMING": "true",
-            "AUDIT_DB": str(audit),
-            "LOG_LEVEL": "WARNING",
-            "RATE_LIMIT": "1000000/minute",
-            "MAX_STREAMS_PER_USER": "1000",
-            "HEARTBEAT_INTERVAL_S": "0.05",  # heartbeats show up in some streams and get validated too
-            "JWT_SECRET": JWT_SECRET,
-        })
+        bridge = Bridge(
+            {
+                "RAG_TARGET": stub.target,
+                "ENABLE_SSE_STREAMING": "true",
+                "AUDIT_DB": str(audit),
+                "LOG_LEVEL": "WARNING",
+                "RATE_LIMIT": "1000000/minute",
+                "MAX_STREAMS_PER_USER": "1000",
+                "HEARTBEAT_INTERVAL_S": "0.05",  # heartbeats show up in some streams and get validated too
+                "JWT_SECRET": JWT_SECRET,
+            }
+        )
     except BaseException:
         stub.stop()
         raise
-    token = jwt.encode({"sub": "fuzz-admin", "role": "admin", "exp": int(time.time()) + 3600}, JWT_SECRET,
-                       algorithm="HS256")
+    token = jwt.encode(
+        {"sub": "fuzz-admin", "role": "admin", "exp": int(time.time()) + 3600}, JWT_SECRET, algorithm="HS256"
+    )
     yield Target(stub, bridge, token)
     bridge.stop()
     stub.stop()
@@ -119,8 +128,11 @@ def check_event_stream(case: Any, content: bytes) -> None:
     assert finals == [len(frames) - 1], f"done/error must be the last frame and only once: {frames}"
     if frames[-1]["type"] != "done":
         return
-    query = case.query.get("query") if case.method == "GET" else (
-        case.body.get("query") if isinstance(case.body, dict) else None)
+    query = (
+        case.query.get("query")
+        if case.method == "GET"
+        else (case.body.get("query") if isinstance(case.body, dict) else None)
+    )
     if isinstance(query, str):
         answer = "".join(f["text"] for f in frames if f["type"] == "token")
         assert answer == query, "the echoed answer differs from the query"
@@ -148,16 +160,20 @@ def run_case(target: Target, case: Any) -> None:
 
 
 @pytest.mark.timeout(max(300, TOTAL_EXAMPLES))
-@pytest.mark.parametrize(("label", "mode"), [
-    pytest.param(label, mode, id=f"{label} {mode.value}",
-                 marks=[])
-    for label, mode in COMBOS
-])
+@pytest.mark.parametrize(
+    ("label", "mode"), [pytest.param(label, mode, id=f"{label} {mode.value}", marks=[]) for label, mode in COMBOS]
+)
 def test_fuzz_operation(target: Target, label: str, mode: schemathesis.GenerationMode) -> None:
     operation = next(op for op in OPERATIONS if op.label == label)
 
-    @settings(max_examples=examples_for(label), deadline=None, database=None, derandomize=False,
-              suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate, Phase.shrink])
+    @settings(
+        max_examples=examples_for(label),
+        deadline=None,
+        database=None,
+        derandomize=False,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate, Phase.shrink],
+    )
     @given(case=operation.as_strategy(generation_mode=mode))
     def fuzz(case: Any) -> None:
         run_case(target, case)
@@ -171,8 +187,12 @@ def test_no_stream_left_open_after_fuzzing(target: Target) -> None:
     while True:
         stats = httpx.get(f"{target.bridge.url}/api/v2/bali-zero/stream-stats", timeout=10).json()
         ends = target.stub.stream_ends()
-        settled = (stats["open_streams"] == 0 and stats["sessions_held"] == 0
-                   and stats["open_connections_by_cap"] == 0 and len(ends) == stats["streams_opened"])
+        settled = (
+            stats["open_streams"] == 0
+            and stats["sessions_held"] == 0
+            and stats["open_connections_by_cap"] == 0
+            and len(ends) == stats["streams_opened"]
+        )
         if settled or time.monotonic() > deadline:
             break
         time.sleep(0.1)
@@ -191,29 +211,38 @@ def test_no_stream_left_open_after_fuzzing(target: Target) -> None:
 # -- inputs the fuzzer once turned into 500s: resume ids with line breaks or non-ASCII digits -------
 
 
-
-def _resume_status(stub_factory: StubFactory, bridge_factory: BridgeFactory, params: dict[str, str],
-                   headers: dict[bytes, bytes] | None = None) -> tuple[int, bytes, Bridge]:
+def _resume_status(
+    stub_factory: StubFactory,
+    bridge_factory: BridgeFactory,
+    params: dict[str, str],
+    headers: dict[bytes, bytes] | None = None,
+) -> tuple[int, bytes, Bridge]:
     stub: Stub = stub_factory("--mode", "echo")
     bridge = bridge_factory(stub)
-    response = httpx.get(f"{bridge.url}/api/v2/bali-zero/chat-stream", params={"query": "hi", **params},
-                         headers=headers, timeout=10)
+    response = httpx.get(
+        f"{bridge.url}/api/v2/bali-zero/chat-stream", params={"query": "hi", **params}, headers=headers, timeout=10
+    )
     return response.status_code, response.content, bridge
 
 
 @pytest.mark.parametrize("last_event_id", ["a\nb:1", "a\rb:1", "a\x00b:1"])
-def test_resume_id_with_line_break_is_not_a_500(stub_factory: StubFactory, bridge_factory: BridgeFactory,
-                                                    last_event_id: str) -> None:
+def test_resume_id_with_line_break_is_not_a_500(
+    stub_factory: StubFactory, bridge_factory: BridgeFactory, last_event_id: str
+) -> None:
     status, content, bridge = _resume_status(stub_factory, bridge_factory, {"last_event_id": last_event_id})
     assert status < 500, content
     assert "Traceback" not in "\n".join(bridge.stderr_lines)
 
 
-@pytest.mark.parametrize(("params", "headers"), [
-    ({"last_event_id": "abc:\u00b2"}, None),
-    ({}, {b"last-event-id": b"abc:\xb2"}),
-    ({}, {b"last-event-id": b"\xb2", b"x-connection-id": b"abc"}),
-], ids=["query", "header", "x-connection-id"])
+@pytest.mark.parametrize(
+    ("params", "headers"),
+    [
+        ({"last_event_id": "abc:\u00b2"}, None),
+        ({}, {b"last-event-id": b"abc:\xb2"}),
+        ({}, {b"last-event-id": b"\xb2", b"x-connection-id": b"abc"}),
+    ],
+    ids=["query", "header", "x-connection-id"],
+)
 def test_non_ascii_digit_in_resume_id_is_not_a_500(
     stub_factory: StubFactory, bridge_factory: BridgeFactory, params: dict[str, str], headers: dict[bytes, bytes] | None
 ) -> None:

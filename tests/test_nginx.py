@@ -22,7 +22,15 @@ import pytest
 from bridge.config import Settings
 from bridge.sse import Event, Parser
 from tests.conftest import BridgeFactory, StubFactory
-from tests.support.nginx import TEMPLATE, NginxFactory, check_config, nginx_binary, nginx_factory, render
+from tests.support.nginx import (
+    TEMPLATE,
+    NginxFactory,
+    check_config,
+    nginx_binary,
+    nginx_factory,
+    render,
+    self_signed_cert,
+)
 from tests.support.processes import ROOT, Bridge
 from tests.support.redis import redis_factory, redis_server
 from tests.support.sse_client import STREAM_PATH, open_stream
@@ -39,7 +47,7 @@ PROXIED = {
     "MAX_STREAMS_PER_USER": "100",
 }
 STREAM_LOCATION = re.compile(r"location = /api/v2/bali-zero/chat-stream \{(?P<body>[^}]*)\}")
-HAS_RESUME_STORE = (ROOT / "bridge" / "resume_store.py").exists()
+HAS_RESUME_STORE = (ROOT / "bridge" / "resume" / "client.py").exists()
 
 
 @dataclass
@@ -126,9 +134,21 @@ def test_rendered_template_passes_nginx_t(tmp_path: Path) -> None:
     (tmp_path / "state").mkdir()
     (tmp_path / "logs").mkdir()
     conf = tmp_path / "nginx.conf"
-    conf.write_text(render({"LISTEN": "127.0.0.1:18080", "BRIDGE_A": "127.0.0.1:18001",
-                            "BRIDGE_B": "127.0.0.1:18002", "STATE_DIR": str(tmp_path / "state"),
-                            "LOG_DIR": str(tmp_path / "logs")}))
+    cert, key = self_signed_cert(tmp_path)
+    conf.write_text(
+        render(
+            {
+                "LISTEN": "127.0.0.1:18080",
+                "BRIDGE_A": "127.0.0.1:18001",
+                "BRIDGE_B": "127.0.0.1:18002",
+                "STATE_DIR": str(tmp_path / "state"),
+                "LOG_DIR": str(tmp_path / "logs"),
+                "TLS_LISTEN": "127.0.0.1:18443",
+                "TLS_CERT": str(cert),
+                "TLS_KEY": str(key),
+            }
+        )
+    )
     result = check_config(binary, tmp_path, conf)
     assert result.returncode == 0, result.stderr
     assert "{{" not in conf.read_text()
@@ -293,16 +313,18 @@ async def test_last_event_id_resumes_through_nginx(
     query = ",".join(f"t{i}" for i in range(200))
     first = await open_stream(nginx.url, params={"query": query}, stop_after_tokens=10)
     assert first.tokens() == [f"t{i}" for i in range(10)]
-    second = await open_stream(nginx.url, params={"query": query},
-                               headers={"Last-Event-ID": first.events[-1].last_event_id})
+    second = await open_stream(
+        nginx.url, params={"query": query}, headers={"Last-Event-ID": first.events[-1].last_event_id}
+    )
     assert second.status == 200
     assert second.tokens() == [f"t{i}" for i in range(10, 200)], "no duplicates, no gaps"
     assert second.frames[-1]["type"] == "done"
     # The x-connection-id + numeric Last-Event-ID form (clients that keep the id themselves).
     third = await open_stream(nginx.url, params={"query": query}, stop_after_tokens=5)
     stream_id, seq = third.events[-1].last_event_id.rsplit(":", 1)
-    fourth = await open_stream(nginx.url, params={"query": query},
-                               headers={"x-connection-id": stream_id, "Last-Event-ID": seq})
+    fourth = await open_stream(
+        nginx.url, params={"query": query}, headers={"x-connection-id": stream_id, "Last-Event-ID": seq}
+    )
     assert fourth.tokens() == [f"t{i}" for i in range(5, 200)]
 
 
@@ -316,8 +338,7 @@ async def test_x_forwarded_for_from_nginx_is_the_rate_limit_key(
     async with httpx.AsyncClient(base_url=nginx.url) as client:
 
         async def ask(ip: str) -> int:
-            r = await client.post("/api/v2/bali-zero/chat", json={"query": "hello"},
-                                  headers={"X-Forwarded-For": ip})
+            r = await client.post("/api/v2/bali-zero/chat", json={"query": "hello"}, headers={"X-Forwarded-For": ip})
             return r.status_code
 
         assert await ask("203.0.113.7") == 200
@@ -329,7 +350,7 @@ async def test_x_forwarded_for_from_nginx_is_the_rate_limit_key(
 
 
 @pytest.mark.redis
-@pytest.mark.skipif(not HAS_RESUME_STORE, reason="bridge/resume_store.py (RESUME_STORE=redis) is not built yet")
+@pytest.mark.skipif(not HAS_RESUME_STORE, reason="bridge/resume/ (RESUME_STORE=redis) is not built yet")
 async def test_resume_across_instances_through_nginx(
     stub_factory: StubFactory, bridge_factory: BridgeFactory, nginx_factory: NginxFactory, redis_server: str
 ) -> None:
@@ -343,8 +364,9 @@ async def test_resume_across_instances_through_nginx(
     last_id = ""
     for hop in range(4):  # three reconnects: least_conn alternates idle instances
         headers = {"Last-Event-ID": last_id} if last_id else {}
-        reply = await open_stream(nginx.url, params={"query": query}, headers=headers,
-                                  stop_after_tokens=None if hop == 3 else 10)
+        reply = await open_stream(
+            nginx.url, params={"query": query}, headers=headers, stop_after_tokens=None if hop == 3 else 10
+        )
         assert reply.status == 200, reply.body
         tokens += reply.tokens()
         last_id = reply.events[-1].last_event_id

@@ -24,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.sse import Parser
-from bridge.streaming import GAP_BATCH
+from bridge.stream.timing import GAP_BATCH
 from tests.conftest import BridgeFactory, StubFactory
 from tests.support.otlp_trace import (
     SPAN_KIND_CLIENT,
@@ -110,8 +110,11 @@ def has_stream_trio(trace_id: str) -> Callable[[list[FullSpan]], bool]:
 
     def ready(spans: list[FullSpan]) -> bool:
         kinds = {(s.service_name, s.kind) for s in spans if s.trace_id == trace_id}
-        return {("bali-zero-bridge", SPAN_KIND_SERVER), ("bali-zero-bridge", SPAN_KIND_CLIENT),
-                ("rag-stub", SPAN_KIND_SERVER)} <= kinds
+        return {
+            ("bali-zero-bridge", SPAN_KIND_SERVER),
+            ("bali-zero-bridge", SPAN_KIND_CLIENT),
+            ("rag-stub", SPAN_KIND_SERVER),
+        } <= kinds
 
     return ready
 
@@ -131,8 +134,11 @@ def stream_trace(spans: list[FullSpan], trace_id: str) -> StreamTrace:
         assert len(found) == 1, found
         return found[0]
 
-    bridge, client, stub = (one("bali-zero-bridge", SPAN_KIND_SERVER), one("bali-zero-bridge", SPAN_KIND_CLIENT),
-                            one("rag-stub", SPAN_KIND_SERVER))
+    bridge, client, stub = (
+        one("bali-zero-bridge", SPAN_KIND_SERVER),
+        one("bali-zero-bridge", SPAN_KIND_CLIENT),
+        one("rag-stub", SPAN_KIND_SERVER),
+    )
     assert client.parent_span_id == bridge.span_id
     assert stub.parent_span_id == client.span_id
     assert client.name == stub.name == STREAM_METHOD
@@ -229,8 +235,11 @@ async def test_completed_stream_client_span_is_ok(stub_factory: StubFactory, bri
         bridge = bridge_factory(stub, LOG_LEVEL="INFO", **otel_env(receiver, "bali-zero-bridge"))
         for traceparent, _, _ in traces:
             request_id = new_request_id("ok")
-            reply = await open_stream(bridge.url, params={"query": "a complete answer"},
-                                      headers={"traceparent": traceparent, "x-request-id": request_id})
+            reply = await open_stream(
+                bridge.url,
+                params={"query": "a complete answer"},
+                headers={"traceparent": traceparent, "x-request-id": request_id},
+            )
             assert reply.frames[-1]["type"] == "done"
             assert (await stub.ended(request_id))["outcome"] == "completed"
             await bridge_stream_end(bridge, request_id)
@@ -242,23 +251,31 @@ async def test_completed_stream_client_span_is_ok(stub_factory: StubFactory, bri
     assert client_status == [(0, "")] * len(chains)
 
 
-async def test_bridge_span_ends_after_the_client_saw_done(
-    stub_factory: StubFactory, bridge_factory: BridgeFactory
-) -> None:
+async def traced_timed_stream(
+    stub_factory: StubFactory, bridge_factory: BridgeFactory, query: str, *stub_args: str
+) -> tuple[TimedReply, StreamTrace]:
+    """One completed traced stream through an echo stub started with ``stub_args``: the client's
+    timed reply and the trace of the stream. Spans are awaited before the processes stop, so a
+    call still waiting for its status is not cut short by the shutdown."""
     traceparent, trace_id, _ = new_traceparent()
-    request_id = new_request_id("end")
+    request_id = new_request_id("timed")
     with TraceReceiver() as receiver:
-        stub = stub_factory("--mode", "echo", env=otel_env(receiver, "rag-stub"))
+        stub = stub_factory("--mode", "echo", *stub_args, env=otel_env(receiver, "rag-stub"))
         bridge = bridge_factory(stub, LOG_LEVEL="INFO", **otel_env(receiver, "bali-zero-bridge"))
         reply = await timed_stream(
-            bridge.url, params={"query": "when does the span end"},
-            headers={"traceparent": traceparent, "x-request-id": request_id},
+            bridge.url, params={"query": query}, headers={"traceparent": traceparent, "x-request-id": request_id}
         )
         assert reply.status == 200 and reply.frames[-1]["type"] == "done" and reply.final_seen_ns
         await bridge_stream_end(bridge, request_id)
-        await stop_all(bridge, stub)
         spans = receiver.wait_until(has_stream_trio(trace_id))
-    chain = stream_trace(spans, trace_id)
+        await stop_all(bridge, stub)
+    return reply, stream_trace(spans, trace_id)
+
+
+async def test_bridge_span_ends_after_the_client_saw_done(
+    stub_factory: StubFactory, bridge_factory: BridgeFactory
+) -> None:
+    reply, chain = await traced_timed_stream(stub_factory, bridge_factory, "when does the span end")
     # The span ends once the final frame was handed to the socket; the client reads it a moment
     # later, so allow loopback delivery latency on a loaded 2-core machine. A span ended at upstream
     # completion (the ASGI pitfall) ends before the frame is even written and fails this.
@@ -269,6 +286,22 @@ async def test_bridge_span_ends_after_the_client_saw_done(
     )
 
 
+async def test_late_trailers_keep_the_client_span_inside_the_stream_span(
+    stub_factory: StubFactory, bridge_factory: BridgeFactory
+) -> None:
+    """The RAG server's OK status arrives 300 ms after its completion message: ``done`` goes out
+    at once, and the stream span still ends after the gRPC client span (it ended at ``done``
+    before, ~300 ms before its own child)."""
+    status_delay_ms = 300
+    reply, chain = await traced_timed_stream(
+        stub_factory, bridge_factory, "trailers come late", "--status-delay-ms", str(status_delay_ms)
+    )
+    assert chain.client.attributes["rpc.grpc.status_code"] == 0
+    assert chain.bridge.end_time_unix_nano >= chain.client.end_time_unix_nano
+    # ``done`` did not wait for the status: the client saw it well before the call ended.
+    assert chain.client.end_time_unix_nano - reply.final_seen_ns > status_delay_ms * 1_000_000 // 2
+
+
 # --------------------------------------------------------------------------- 2. cancelled
 
 
@@ -276,12 +309,15 @@ async def test_cancelled_stream_span_outcome(stub_factory: StubFactory, bridge_f
     traceparent, trace_id, parent_id = new_traceparent()
     request_id = new_request_id("cancel")
     with TraceReceiver() as receiver:
-        stub = stub_factory("--mode", "echo", "--token-delay-ms", "40", "--repeat", "100",
-                            env=otel_env(receiver, "rag-stub"))
+        stub = stub_factory(
+            "--mode", "echo", "--token-delay-ms", "40", "--repeat", "100", env=otel_env(receiver, "rag-stub")
+        )
         bridge = bridge_factory(stub, LOG_LEVEL="INFO", **otel_env(receiver, "bali-zero-bridge"))
         reply = await open_stream(
-            bridge.url, params={"query": "tick tock tick tock"},
-            headers={"traceparent": traceparent, "x-request-id": request_id}, stop_after_tokens=3,
+            bridge.url,
+            params={"query": "tick tock tick tock"},
+            headers={"traceparent": traceparent, "x-request-id": request_id},
+            stop_after_tokens=3,
         )
         assert reply.status == 200 and len(reply.tokens()) == 3  # the client hung up mid-stream
         ended = await bridge_stream_end(bridge, request_id)
@@ -305,16 +341,15 @@ async def test_cancelled_stream_span_outcome(stub_factory: StubFactory, bridge_f
 # --------------------------------------------------------------------------- 3. error
 
 
-async def test_error_stream_span_outcome_and_status(
-    stub_factory: StubFactory, bridge_factory: BridgeFactory
-) -> None:
+async def test_error_stream_span_outcome_and_status(stub_factory: StubFactory, bridge_factory: BridgeFactory) -> None:
     traceparent, trace_id, parent_id = new_traceparent()
     request_id = new_request_id("error")
     with TraceReceiver() as receiver:
         stub = stub_factory("--mode", "echo", "--fail-after", "2", env=otel_env(receiver, "rag-stub"))
         bridge = bridge_factory(stub, LOG_LEVEL="INFO", **otel_env(receiver, "bali-zero-bridge"))
         reply = await open_stream(
-            bridge.url, params={"query": "this stream will fail after two tokens"},
+            bridge.url,
+            params={"query": "this stream will fail after two tokens"},
             headers={"traceparent": traceparent, "x-request-id": request_id},
         )
         assert reply.status == 200 and len(reply.tokens()) == 2
@@ -397,8 +432,9 @@ async def run_mix(stub_factory: StubFactory, bridge_factory: BridgeFactory, comp
     ends.append(await bridge_stream_end(bridge, rid))
     rid = new_request_id("cancel")
     # 40 ms between tokens: the bridge sees the hang-up long before the 8th token would fail it.
-    reply = await open_stream(bridge.url, params={"query": long_query}, headers={"x-request-id": rid},
-                              stop_after_tokens=1)
+    reply = await open_stream(
+        bridge.url, params={"query": long_query}, headers={"x-request-id": rid}, stop_after_tokens=1
+    )
     assert len(reply.tokens()) == 1
     ends.append(await bridge_stream_end(bridge, rid))
     assert [e["outcome"] for e in ends] == ["completed"] * completed + ["error", "cancelled"]
@@ -497,11 +533,16 @@ async def test_logs_one_line_per_stream_end_and_no_query_text(
     traceparent, trace_id, _ = new_traceparent()
     ok_id, fail_id = new_request_id("logok"), new_request_id("logfail")
 
-    ok = await open_stream(bridge.url, params={"query": f"{marker} fine"},
-                           headers={"x-request-id": ok_id, "traceparent": traceparent})
+    ok = await open_stream(
+        bridge.url, params={"query": f"{marker} fine"}, headers={"x-request-id": ok_id, "traceparent": traceparent}
+    )
     assert ok.frames[-1]["type"] == "done"
-    failed = await open_stream(bridge.url, method="POST", json_body={"query": f"{marker} will fail soon enough"},
-                               headers={"x-request-id": fail_id})
+    failed = await open_stream(
+        bridge.url,
+        method="POST",
+        json_body={"query": f"{marker} will fail soon enough"},
+        headers={"x-request-id": fail_id},
+    )
     assert failed.frames[-1]["type"] == "error"
     await bridge_stream_end(bridge, ok_id)
     await bridge_stream_end(bridge, fail_id)
@@ -530,8 +571,10 @@ async def test_logs_one_line_per_stream_end_and_no_query_text(
     assert combined in produced and errors in produced
     leaks = [str(p) for p in produced if marker.encode() in p.read_bytes()]
     streams = {
-        "bridge stdout": bridge.lines, "bridge stderr": bridge.stderr_lines,
-        "stub stdout": stub.lines, "stub stderr": stub.stderr_lines,
+        "bridge stdout": bridge.lines,
+        "bridge stderr": bridge.stderr_lines,
+        "stub stdout": stub.lines,
+        "stub stderr": stub.stderr_lines,
     }
     leaks += [name for name, text in streams.items() if any(marker in line for line in text)]
     assert not leaks, f"the query text was written to: {leaks}"
@@ -544,8 +587,11 @@ async def test_logs_one_line_per_stream_end_and_no_query_text(
 async def _stream_without_tracing(stub: Stub, bridge: Bridge) -> None:
     traceparent, trace_id, _ = new_traceparent()
     request_id = new_request_id("off")
-    reply = await open_stream(bridge.url, params={"query": "no tracing here"},
-                              headers={"traceparent": traceparent, "x-request-id": request_id})
+    reply = await open_stream(
+        bridge.url,
+        params={"query": "no tracing here"},
+        headers={"traceparent": traceparent, "x-request-id": request_id},
+    )
     assert reply.status == 200 and reply.frames[-1]["type"] == "done"
     ended = await bridge_stream_end(bridge, request_id)
     assert ended["outcome"] == "completed"

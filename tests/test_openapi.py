@@ -38,8 +38,9 @@ def document() -> dict[str, Any]:
 
 
 def documented_operations(document: dict[str, Any]) -> set[tuple[str, str]]:
-    return {(path, method.upper()) for path, item in document["paths"].items() for method in item
-            if method in HTTP_METHODS}
+    return {
+        (path, method.upper()) for path, item in document["paths"].items() for method in item if method in HTTP_METHODS
+    }
 
 
 def app_operations(tmp_path: Path) -> set[tuple[str, str]]:
@@ -163,10 +164,24 @@ def test_frame_schema_accepts_what_the_encoder_makes(document: dict[str, Any]) -
     event = validator(document, "ServerSentEvent")
     samples = [
         sse.token_frame("s1:2", 0, "\r\n\x00é"),
-        sse.json_frame("s1:1", {"type": "metadata", "stream_id": "s1", "request_id": "r", "model": "m",
-                                "sources": [{"title": "t", "uri": "u", "score": 0.5}]}),
-        sse.json_frame("s1:3", {"type": "done", "finish_reason": "stop",
-                                "metrics": {"first_token_ms": None, "tokens": 0, "duration_ms": 1.5}}),
+        sse.json_frame(
+            "s1:1",
+            {
+                "type": "metadata",
+                "stream_id": "s1",
+                "request_id": "r",
+                "model": "m",
+                "sources": [{"title": "t", "uri": "u", "score": 0.5}],
+            },
+        ),
+        sse.json_frame(
+            "s1:3",
+            {
+                "type": "done",
+                "finish_reason": "stop",
+                "metrics": {"first_token_ms": None, "tokens": 0, "duration_ms": 1.5},
+            },
+        ),
         sse.json_frame("s1:4", ServiceUnavailable("down", retryable=True).frame()),
         sse.frame("s1:4", '{"type":"heartbeat"}', event="heartbeat"),
     ]

@@ -39,7 +39,10 @@ async def test_21st_hit_denied_with_exact_retry_after() -> None:
     assert (denied.allowed, denied.remaining) == (False, 0)
     assert (denied.reset_after_s, denied.retry_after_s) == (40.0, 41)
     assert denied.headers() == {
-        "RateLimit-Limit": "20", "RateLimit-Remaining": "0", "RateLimit-Reset": "40", "Retry-After": "41",
+        "RateLimit-Limit": "20",
+        "RateLimit-Remaining": "0",
+        "RateLimit-Reset": "40",
+        "Retry-After": "41",
     }
     assert violations == [("ip:1.2.3.4", denied)]
     assert isinstance(denied.error(), TooManyRequests)

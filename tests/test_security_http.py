@@ -52,8 +52,14 @@ def b64url(data: bytes) -> str:
 
 def claims(**overrides: Any) -> dict[str, Any]:
     now = int(time.time())
-    base: dict[str, Any] = {"sub": "user-1", "iat": now, "exp": now + 600, "aud": AUDIENCE, "iss": ISSUER,
-                            "role": "member"}
+    base: dict[str, Any] = {
+        "sub": "user-1",
+        "iat": now,
+        "exp": now + 600,
+        "aud": AUDIENCE,
+        "iss": ISSUER,
+        "role": "member",
+    }
     base.update(overrides)
     return {k: v for k, v in base.items() if v is not None}
 
@@ -95,24 +101,43 @@ def recording_stub() -> Iterator[RecordingStub]:
 
 
 def _module_bridge(stub: RecordingStub, audit: Path, **env: str) -> Bridge:
-    return Bridge({"RAG_TARGET": stub.target, "ENABLE_SSE_STREAMING": "true", "AUDIT_DB": str(audit),
-                   "LOG_LEVEL": "WARNING", "RATE_LIMIT": UNLIMITED, "MAX_STREAMS_PER_USER": "50", **env})
+    return Bridge(
+        {
+            "RAG_TARGET": stub.target,
+            "ENABLE_SSE_STREAMING": "true",
+            "AUDIT_DB": str(audit),
+            "LOG_LEVEL": "WARNING",
+            "RATE_LIMIT": UNLIMITED,
+            "MAX_STREAMS_PER_USER": "50",
+            **env,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
 def hs_bridge(recording_stub: RecordingStub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
-    bridge = _module_bridge(recording_stub, tmp_path_factory.mktemp("hs") / "audit.sqlite3", JWT_SECRET=HS_SECRET,
-                            AUTH_REQUIRED="true", JWT_AUDIENCE=AUDIENCE, JWT_ISSUER=ISSUER)
+    bridge = _module_bridge(
+        recording_stub,
+        tmp_path_factory.mktemp("hs") / "audit.sqlite3",
+        JWT_SECRET=HS_SECRET,
+        AUTH_REQUIRED="true",
+        JWT_AUDIENCE=AUDIENCE,
+        JWT_ISSUER=ISSUER,
+    )
     yield bridge
     bridge.stop()
 
 
 @pytest.fixture(scope="module")
-def rs_bridge(recording_stub: RecordingStub, keys: Keys,
-              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
-    bridge = _module_bridge(recording_stub, tmp_path_factory.mktemp("rs") / "audit.sqlite3",
-                            JWT_PUBLIC_KEY_FILE=str(keys.public_file), AUTH_REQUIRED="true",
-                            JWT_AUDIENCE=AUDIENCE, JWT_ISSUER=ISSUER)
+def rs_bridge(recording_stub: RecordingStub, keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
+    bridge = _module_bridge(
+        recording_stub,
+        tmp_path_factory.mktemp("rs") / "audit.sqlite3",
+        JWT_PUBLIC_KEY_FILE=str(keys.public_file),
+        AUTH_REQUIRED="true",
+        JWT_AUDIENCE=AUDIENCE,
+        JWT_ISSUER=ISSUER,
+    )
     yield bridge
     bridge.stop()
 
@@ -120,8 +145,14 @@ def rs_bridge(recording_stub: RecordingStub, keys: Keys,
 # -- HTTP helpers ----------------------------------------------------------------------------------
 
 
-async def call(bridge: Bridge, endpoint: str, *, headers: dict[str, str] | None = None,
-               params: dict[str, str] | None = None, body: dict[str, Any] | None = None) -> httpx.Response:
+async def call(
+    bridge: Bridge,
+    endpoint: str,
+    *,
+    headers: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
+    body: dict[str, Any] | None = None,
+) -> httpx.Response:
     """One request, fully read. ``endpoint`` is ``stream`` (GET, SSE read to the end) or ``chat`` (POST)."""
     async with httpx.AsyncClient(base_url=bridge.url, timeout=30, verify=TLS) as client:
         if endpoint == "stream":
@@ -154,8 +185,11 @@ def assert_ok(response: httpx.Response, endpoint: str) -> None:
 
 
 def rate_headers(response: httpx.Response) -> tuple[int, int, int]:
-    return (int(response.headers["RateLimit-Limit"]), int(response.headers["RateLimit-Remaining"]),
-            int(response.headers["RateLimit-Reset"]))
+    return (
+        int(response.headers["RateLimit-Limit"]),
+        int(response.headers["RateLimit-Remaining"]),
+        int(response.headers["RateLimit-Reset"]),
+    )
 
 
 async def wait_until(probe: Callable[[], Awaitable[bool]], timeout: float = 10, what: str = "condition") -> None:
@@ -188,8 +222,9 @@ ENDPOINTS = ["stream", "chat"]
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
-async def test_valid_hs256_and_rs256_tokens_are_accepted(hs_bridge: Bridge, rs_bridge: Bridge, keys: Keys,
-                                                          endpoint: str) -> None:
+async def test_valid_hs256_and_rs256_tokens_are_accepted(
+    hs_bridge: Bridge, rs_bridge: Bridge, keys: Keys, endpoint: str
+) -> None:
     for bridge, token in ((hs_bridge, hs256()), (rs_bridge, keys.rs256())):
         response = await call(bridge, endpoint, headers={"Authorization": f"Bearer {token}"})
         assert_ok(response, endpoint)
@@ -204,12 +239,23 @@ def _bad_tokens(keys: Keys) -> dict[str, tuple[str, str, str]]:
         "alg_none": ("rs", hand_made({"alg": "none", "typ": "JWT"}, claims(), None), "INVALID_TOKEN"),
         "alg_none_hs": ("hs", hand_made({"alg": "none", "typ": "JWT"}, claims(), None), "INVALID_TOKEN"),
         "key_confusion_hs256_with_rsa_public_key": (
-            "rs", hand_made({"alg": "HS256", "typ": "JWT"}, claims(),
-                            lambda data: hmac.new(pem, data, hashlib.sha256).digest()), "INVALID_TOKEN"),
+            "rs",
+            hand_made(
+                {"alg": "HS256", "typ": "JWT"}, claims(), lambda data: hmac.new(pem, data, hashlib.sha256).digest()
+            ),
+            "INVALID_TOKEN",
+        ),
         "rs256_on_hs_bridge": ("hs", keys.rs256(), "INVALID_TOKEN"),
         "wrong_hs_secret": ("hs", hs256("another-secret-that-is-also-32-bytes-long"), "INVALID_TOKEN"),
-        "tampered_payload": ("rs", keys.rs256().split(".")[0] + "." + b64url(json.dumps(claims(role="admin")).encode())
-                             + "." + keys.rs256().split(".")[2], "INVALID_TOKEN"),
+        "tampered_payload": (
+            "rs",
+            keys.rs256().split(".")[0]
+            + "."
+            + b64url(json.dumps(claims(role="admin")).encode())
+            + "."
+            + keys.rs256().split(".")[2],
+            "INVALID_TOKEN",
+        ),
         "unsigned_rs_header": ("rs", hand_made(rs_header, claims(), None), "INVALID_TOKEN"),
         "expired": ("rs", keys.rs256(exp=now - 3600, iat=now - 7200), "TOKEN_EXPIRED"),
         "expired_hs": ("hs", hs256(exp=now - 3600, iat=now - 7200), "TOKEN_EXPIRED"),
@@ -227,10 +273,25 @@ def _bad_tokens(keys: Keys) -> dict[str, tuple[str, str, str]]:
 
 
 BAD_TOKEN_NAMES = [
-    "alg_none", "alg_none_hs", "key_confusion_hs256_with_rsa_public_key", "rs256_on_hs_bridge", "wrong_hs_secret",
-    "tampered_payload", "unsigned_rs_header", "expired", "expired_hs", "not_yet_valid", "wrong_audience",
-    "missing_audience", "wrong_issuer", "missing_exp", "missing_exp_hs", "missing_sub", "garbage",
-    "garbage_segments", "ten_kib_validly_signed",
+    "alg_none",
+    "alg_none_hs",
+    "key_confusion_hs256_with_rsa_public_key",
+    "rs256_on_hs_bridge",
+    "wrong_hs_secret",
+    "tampered_payload",
+    "unsigned_rs_header",
+    "expired",
+    "expired_hs",
+    "not_yet_valid",
+    "wrong_audience",
+    "missing_audience",
+    "wrong_issuer",
+    "missing_exp",
+    "missing_exp_hs",
+    "missing_sub",
+    "garbage",
+    "garbage_segments",
+    "ten_kib_validly_signed",
 ]
 
 
@@ -253,8 +314,9 @@ async def test_bad_tokens_get_401_json_without_echoing_the_token(
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
 @pytest.mark.parametrize("authorization", [None, "", "Basic dXNlcjpwYXNz", "Bearer", "Token abc"])
-async def test_auth_required_without_a_token_is_401(hs_bridge: Bridge, endpoint: str,
-                                                    authorization: str | None) -> None:
+async def test_auth_required_without_a_token_is_401(
+    hs_bridge: Bridge, endpoint: str, authorization: str | None
+) -> None:
     headers = None if authorization is None else {"Authorization": authorization}
     response = await call(hs_bridge, endpoint, headers=headers)
     error_of(response, 401)
@@ -276,8 +338,9 @@ async def test_member_cannot_escalate_to_admin_with_user_role(
     for granted, requested, forwarded in cases:
         request_id = f"esc-{endpoint}-{granted}-{requested}-{time.monotonic_ns()}"
         headers = {"Authorization": f"Bearer {hs256(role=granted)}", "x-request-id": request_id}
-        response = await call(hs_bridge, endpoint, headers=headers, params={"user_role": requested},
-                              body={"user_role": requested})
+        response = await call(
+            hs_bridge, endpoint, headers=headers, params={"user_role": requested}, body={"user_role": requested}
+        )
         assert_ok(response, endpoint)
         seen = await asyncio.to_thread(recording_stub.wait_for_request, request_id)
         assert seen["user_role"] == forwarded, (granted, requested, seen)
@@ -289,12 +352,13 @@ async def test_member_cannot_read_the_admin_audit_api_by_asking_for_admin(hs_bri
         for params, extra in (({"user_role": "admin"}, {}), ({"role": "admin"}, {"x-user-id": "admin"}), ({}, {})):
             refused = await client.get("/api/admin/audit", params=params, headers={**member, **extra})
             error_of(refused, 403, "FORBIDDEN")
-        anonymous = await client.get("/api/admin/audit", params={"user_role": "admin"},
-                                     headers={"x-user-id": "admin"})
+        anonymous = await client.get("/api/admin/audit", params={"user_role": "admin"}, headers={"x-user-id": "admin"})
         error_of(anonymous, 401)
         assert anonymous.headers["WWW-Authenticate"].startswith("Bearer")
-        forged = await client.get("/api/admin/audit", headers={
-            "Authorization": f"Bearer {hand_made({'alg': 'none'}, claims(role='admin'), None)}"})
+        forged = await client.get(
+            "/api/admin/audit",
+            headers={"Authorization": f"Bearer {hand_made({'alg': 'none'}, claims(role='admin'), None)}"},
+        )
         error_of(forged, 401, "INVALID_TOKEN")
         admin = await client.get("/api/admin/audit", headers={"Authorization": f"Bearer {hs256(role='admin')}"})
         assert admin.status_code == 200, admin.text
@@ -309,8 +373,13 @@ async def test_anonymous_user_role_and_x_user_id_are_not_forwarded_as_identity(
         bridge = bridge_factory(None, RAG_TARGET=stub.target, JWT_SECRET=HS_SECRET, RATE_LIMIT=UNLIMITED)
         for endpoint in ENDPOINTS:
             request_id = f"anon-{endpoint}-{time.monotonic_ns()}"
-            response = await call(bridge, endpoint, headers={"x-request-id": request_id, "x-user-id": "admin"},
-                                  params={"user_role": "admin"}, body={"user_role": "admin"})
+            response = await call(
+                bridge,
+                endpoint,
+                headers={"x-request-id": request_id, "x-user-id": "admin"},
+                params={"user_role": "admin"},
+                body={"user_role": "admin"},
+            )
             assert_ok(response, endpoint)
             seen = await asyncio.to_thread(stub.wait_for_request, request_id)
             assert seen["user_role"] == "", seen
@@ -350,7 +419,9 @@ async def test_21st_request_in_a_minute_is_429_with_retry_after_and_headers_ever
 
 @pytest.mark.redis
 async def test_two_bridges_share_one_redis_limit_and_fail_open_when_redis_dies(
-    echo_stub: Stub, bridge_factory: BridgeFactory, redis_factory: RedisFactory  # noqa: F811
+    echo_stub: Stub,
+    bridge_factory: BridgeFactory,
+    redis_factory: RedisFactory,  # noqa: F811
 ) -> None:
     redis = redis_factory()
     env = {"RATE_LIMIT": "10/minute", "RATE_LIMIT_STORAGE": redis.url}
@@ -374,11 +445,14 @@ async def test_two_bridges_share_one_redis_limit_and_fail_open_when_redis_dies(
 
 @pytest.mark.redis
 async def test_redis_down_with_fail_open_false_is_503_then_recovers(
-    echo_stub: Stub, bridge_factory: BridgeFactory, redis_factory: RedisFactory  # noqa: F811
+    echo_stub: Stub,
+    bridge_factory: BridgeFactory,
+    redis_factory: RedisFactory,  # noqa: F811
 ) -> None:
     redis = redis_factory()
-    bridge = bridge_factory(echo_stub, RATE_LIMIT="10/minute", RATE_LIMIT_STORAGE=redis.url,
-                            RATE_LIMIT_FAIL_OPEN="false")
+    bridge = bridge_factory(
+        echo_stub, RATE_LIMIT="10/minute", RATE_LIMIT_STORAGE=redis.url, RATE_LIMIT_FAIL_OPEN="false"
+    )
     assert_ok(await call(bridge, "chat"), "chat")
     redis.kill()
     for endpoint in ENDPOINTS:
@@ -414,8 +488,7 @@ async def allowed(bridge: Bridge, headers: dict[str, str], endpoint: str = "chat
     return True
 
 
-async def test_untrusted_peer_x_user_id_does_not_change_the_key(echo_stub: Stub,
-                                                                bridge_factory: BridgeFactory) -> None:
+async def test_untrusted_peer_x_user_id_does_not_change_the_key(echo_stub: Stub, bridge_factory: BridgeFactory) -> None:
     bridge = bridge_factory(echo_stub, RATE_LIMIT="5/minute")  # TRUSTED_PROXIES unset
     assert [await allowed(bridge, {"x-user-id": "alice"}) for _ in range(6)] == [True] * 5 + [False]
     for headers in ({"x-user-id": "bob"}, {"x-user-id": "admin"}, {}):
@@ -476,8 +549,10 @@ async def test_trusted_proxy_x_user_id_with_x_forwarded_for_is_the_key(
 # -- stream caps -----------------------------------------------------------------------------------
 
 
-async def open_raw_stream(bridge: Bridge, headers: dict[str, str] | None = None,
-                          ) -> tuple[asyncio.StreamWriter, dict[str, Any]]:
+async def open_raw_stream(
+    bridge: Bridge,
+    headers: dict[str, str] | None = None,
+) -> tuple[asyncio.StreamWriter, dict[str, Any]]:
     """Open a stream on a raw socket and read up to its first frame; return the writer and that frame.
 
     A raw socket (not httpx) so that nothing but the test decides when the connection closes.
@@ -510,13 +585,14 @@ def _dechunk(body: bytes) -> bytes:
         if size == 0 or len(rest) < size:
             break
         out += rest[:size]
-        body = rest[size + 2:]
+        body = rest[size + 2 :]
     return out
 
 
 @contextlib.asynccontextmanager
-async def held_streams(bridge: Bridge, count: int,
-                       headers: dict[str, str] | None = None) -> AsyncIterator[list[dict[str, Any]]]:
+async def held_streams(
+    bridge: Bridge, count: int, headers: dict[str, str] | None = None
+) -> AsyncIterator[list[dict[str, Any]]]:
     """Open ``count`` streams and keep them open (each has sent its first frame) inside the block."""
     writers: list[asyncio.StreamWriter] = []
     try:
@@ -618,7 +694,7 @@ async def test_rollout_fifty_is_split_and_sticky_across_requests_and_instances(
 ) -> None:
     env = {"SSE_ROLLOUT_PERCENT": "50", "RATE_LIMIT": UNLIMITED, "TRUSTED_PROXIES": "127.0.0.1/32"}
     a, b = bridge_factory(echo_stub, **env), bridge_factory(echo_stub, **env)
-    callers: dict[str, dict[str, str]] = {f"user:u{i}": {"x-user-id": f"u{i}"} for i in range(15)}
+    callers: dict[str, dict[str, str]] = {f"proxy:u{i}": {"x-user-id": f"u{i}"} for i in range(15)}
     callers.update({f"ip:198.51.100.{i}": {"X-Forwarded-For": f"198.51.100.{i}"} for i in range(15)})
     verdicts: dict[str, bool] = {}
     for key, headers in callers.items():
@@ -642,8 +718,11 @@ async def test_rollout_fifty_is_split_and_sticky_across_requests_and_instances(
 
 
 def _preflight(origin: str) -> dict[str, str]:
-    return {"Origin": origin, "Access-Control-Request-Method": "GET",
-            "Access-Control-Request-Headers": "authorization, last-event-id"}
+    return {
+        "Origin": origin,
+        "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "authorization, last-event-id",
+    }
 
 
 async def test_cors_allows_only_the_configured_origin(echo_stub: Stub, bridge_factory: BridgeFactory) -> None:
@@ -656,13 +735,19 @@ async def test_cors_allows_only_the_configured_origin(echo_stub: Stub, bridge_fa
         allowed_headers = pre.headers["Access-Control-Allow-Headers"].lower()
         assert "authorization" in allowed_headers and "last-event-id" in allowed_headers
         for path, method in ((STREAM_PATH, "GET"), (CHAT_PATH, "POST")):
-            response = await client.request(method, path, params={"query": "hi"}, json={"query": "hi"},
-                                            headers={"Origin": "https://app.example"})
+            response = await client.request(
+                method, path, params={"query": "hi"}, json={"query": "hi"}, headers={"Origin": "https://app.example"}
+            )
             assert response.status_code == 200
             assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
             exposed = {h.strip().lower() for h in response.headers["Access-Control-Expose-Headers"].split(",")}
-            assert {"retry-after", "ratelimit-limit", "ratelimit-remaining", "ratelimit-reset",
-                    "x-connection-id"} <= exposed
+            assert {
+                "retry-after",
+                "ratelimit-limit",
+                "ratelimit-remaining",
+                "ratelimit-reset",
+                "x-connection-id",
+            } <= exposed
         for origin in ("https://evil.example", "https://app.example.evil.example", "null"):
             pre = await client.options(STREAM_PATH, headers=_preflight(origin))
             assert pre.status_code < 500
@@ -711,8 +796,14 @@ async def raw_response(bridge: Bridge, request: bytes, timeout: float = 10) -> t
             await writer.drain()
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
         assert head.startswith(b"HTTP/1.1 "), head
-        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                       if line.lower().startswith(b"content-length:")), 0)
+        length = next(
+            (
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ),
+            0,
+        )
         body = await asyncio.wait_for(reader.readexactly(length), timeout)
     finally:
         writer.close()
@@ -721,9 +812,14 @@ async def raw_response(bridge: Bridge, request: bytes, timeout: float = 10) -> t
     return int(head.split()[1]), body
 
 
-OVERSIZED = [("authorization", "Bearer " + "a" * 64 * 1024), ("x-user-id", "u" * 64 * 1024),
-             ("x-forwarded-for", ", ".join(["203.0.113.1"] * 6000)), ("x-filler", "f" * 64 * 1024),
-             ("cookie", "c=" + "c" * 64 * 1024), ("last-event-id", "e" * 64 * 1024)]
+OVERSIZED = [
+    ("authorization", "Bearer " + "a" * 64 * 1024),
+    ("x-user-id", "u" * 64 * 1024),
+    ("x-forwarded-for", ", ".join(["203.0.113.1"] * 6000)),
+    ("x-filler", "f" * 64 * 1024),
+    ("cookie", "c=" + "c" * 64 * 1024),
+    ("last-event-id", "e" * 64 * 1024),
+]
 
 
 @pytest.mark.parametrize(("name", "value"), OVERSIZED, ids=[n for n, _ in OVERSIZED])

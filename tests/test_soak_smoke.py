@@ -11,21 +11,31 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.support.processes import ROOT, base_env
 
 
-@pytest.mark.timeout(120)
-def test_soak_smoke_accounts_for_everything(tmp_path: Path) -> None:
+def run_soak(tmp_path: Path, *args: str) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
+    """An 8-second soak with ``args``; its JSON summary and the finished process."""
     out = tmp_path / "soak.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.soak", "--duration", "8", "--concurrency", "50", "--out", str(out)],
-        cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=110,
+        [sys.executable, "-m", "bench.soak", "--duration", "8", *args, "--out", str(out)],
+        cwd=ROOT,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=110,
     )
     assert out.is_file(), proc.stdout[-2000:] + proc.stderr[-2000:]
-    summary = json.loads(out.read_text())
+    return json.loads(out.read_text()), proc
+
+
+@pytest.mark.timeout(120)
+def test_soak_smoke_accounts_for_everything(tmp_path: Path) -> None:
+    summary, proc = run_soak(tmp_path, "--concurrency", "50")
     assert proc.returncode == 0, json.dumps(summary["failures"], indent=1) + proc.stderr[-2000:]
     assert summary["ok"] is True and summary["failure_count"] == 0
 
@@ -54,3 +64,19 @@ def test_soak_smoke_accounts_for_everything(tmp_path: Path) -> None:
     res = summary["resources"]
     assert res["returned"] is True
     assert res["fds_after"] <= res["fds_before"] + 8
+    # Every sample splits RSS into anonymous (heap: what a leak grows) and file-backed memory.
+    assert all(len(row) == 6 and row[4] + row[5] <= row[2] + 8 for row in res["timeline"])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("frames", ["0", "1"])
+def test_soak_memtrace_probes_the_bridge_memory(tmp_path: Path, frames: str) -> None:
+    """The diagnosis mode: the bridge runs under bench.memtrace and dumps two probes on signal:
+    pymalloc's arenas, or with tracemalloc the source lines that grew."""
+    summary, _ = run_soak(tmp_path, "--concurrency", "20", "--memtrace-at", "0.03,0.1", "--memtrace-frames", frames)
+    probes = summary["memtrace"]
+    if frames == "0":
+        assert [p["arenas"] > 0 and p["used_bytes"] > 0 for p in probes["pymalloc"]] == [True, True]
+    else:
+        assert len(probes["traced_kib"]) == 2 and min(probes["traced_kib"]) > 1000  # the bridge's own modules
+        assert probes["top_growth"] and all(":" in row["where"] for row in probes["top_growth"])

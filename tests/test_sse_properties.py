@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge import sse
+from bridge.errors import FrameError
 from tests.conftest import require_binary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,8 +32,12 @@ EXAMPLES = max(20, int(os.environ.get("FUZZ_EXAMPLES", "100")))
 BATCHES = max(5, EXAMPLES // 20)
 JS_SAFE_INT = 2**53
 
-PROPERTY = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+PROPERTY = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 # Reads [{"chunks": [[byte, ...], ...]}, ...] from the file named by argv[1]; prints one result per case.
 NODE_RUNNER = r"""
@@ -68,8 +73,9 @@ def js_parse(batch: list[list[bytes]], tmp_dir: Path) -> list[dict[str, Any]]:
     node = require_binary("node", "nodejs")
     cases = tmp_dir / "cases.json"
     cases.write_text(json.dumps([{"chunks": [list(c) for c in chunks]} for chunks in batch]))
-    done = subprocess.run([node, "-e", NODE_RUNNER, str(CLIENT_JS), str(cases)], capture_output=True, check=True,
-                          timeout=60)
+    done = subprocess.run(
+        [node, "-e", NODE_RUNNER, str(CLIENT_JS), str(cases)], capture_output=True, check=True, timeout=60
+    )
     results: list[dict[str, Any]] = json.loads(done.stdout)
     return results
 
@@ -105,12 +111,14 @@ def test_token_frame_bytes_equal_the_json_module_s(text: str, index: int) -> Non
 
 
 @PROPERTY
-@given(payload=json_values, event_id=event_ids,
-       event=st.none() | st.text(st.characters(exclude_characters="\r\n\x00", exclude_categories=["Cs"]),
-                                 min_size=1, max_size=20),
-       at=cuts)
-def test_any_json_payload_survives_any_chunking(payload: Any, event_id: str, event: str | None,
-                                                at: list[int]) -> None:
+@given(
+    payload=json_values,
+    event_id=event_ids,
+    event=st.none()
+    | st.text(st.characters(exclude_characters="\r\n\x00", exclude_categories=["Cs"]), min_size=1, max_size=20),
+    at=cuts,
+)
+def test_any_json_payload_survives_any_chunking(payload: Any, event_id: str, event: str | None, at: list[int]) -> None:
     raw = sse.json_frame(event_id, payload, event)
     (parsed,) = python_parse(split(raw, at))["events"]
     assert parsed["type"] == (event or "message")
@@ -133,21 +141,57 @@ def test_a_whole_stream_of_tokens_reassembles_exactly(texts: list[str], at: list
 @PROPERTY
 @given(event_id=st.tuples(st.text(max_size=5), st.sampled_from("\r\n\x00"), st.text(max_size=5)).map("".join))
 def test_ids_that_would_corrupt_the_stream_are_refused(event_id: str) -> None:
-    with pytest.raises(sse.FrameError):
+    with pytest.raises(FrameError):
         sse.json_frame(event_id, {"type": "token"})
 
 
 # -- Python and JS parsers agree on arbitrary bytes -------------------------------------------------
 
-FRAGMENTS = [b"\r", b"\n", b"\r\n", b"\n\n", b"\r\r", b"\x00", b"\xef\xbb\xbf", b"\xef\xbb", b"\xbf",
-             b"data", b"data:", b"data: ", b"id:", b"id: ", b"event:", b"event: heartbeat", b"retry:", b"retry: 150",
-             b":", b": comment", b" ", b"  ", b"\xff", b"\xfe", b"\xc3", b"\xa9", b"\xc3\xa9", b"\xf0\x9f",
-             b"\x98\x80", b"\xf0\x9f\x98\x80", b"\xed\xa0\x80", b"\xe2\x80\xa8", b"\xc0\xaf", b"123", b"x", b"{}",
-             b"\xd9\xa3", b"\xc2\xb2"]
+FRAGMENTS = [
+    b"\r",
+    b"\n",
+    b"\r\n",
+    b"\n\n",
+    b"\r\r",
+    b"\x00",
+    b"\xef\xbb\xbf",
+    b"\xef\xbb",
+    b"\xbf",
+    b"data",
+    b"data:",
+    b"data: ",
+    b"id:",
+    b"id: ",
+    b"event:",
+    b"event: heartbeat",
+    b"retry:",
+    b"retry: 150",
+    b":",
+    b": comment",
+    b" ",
+    b"  ",
+    b"\xff",
+    b"\xfe",
+    b"\xc3",
+    b"\xa9",
+    b"\xc3\xa9",
+    b"\xf0\x9f",
+    b"\x98\x80",
+    b"\xf0\x9f\x98\x80",
+    b"\xed\xa0\x80",
+    b"\xe2\x80\xa8",
+    b"\xc0\xaf",
+    b"123",
+    b"x",
+    b"{}",
+    b"\xd9\xa3",
+    b"\xc2\xb2",
+]
 byte_streams = st.lists(st.sampled_from(FRAGMENTS) | st.binary(max_size=6), max_size=40).map(b"".join)
 chunked_streams = st.tuples(byte_streams, cuts).map(lambda pair: split(*pair))
 encoded_streams = st.lists(st.text(), max_size=5).map(
-    lambda texts: [b"".join(sse.token_frame(f"s:{i}", i, t) for i, t in enumerate(texts))])
+    lambda texts: [b"".join(sse.token_frame(f"s:{i}", i, t) for i, t in enumerate(texts))]
+)
 
 
 def comparable(result: dict[str, Any]) -> dict[str, Any]:
@@ -156,9 +200,12 @@ def comparable(result: dict[str, Any]) -> dict[str, Any]:
     return {**result, "retry": retry if retry is None or retry < JS_SAFE_INT else "big"}
 
 
-@settings(max_examples=BATCHES, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                                 HealthCheck.data_too_large])
+@settings(
+    max_examples=BATCHES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+)
 @given(batch=st.lists(chunked_streams | encoded_streams, min_size=1, max_size=60))
 def test_python_and_js_parsers_agree_on_arbitrary_bytes(batch: list[list[bytes]], tmp_path: Path) -> None:
     js = js_parse(batch, tmp_path)
@@ -173,6 +220,6 @@ def test_the_vector_file_through_both_parsers(tmp_path: Path) -> None:
     batch = []
     for vector in vectors:
         data = b"".join(c.encode() if isinstance(c, str) else bytes(c) for c in vector["chunks"])
-        batch.append([data[i:i + 1] for i in range(len(data))])
+        batch.append([data[i : i + 1] for i in range(len(data))])
     for chunks, js_result in zip(batch, js_parse(batch, tmp_path), strict=True):
         assert comparable(python_parse(chunks)) == comparable(js_result)

@@ -41,9 +41,9 @@ def test_hundred_cycles_with_double_release_leave_nothing_open() -> None:
     caps = StreamCaps(per_user=3, total=5)
     for i in range(100):
         key = f"user:{i % 4}"
-        with caps.acquire(key) as lease:
-            other = caps.acquire(key)
-            lease.release()  # stream ended ...
+        lease = caps.acquire(key)
+        other = caps.acquire(key)
+        lease.release()  # stream ended ...
         lease.release()  # ... and the disconnect handler releases too
         other.release()
         other.release()

@@ -141,8 +141,10 @@ async def test_reflection_lists_the_service(echo_stub: Stub) -> None:
         ({"query": "   "}, "query"),
         ({"query": "x" * 8193}, "query"),
         ({"query": "ok", "conversation_history": [rag_pb2.ChatMessage(content="hi")]}, "conversation_history[0].role"),
-        ({"query": "ok", "conversation_history": [rag_pb2.ChatMessage(role=rag_pb2.CHAT_ROLE_USER)]},
-         "conversation_history[0].content"),
+        (
+            {"query": "ok", "conversation_history": [rag_pb2.ChatMessage(role=rag_pb2.CHAT_ROLE_USER)]},
+            "conversation_history[0].content",
+        ),
     ],
 )
 async def test_bad_requests_get_invalid_argument_with_details(

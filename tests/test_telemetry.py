@@ -7,7 +7,8 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import NonRecordingSpan
 
 from bridge.config import Settings
-from bridge.telemetry import Telemetry, TelemetryConfigError, build_tracer_provider, trace_id_of
+from bridge.errors import TelemetryConfigError
+from bridge.telemetry import Telemetry, build_tracer_provider, trace_id_of
 from bridge.types import StreamResult
 from rag_stub.telemetry import server_interceptors
 
@@ -50,8 +51,11 @@ def test_endpoint_alone_turns_otlp_on_and_service_name_wins() -> None:
 
 def test_sampler_from_env() -> None:
     provider = build_tracer_provider(
-        {"OTEL_TRACES_EXPORTER": "none,console", "OTEL_TRACES_SAMPLER": "traceidratio",
-         "OTEL_TRACES_SAMPLER_ARG": "0.25"},
+        {
+            "OTEL_TRACES_EXPORTER": "none,console",
+            "OTEL_TRACES_SAMPLER": "traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.25",
+        },
         "x",
     )
     assert provider is not None and isinstance(provider.sampler, TraceIdRatioBased)

@@ -1,4 +1,4 @@
-"""Tracing across a real gRPC hop: bridge interceptors → in-process stub with its server interceptor.
+"""Tracing across a real gRPC hop: bridge stream tracing → in-process stub with its server interceptor.
 
 Also pins down the two findings that made us write our own interceptors: cancellation must still
 reach the stub (it logs ``cancelled``) and the client span must end even when the caller stops
@@ -77,6 +77,13 @@ def rag_stub(channel: grpc.aio.Channel) -> Any:
     return rag_pb2_grpc.RagServiceStub(channel)
 
 
+def stream_chat(telemetry: Telemetry, stub: Any, request: rag_pb2.StreamChatRequest) -> Any:
+    """StreamChat traced the way bridge.upstream.Upstream does it (no stream interceptor)."""
+    tracing = telemetry.stream_tracing()
+    assert tracing is not None
+    return tracing.open(stub.StreamChat, request, method=STREAM_METHOD, timeout=30, metadata=())
+
+
 def channel_to(port: int, telemetry: Telemetry) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=telemetry.client_interceptors())
 
@@ -94,9 +101,7 @@ async def collector() -> Collector:
 async def traced(collector: Collector) -> AsyncIterator[tuple[Telemetry, Any, StreamEnds]]:
     ends = StreamEnds()
     config = StubConfig(mode="echo", repeat=2000, token_delay_ms=2)
-    server, port = await start_server(
-        config, port=0, on_stream_end=ends, interceptors=stub_interceptors(collector)
-    )
+    server, port = await start_server(config, port=0, on_stream_end=ends, interceptors=stub_interceptors(collector))
     telemetry = Telemetry.from_environ({}, extra_processors=(collector,))
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=telemetry.client_interceptors())
     try:
@@ -110,7 +115,9 @@ async def traced(collector: Collector) -> AsyncIterator[tuple[Telemetry, Any, St
 async def test_one_trace_from_traceparent_through_bridge_to_stub(collector: Collector) -> None:
     ends = StreamEnds()
     server, port = await start_server(
-        StubConfig(mode="echo"), port=0, on_stream_end=ends,
+        StubConfig(mode="echo"),
+        port=0,
+        on_stream_end=ends,
         interceptors=stub_interceptors(collector),
     )
     telemetry = Telemetry.from_environ({}, extra_processors=(collector,))
@@ -119,8 +126,8 @@ async def test_one_trace_from_traceparent_through_bridge_to_stub(collector: Coll
         span = telemetry.start_stream_span("GET /api/v2/bali-zero/chat-stream", parent)
         async with channel_to(port, telemetry) as ch:
             with telemetry.activate(span):
-                call = rag_stub(ch).StreamChat(
-                    rag_pb2.StreamChatRequest(query="hello trace", request_id="r1")
+                call = stream_chat(
+                    telemetry, rag_stub(ch), rag_pb2.StreamChatRequest(query="hello trace", request_id="r1")
                 )
             tokens = [r.token.text async for r in call if r.HasField("token")]
         assert "".join(tokens) == "hello trace"
@@ -156,7 +163,7 @@ async def test_cancel_reaches_the_stub_and_ends_the_client_span(
     telemetry, stub, ends = traced
     span = telemetry.start_stream_span("stream", Context())
     with telemetry.activate(span):
-        call = stub.StreamChat(rag_pb2.StreamChatRequest(query="one two three", request_id=f"c-{reader}"))
+        call = stream_chat(telemetry, stub, rag_pb2.StreamChatRequest(query="one two three", request_id=f"c-{reader}"))
     seen = 0
     if reader == "read":
         while seen < 3:
@@ -183,13 +190,15 @@ async def test_cancel_reaches_the_stub_and_ends_the_client_span(
 
 async def test_upstream_error_is_recorded_on_both_sides(collector: Collector) -> None:
     server, port = await start_server(
-        StubConfig(mode="echo", fail_after=1), port=0, on_stream_end=StreamEnds(),
+        StubConfig(mode="echo", fail_after=1),
+        port=0,
+        on_stream_end=StreamEnds(),
         interceptors=stub_interceptors(collector),
     )
     telemetry = Telemetry.from_environ({}, extra_processors=(collector,))
     try:
         async with channel_to(port, telemetry) as ch:
-            call = rag_stub(ch).StreamChat(rag_pb2.StreamChatRequest(query="a b c"))
+            call = stream_chat(telemetry, rag_stub(ch), rag_pb2.StreamChatRequest(query="a b c"))
             with pytest.raises(grpc.aio.AioRpcError) as failure:
                 async for _ in call:
                     pass
@@ -217,7 +226,7 @@ async def test_spans_reach_a_real_otlp_receiver() -> None:
             span = telemetry.start_stream_span("stream", parent)
             async with channel_to(port, telemetry) as ch:
                 with telemetry.activate(span):
-                    call = rag_stub(ch).StreamChat(rag_pb2.StreamChatRequest(query="otlp"))
+                    call = stream_chat(telemetry, rag_stub(ch), rag_pb2.StreamChatRequest(query="otlp"))
                 async for _ in call:
                     pass
             telemetry.end_stream_span(span, StreamResult("s", "r", "completed", 1, 2.0, 1.0))

@@ -59,8 +59,9 @@ async def read_stream(base_url: str, query: str, run: Run, timeout: float = 30) 
     try:
         async with (
             httpx.AsyncClient(base_url=base_url, timeout=timeout) as client,
-            client.stream("GET", STREAM_PATH, params={"query": query},
-                          headers={"x-request-id": run.request_id}) as response,
+            client.stream(
+                "GET", STREAM_PATH, params={"query": query}, headers={"x-request-id": run.request_id}
+            ) as response,
         ):
             run.status = response.status_code
             if not response.headers.get("content-type", "").startswith("text/event-stream"):

@@ -11,5 +11,11 @@ from bridge.audit.store import QueryFilters, SQLiteStore
 from bridge.audit.trail import AuditTrail
 
 __all__ = [
-    "AuditEvent", "AuditTrail", "EventFactory", "QueryFilters", "SQLiteStore", "VerifyResult", "verify",
+    "AuditEvent",
+    "AuditTrail",
+    "EventFactory",
+    "QueryFilters",
+    "SQLiteStore",
+    "VerifyResult",
+    "verify",
 ]

@@ -2,54 +2,130 @@
 
 They never create a key: a missing key file would otherwise be replaced by a fresh one and every
 record would then "fail" verification (or, for purge, be chained onto under the wrong key).
+``verify`` also checks the signed head sealed in ``<AUDIT_DB>.head`` (and, with ``--heads-from``,
+every ``audit_head`` line of a log file): an emptied or truncated store fails, naming the missing
+records. ``purge`` verifies first and refuses (exit 1) when that fails.
 Exit codes: 0 ok, 1 verification failed, 2 cannot open the store or key.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
+import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from bridge.audit.chain import Chain, VerifyResult, verify
-from bridge.audit.events import checkpoint_event, format_ts, utc_now
+from bridge.audit.anchor import AnchoredHead, HeadSigner, SealedHeadFile, head_path, heads_from_log
+from bridge.audit.chain import VerifyResult, verify
+from bridge.audit.events import format_ts, utc_now
 from bridge.audit.keys import AuditKeys, key_path, load_keys
-from bridge.audit.store import Link, SQLiteStore
-from bridge.config import ConfigError, Settings
+from bridge.audit.retention import purge, sealed_heads
+from bridge.audit.store import SQLiteStore
+from bridge.config import Settings
+from bridge.errors import AuditChainBroken, ConfigError
 
 SettingsFactory = Callable[[argparse.Namespace], Settings]
 
 
-def run_verify(settings: Settings, out: TextIO = sys.stdout) -> int:
+MAX_BAD_LOG_LINES = 20
+"""At most this many bad ``audit_head`` log lines are listed (the count is always given)."""
+
+
+def run_verify(settings: Settings, out: TextIO = sys.stdout, heads_from: str | None = None) -> int:
+    """Verify the chain, the sealed head and (``heads_from``) every head logged in a file."""
     opened = _open(settings, out)
     if opened is None:
         return 2
     store, keys = opened
+    signer = HeadSigner(keys.head_key)
     try:
-        return _report(verify(store, keys.chain_key), settings.audit_db, out)
+        sealed = SealedHeadFile(head_path(settings.audit_db), signer)
+        try:
+            heads = sealed_heads(sealed)
+        except AuditChainBroken as exc:
+            return _report(VerifyResult(False, 0, None, exc.reason), settings.audit_db, out)
+        if not heads and heads_from is None:
+            reason = (
+                f"no sealed head at {sealed.path}, so an emptied or truncated store cannot be told from "
+                "an intact one (the bridge writes it at start, periodically and at shutdown); "
+                "check against logged heads with --heads-from LOGFILE"
+            )
+            return _report(VerifyResult(False, 0, None, reason), settings.audit_db, out)
+        if heads_from is None:
+            return _report(verify(store, keys.chain_key, heads), settings.audit_db, out)
+        logged = LoggedHeads(heads_from, signer)
+        try:
+            result = verify(store, keys.chain_key, itertools.chain(heads, logged))
+        except OSError as exc:
+            print(f"cannot read {heads_from}: {exc}", file=out)
+            return 1
+        if result.ok and logged.problem() is not None:
+            print(f"audit heads BROKEN in {heads_from}: {logged.problem()}", file=out)
+            return 1
+        if result.ok:
+            print(f"{logged.valid} signed heads from {heads_from} are held by the store", file=out)
+        return _report(result, settings.audit_db, out)
     finally:
         store.close()
 
 
+class LoggedHeads:
+    """The signed heads of a log file, streamed once into verify; forged lines are remembered.
+
+    One pass, no list: a log store export can hold millions of heads, and ``--heads-from`` may be
+    a pipe (``<(grep audit_head combined.log)``) that cannot be read twice.
+    """
+
+    def __init__(self, path: str, signer: HeadSigner) -> None:
+        self._path = path
+        self._signer = signer
+        self.valid = 0
+        self.bad: list[int] = []
+
+    def __iter__(self) -> Iterator[AnchoredHead]:
+        for line in heads_from_log(self._path, self._signer):
+            if line.head is None:
+                if len(self.bad) <= MAX_BAD_LOG_LINES:
+                    self.bad.append(line.number)
+                continue
+            self.valid += 1
+            yield line.head
+
+    def problem(self) -> str | None:
+        """Why the log does not vouch for the store although every head it holds matched, or None."""
+        if self.bad:
+            listed = ", ".join(str(n) for n in self.bad[:MAX_BAD_LOG_LINES])
+            more = " and more" if len(self.bad) > MAX_BAD_LOG_LINES else ""
+            return (
+                f"audit_head lines with an invalid MAC or fields (forged, edited, or signed with "
+                f"another key): line {listed}{more}"
+            )
+        if not self.valid:
+            return "no audit_head lines found (the bridge logs them at INFO: is this the right file?)"
+        return None
+
+
 def run_purge(settings: Settings, older_than_days: int | None = None, out: TextIO = sys.stdout) -> int:
+    """Verify, then purge the verified prefix older than the retention; refuse if it does not verify."""
     opened = _open(settings, out)
     if opened is None:
         return 2
     store, keys = opened
     days = settings.audit_retention_days if older_than_days is None else older_than_days
     cutoff = format_ts(utc_now() - timedelta(days=days))
-
-    def checkpoint(count: int, last: Link) -> dict[str, Any]:
-        return dict(checkpoint_event(format_ts(utc_now()), count, last.id, last.hash, cutoff).body)
-
     try:
-        count = store.purge_before(cutoff, Chain(keys.chain_key), checkpoint)
+        sealed = SealedHeadFile(head_path(settings.audit_db), HeadSigner(keys.head_key))
+        count = purge(store, keys.chain_key, sealed_heads(sealed), cutoff, lambda: format_ts(utc_now()))
+    except AuditChainBroken as exc:
+        print(f"REFUSING TO PURGE {settings.audit_db}: {exc}; nothing was deleted", file=out)
+        return 1
     finally:
         store.close()
     print(f"purged {count} audit records older than {cutoff}", file=out)
@@ -65,8 +141,10 @@ def run_export(settings: Settings, out: TextIO, err: TextIO = sys.stderr) -> int
     try:
         with store.snapshot() as snap:
             for rec in snap.records:
-                out.write(json.dumps({**rec.row(), "prev_hash": rec.prev_hash, "hash": rec.hash},
-                                     separators=(",", ":")) + "\n")
+                out.write(
+                    json.dumps({**rec.row(), "prev_hash": rec.prev_hash, "hash": rec.hash}, separators=(",", ":"))
+                    + "\n"
+                )
     finally:
         store.close()
     return 0
@@ -78,36 +156,54 @@ def run_backup(settings: Settings, path: str, out: TextIO = sys.stdout) -> int:
     if opened is None:
         return 2
     store, keys = opened
+    signer = HeadSigner(keys.head_key)
     try:
         if Path(path).exists():
             print(f"refusing to overwrite {path}", file=out)
             return 2
+        try:  # read before the copy is taken, so the copy holds at least this head
+            heads = sealed_heads(SealedHeadFile(head_path(settings.audit_db), signer))
+        except AuditChainBroken as exc:
+            return _report(VerifyResult(False, 0, None, exc.reason), settings.audit_db, out)
         store.backup(path)
     finally:
         store.close()
     if not settings.audit_hash_key:  # without its key a backup cannot be verified
         shutil.copyfile(key_path(settings.audit_db), key_path(path))
         os.chmod(key_path(path), 0o600)
+    for head in heads:  # the copy carries its own anchor
+        SealedHeadFile(head_path(path), signer).write(head)
     copy = SQLiteStore(path)
     try:
-        return _report(verify(copy, keys.chain_key), path, out)
+        return _report(verify(copy, keys.chain_key, heads), path, out)
     finally:
         copy.close()
 
 
-def add_audit_commands(subparsers: Any, settings_factory: SettingsFactory) -> None:
-    """Add ``audit verify|purge|export|backup``; each parser gets ``func(args) -> exit code``."""
-    audit = subparsers.add_parser("audit", help="verify, purge, export or back up the audit trail")
+def add_audit_commands(
+    subparsers: Any, settings_factory: SettingsFactory, parents: list[argparse.ArgumentParser] | None = None
+) -> None:
+    """Add ``audit verify|purge|export|backup``; each parser gets ``func(args) -> exit code``.
+
+    ``parents`` adds shared options (``--env-file``) to every command, so they may follow it.
+    """
+    shared = parents or []
+    audit = subparsers.add_parser("audit", help="verify, purge, export or back up the audit trail", parents=shared)
     commands = audit.add_subparsers(dest="audit_command", required=True)
-    commands.add_parser("verify", help="check the tamper-evident chain").set_defaults(
-        func=lambda a: run_verify(settings_factory(a)))
-    purge = commands.add_parser("purge", help="delete records older than the retention")
+    verify_cmd = commands.add_parser(
+        "verify", help="check the tamper-evident chain and its anchored heads", parents=shared
+    )
+    verify_cmd.add_argument(
+        "--heads-from", metavar="LOGFILE", default=None, help="also check every audit_head line of this log file"
+    )
+    verify_cmd.set_defaults(func=lambda a: run_verify(settings_factory(a), heads_from=a.heads_from))
+    purge = commands.add_parser("purge", help="delete records older than the retention", parents=shared)
     purge.add_argument("--older-than-days", type=int, default=None)
     purge.set_defaults(func=lambda a: run_purge(settings_factory(a), a.older_than_days))
-    export = commands.add_parser("export", help="write every record as JSON lines")
+    export = commands.add_parser("export", help="write every record as JSON lines", parents=shared)
     export.add_argument("--output", "-o", default="-", help="file (default: stdout)")
     export.set_defaults(func=lambda a: _export_to(settings_factory(a), a.output))
-    backup = commands.add_parser("backup", help="online copy of the store, verified")
+    backup = commands.add_parser("backup", help="online copy of the store, verified", parents=shared)
     backup.add_argument("path")
     backup.set_defaults(func=lambda a: run_backup(settings_factory(a), a.path))
 
@@ -136,20 +232,29 @@ def _export_to(settings: Settings, output: str) -> int:
 
 def _open(settings: Settings, out: TextIO) -> tuple[SQLiteStore, AuditKeys] | None:
     if not Path(settings.audit_db).is_file():
-        print(f"no audit store at {settings.audit_db}", file=out)
+        print(
+            f"no audit store at {settings.audit_db} (AUDIT_DB; give the server's settings, e.g. --env-file)", file=out
+        )
         return None
     try:
         keys = load_keys(settings.audit_db, settings.audit_hash_key, create=False)
     except (ConfigError, OSError) as exc:
         print(f"cannot load the audit key: {exc}", file=out)
         return None
-    return SQLiteStore(settings.audit_db), keys
+    try:
+        return SQLiteStore(settings.audit_db), keys
+    except sqlite3.DatabaseError as exc:  # not a database, or tables replaced by something else
+        print(f"cannot open the audit store {settings.audit_db}: {exc}", file=out)
+        return None
 
 
 def _report(result: VerifyResult, where: str, out: TextIO) -> int:
     if result.ok:
         print(f"audit chain OK: {result.checked} records verified in {where}", file=out)
         return 0
-    print(f"audit chain BROKEN in {where} at record {result.first_bad_id}: {result.reason} "
-          f"({result.checked} records read)", file=out)
+    print(
+        f"audit chain BROKEN in {where} at record {result.first_bad_id}: {result.reason} "
+        f"({result.checked} records read)",
+        file=out,
+    )
     return 1

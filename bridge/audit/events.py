@@ -6,6 +6,9 @@ Rules (each enforced here, and asserted per event type by tests/test_audit_event
   a short query is reversible by guessing, a keyed one is not without the key;
 * ``user_id`` is pseudonymous: the verified (or trusted-proxy) user id when there is one, else
   ``anon:<HMAC of the IP>``, so anonymous callers are still correlatable without storing the IP;
+* ``identity_kind`` says how that id was established (``token``, ``proxy`` or ``anonymous``):
+  without it a caller whose ``x-user-id: alice`` a proxy passed on was recorded exactly like the
+  verified token user ``alice``;
 * ``email`` only when ``Identity.authenticated`` (an unverified email is neither needed nor trusted);
 * ``client_ip`` only on the security events ``rate_limited`` and ``auth_failed``.
 
@@ -26,24 +29,29 @@ from bridge.types import Identity, StreamResult
 
 StreamKind = Literal["stream_started", "stream_completed", "stream_cancelled", "stream_failed"]
 
-_BASE = frozenset({"ts", "event_type", "request_id", "trace_id", "user_id"})
+_BASE = frozenset({"ts", "event_type", "request_id", "trace_id", "user_id", "identity_kind"})
 _STREAM_END = _BASE | {"query_hmac", "tokens", "first_token_ms", "duration_ms", "outcome"}
-ALLOWED_FIELDS: Mapping[str, frozenset[str]] = MappingProxyType({
-    "stream_started": _BASE | {"query_hmac"},
-    "stream_completed": _STREAM_END,
-    "stream_cancelled": _STREAM_END,
-    "stream_failed": _STREAM_END | {"error_code"},
-    "chat": _BASE | {"query_hmac", "tokens", "duration_ms", "outcome", "error_code"},
-    "rate_limited": _BASE | {"client_ip", "path", "reason"},
-    "auth_failed": _BASE | {"client_ip", "path", "reason"},
-    "admin_read": _BASE | {"filters", "returned"},
-    "retention_checkpoint": frozenset({"ts", "event_type", "purged_count", "last_purged_id",
-                                       "last_purged_hash", "purged_before"}),
-})
+ALLOWED_FIELDS: Mapping[str, frozenset[str]] = MappingProxyType(
+    {
+        "stream_started": _BASE | {"query_hmac"},
+        "stream_completed": _STREAM_END,
+        "stream_cancelled": _STREAM_END,
+        "stream_failed": _STREAM_END | {"error_code"},
+        "chat": _BASE | {"query_hmac", "tokens", "duration_ms", "outcome", "error_code"},
+        "rate_limited": _BASE | {"client_ip", "path", "reason"},
+        "auth_failed": _BASE | {"client_ip", "path", "reason"},
+        "admin_read": _BASE | {"filters", "returned"},
+        "retention_checkpoint": frozenset(
+            {"ts", "event_type", "purged_count", "last_purged_id", "last_purged_hash", "purged_before"}
+        ),
+    }
+)
 OPTIONAL_FIELDS = frozenset({"email"})
 SECURITY_EVENTS = frozenset({"rate_limited", "auth_failed"})
 _END_KIND: Mapping[str, StreamKind] = {
-    "completed": "stream_completed", "cancelled": "stream_cancelled", "error": "stream_failed",
+    "completed": "stream_completed",
+    "cancelled": "stream_cancelled",
+    "error": "stream_failed",
 }
 
 
@@ -75,12 +83,20 @@ def parse_ts(text: str) -> str:
     return format_ts(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
 
 
-def checkpoint_event(ts: str, purged_count: int, last_purged_id: int, last_purged_hash: str,
-                     purged_before: str) -> AuditEvent:
+def checkpoint_event(
+    ts: str, purged_count: int, last_purged_id: int, last_purged_hash: str, purged_before: str
+) -> AuditEvent:
     """The record a retention purge leaves behind, vouching for the deleted chain prefix."""
-    return _seal({"ts": ts, "event_type": "retention_checkpoint", "purged_count": purged_count,
-                  "last_purged_id": last_purged_id, "last_purged_hash": last_purged_hash,
-                  "purged_before": purged_before})
+    return _seal(
+        {
+            "ts": ts,
+            "event_type": "retention_checkpoint",
+            "purged_count": purged_count,
+            "last_purged_id": last_purged_id,
+            "last_purged_hash": last_purged_hash,
+            "purged_before": purged_before,
+        }
+    )
 
 
 class EventFactory:
@@ -94,60 +110,92 @@ class EventFactory:
         """The pseudonymous user id stored for ``identity`` (also used to filter admin reads)."""
         return identity.user_id if identity.user_id else self._keys.pseudonym(identity.client_ip)
 
-    def stream(self, kind: StreamKind, identity: Identity, request_id: str, trace_id: str | None,
-               query: str, result: StreamResult | None = None) -> AuditEvent:
+    def stream(
+        self,
+        kind: StreamKind,
+        identity: Identity,
+        request_id: str,
+        trace_id: str | None,
+        query: str,
+        result: StreamResult | None = None,
+    ) -> AuditEvent:
         """A stream lifecycle event; the end kinds take their measurements from ``result``."""
         body = self._base(kind, identity, request_id, trace_id)
         body["query_hmac"] = self._keys.query_hmac(query)
         if kind != "stream_started":
-            body.update(tokens=result.tokens if result else None,
-                        first_token_ms=_ms(result.first_token_ms) if result else None,
-                        duration_ms=_ms(result.duration_ms) if result else None,
-                        outcome=result.outcome if result else None)
+            body.update(
+                tokens=result.tokens if result else None,
+                first_token_ms=_ms(result.first_token_ms) if result else None,
+                duration_ms=_ms(result.duration_ms) if result else None,
+                outcome=result.outcome if result else None,
+            )
         if kind == "stream_failed":
             body["error_code"] = result.error_code if result else None
         return _seal(body)
 
     def stream_ended(self, identity: Identity, query: str, result: StreamResult) -> AuditEvent:
         """The end event matching ``result.outcome`` (completed, cancelled or failed)."""
-        return self.stream(_END_KIND[result.outcome], identity, result.request_id, result.trace_id,
-                           query, result)
+        return self.stream(_END_KIND[result.outcome], identity, result.request_id, result.trace_id, query, result)
 
-    def chat(self, identity: Identity, request_id: str, trace_id: str | None, query: str, *,
-             outcome: str, duration_ms: float, tokens: int | None = None,
-             error_code: str | None = None) -> AuditEvent:
+    def chat(
+        self,
+        identity: Identity,
+        request_id: str,
+        trace_id: str | None,
+        query: str,
+        *,
+        outcome: str,
+        duration_ms: float,
+        tokens: int | None = None,
+        error_code: str | None = None,
+    ) -> AuditEvent:
         """A non-streaming chat request."""
         body = self._base("chat", identity, request_id, trace_id)
-        body.update(query_hmac=self._keys.query_hmac(query), tokens=tokens, duration_ms=_ms(duration_ms),
-                    outcome=outcome, error_code=error_code)
+        body.update(
+            query_hmac=self._keys.query_hmac(query),
+            tokens=tokens,
+            duration_ms=_ms(duration_ms),
+            outcome=outcome,
+            error_code=error_code,
+        )
         return _seal(body)
 
-    def rate_limited(self, identity: Identity, request_id: str, trace_id: str | None, *,
-                     path: str, reason: str) -> AuditEvent:
+    def rate_limited(
+        self, identity: Identity, request_id: str, trace_id: str | None, *, path: str, reason: str
+    ) -> AuditEvent:
         """A request refused by a limit (``reason``: the error code, e.g. RATE_LIMITED)."""
         return self._security("rate_limited", identity, request_id, trace_id, path, reason)
 
-    def auth_failed(self, identity: Identity, request_id: str, trace_id: str | None, *,
-                    path: str, reason: str) -> AuditEvent:
+    def auth_failed(
+        self, identity: Identity, request_id: str, trace_id: str | None, *, path: str, reason: str
+    ) -> AuditEvent:
         """A request refused for its credentials (``reason``: the error code, e.g. TOKEN_EXPIRED)."""
         return self._security("auth_failed", identity, request_id, trace_id, path, reason)
 
-    def admin_read(self, identity: Identity, request_id: str, trace_id: str | None, *,
-                   filters: Mapping[str, str], returned: int) -> AuditEvent:
+    def admin_read(
+        self, identity: Identity, request_id: str, trace_id: str | None, *, filters: Mapping[str, str], returned: int
+    ) -> AuditEvent:
         """An admin reading the trail; ``filters`` must already be pseudonymised (no raw IP)."""
         body = self._base("admin_read", identity, request_id, trace_id)
         body.update(filters=dict(filters), returned=returned)
         return _seal(body)
 
-    def _security(self, kind: str, identity: Identity, request_id: str, trace_id: str | None,
-                  path: str, reason: str) -> AuditEvent:
+    def _security(
+        self, kind: str, identity: Identity, request_id: str, trace_id: str | None, path: str, reason: str
+    ) -> AuditEvent:
         body = self._base(kind, identity, request_id, trace_id)
         body.update(client_ip=identity.client_ip, path=path, reason=reason)
         return _seal(body)
 
     def _base(self, kind: str, identity: Identity, request_id: str, trace_id: str | None) -> dict[str, Any]:
-        body: dict[str, Any] = {"ts": format_ts(self._clock()), "event_type": kind, "request_id": request_id,
-                                "trace_id": trace_id, "user_id": self.user_id(identity)}
+        body: dict[str, Any] = {
+            "ts": format_ts(self._clock()),
+            "event_type": kind,
+            "request_id": request_id,
+            "trace_id": trace_id,
+            "user_id": self.user_id(identity),
+            "identity_kind": identity.kind,
+        }
         if identity.authenticated and identity.email:
             body["email"] = identity.email
         return body

@@ -10,8 +10,6 @@ user id before it is used or logged: the admin_read record must not reintroduce 
 
 from __future__ import annotations
 
-import re
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,14 +20,13 @@ from bridge.audit.events import ALLOWED_FIELDS, parse_ts
 from bridge.audit.store import QueryFilters
 from bridge.audit.trail import AuditTrail
 from bridge.errors import BadRequest, BridgeError, Forbidden, Unauthorized
+from bridge.request_ids import request_ids
 from bridge.responses import JSONResponse, error_response
 from bridge.types import Identity
 
 Authenticate = Callable[[Request], Awaitable[Identity]]
 Endpoint = Callable[[Request], Awaitable[Response]]
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 _TRUE = {"1", "true", "yes"}
 
 
@@ -37,8 +34,14 @@ _TRUE = {"1", "true", "yes"}
 _SQLITE_MAX_INT = 2**63 - 1
 
 
-def admin_audit_endpoint(trail: AuditTrail, authenticate: Authenticate, *, max_limit: int = 1000,
-                         status_max_age_s: float = 60.0, admin_role: str = "admin") -> Endpoint:
+def admin_audit_endpoint(
+    trail: AuditTrail,
+    authenticate: Authenticate,
+    *,
+    max_limit: int = 1000,
+    status_max_age_s: float = 60.0,
+    admin_role: str = "admin",
+) -> Endpoint:
     """The endpoint; ``authenticate`` resolves the caller and raises ``BridgeError`` (401) itself."""
 
     async def endpoint(request: Request) -> Response:
@@ -52,8 +55,9 @@ def admin_audit_endpoint(trail: AuditTrail, authenticate: Authenticate, *, max_l
             else:
                 denied = None
             if denied is not None:
-                trail.record(trail.events.auth_failed(identity, request_id, trace_id,
-                                                      path=request.url.path, reason=denied.code))
+                trail.record(
+                    trail.events.auth_failed(identity, request_id, trace_id, path=request.url.path, reason=denied.code)
+                )
                 raise denied
             filters, limit, offset, shown = _parse(request, trail, max_limit)
         except BridgeError as exc:
@@ -61,34 +65,20 @@ def admin_audit_endpoint(trail: AuditTrail, authenticate: Authenticate, *, max_l
         records = await trail.query(filters, limit, offset)
         fresh = request.query_params.get("verify", "").lower() in _TRUE
         status = await trail.chain_status(0.0 if fresh else status_max_age_s)
-        trail.record(trail.events.admin_read(identity, request_id, trace_id, filters=shown,
-                                             returned=len(records)))
-        return JSONResponse({
-            "records": [r.row() for r in records],
-            "count": len(records),
-            "next_cursor": records[-1].id if len(records) == limit else None,
-            "chain": status.to_dict(),
-        })
+        trail.record(trail.events.admin_read(identity, request_id, trace_id, filters=shown, returned=len(records)))
+        return JSONResponse(
+            {
+                "records": [r.row() for r in records],
+                "count": len(records),
+                "next_cursor": records[-1].id if len(records) == limit else None,
+                "chain": status.to_dict(),
+            }
+        )
 
     return endpoint
 
 
-def request_ids(request: Request) -> tuple[str, str | None]:
-    """(request id, trace id): from ``request.state`` if middleware set them, else from headers."""
-    request_id = getattr(request.state, "request_id", None)
-    if not isinstance(request_id, str):
-        given = request.headers.get("x-request-id", "")
-        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-    trace_id = getattr(request.state, "trace_id", None)
-    if not isinstance(trace_id, str):
-        match = _TRACEPARENT.match(request.headers.get("traceparent", "").strip())
-        trace_id = match.group(1) if match else None
-    return request_id, trace_id
-
-
-def _parse(
-    request: Request, trail: AuditTrail, max_limit: int
-) -> tuple[QueryFilters, int, int, dict[str, str]]:
+def _parse(request: Request, trail: AuditTrail, max_limit: int) -> tuple[QueryFilters, int, int, dict[str, str]]:
     """(filters, limit, offset, the filters as recorded in admin_read); BadRequest on a bad value."""
     params = request.query_params
     event_type = params.get("event_type") or None
@@ -99,14 +89,24 @@ def _parse(
         if user_id is not None:
             raise BadRequest("give user_id or ip, not both")
         user_id = trail.events.user_id(Identity(client_ip=params["ip"].strip()))
-    filters = QueryFilters(event_type=event_type, user_id=user_id, since=_ts(params.get("since"), "since"),
-                           until=_ts(params.get("until"), "until"),
-                           before_id=_int(params.get("cursor"), "cursor", 1, _SQLITE_MAX_INT))
+    filters = QueryFilters(
+        event_type=event_type,
+        user_id=user_id,
+        since=_ts(params.get("since"), "since"),
+        until=_ts(params.get("until"), "until"),
+        before_id=_int(params.get("cursor"), "cursor", 1, _SQLITE_MAX_INT),
+    )
     limit = _int(params.get("limit"), "limit", 1, max_limit) or 100
     offset = _int(params.get("offset"), "offset", 0, _SQLITE_MAX_INT) or 0
-    shown: dict[str, Any] = {"event_type": event_type, "user_id": user_id, "since": filters.since,
-                             "until": filters.until, "cursor": filters.before_id, "limit": limit,
-                             "offset": offset}
+    shown: dict[str, Any] = {
+        "event_type": event_type,
+        "user_id": user_id,
+        "since": filters.since,
+        "until": filters.until,
+        "cursor": filters.before_id,
+        "limit": limit,
+        "offset": offset,
+    }
     return filters, limit, offset, {k: str(v) for k, v in shown.items() if v is not None}
 
 

@@ -35,14 +35,18 @@ class Inbox:
         self._cond = threading.Condition(threading.Lock())
 
     def offer(self, event: AuditEvent) -> bool:
-        """Queue an event unless full or closed; O(1) and never waits beyond a short lock."""
+        """Queue an event unless full or closed; O(1) and never waits beyond a short lock.
+
+        It does not wake the writer, which looks every few milliseconds instead: waking it made
+        the writer thread take the GIL (and the core) right after a stream's start was recorded,
+        in the very moments that stream's first token was being read and written. Tasks (flush,
+        close) still wake it at once.
+        """
         with self._cond:
             if self._closed or self._events >= self.capacity:
                 return False
             self._items.append(event)
             self._events += 1
-            if len(self._items) == 1:  # the writer only ever waits on an empty inbox
-                self._cond.notify()
             return True
 
     def submit(self, task: Task, *, close: bool = False) -> None:
@@ -51,6 +55,15 @@ class Inbox:
             self._closed = self._closed or close
             self._items.append(task)
             self._cond.notify()
+
+    def submit_unless_closed(self, task: Task) -> bool:
+        """Queue a task only while open: a task queued after the stop marker would never run."""
+        with self._cond:
+            if self._closed:
+                return False
+            self._items.append(task)
+            self._cond.notify()
+            return True
 
     @property
     def closed(self) -> bool:

@@ -17,21 +17,28 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from bridge.config import ConfigError
+from bridge.config import key_material, key_material_problem
+from bridge.errors import ConfigError
 
 log = logging.getLogger("bridge.audit")
 
 _SALT = b"bali-zero-bridge/audit/v1"
-_MIN_KEY_BYTES = 16
 
 
 @dataclass(frozen=True, slots=True, repr=False)
 class AuditKeys:
-    """The three subkeys; ``repr`` is hidden so a key never reaches a log line or traceback."""
+    """The subkeys; ``repr`` is hidden so a key never reaches a log line or traceback.
+
+    ``head_key`` signs the chain heads anchored outside the store (log lines, the sealed head
+    file). It is not ``chain_key``: the in-store head row is MAC'd with that, and anchored heads are
+    readable by whoever reads the logs, so one key for both would let an old logged head be written
+    back as the store's head row after a rollback.
+    """
 
     query_key: bytes
     pseudonym_key: bytes
     chain_key: bytes
+    head_key: bytes
 
     def query_hmac(self, query: str) -> str:
         """HMAC-SHA256 hex of a query: equal queries can be correlated, but not read back."""
@@ -43,14 +50,17 @@ class AuditKeys:
 
 
 def derive_keys(master: bytes) -> AuditKeys:
-    """Expand the master key into the query, pseudonym and chain subkeys."""
+    """Expand the master key into the query, pseudonym, chain and head-anchor subkeys."""
     prk = hmac.new(_SALT, master, hashlib.sha256).digest()
 
     def expand(label: str) -> bytes:  # one HKDF-Expand block: 32 bytes are all we need
         return hmac.new(prk, label.encode() + b"\x01", hashlib.sha256).digest()
 
     return AuditKeys(
-        query_key=expand("query-hmac"), pseudonym_key=expand("ip-pseudonym"), chain_key=expand("record-chain")
+        query_key=expand("query-hmac"),
+        pseudonym_key=expand("ip-pseudonym"),
+        chain_key=expand("record-chain"),
+        head_key=expand("head-anchor"),
     )
 
 
@@ -82,14 +92,10 @@ def load_keys(db_path: str | os.PathLike[str], configured: str = "", *, create: 
 
 def _material(text: str, source: str) -> bytes:
     """Hex is decoded (so a key file's content pasted into AUDIT_HASH_KEY is the same key); else UTF-8."""
-    text = text.strip()
-    try:
-        raw = bytes.fromhex(text)
-    except ValueError:
-        raw = text.encode()
-    if len(raw) < _MIN_KEY_BYTES:
-        raise ConfigError(f"{source} must hold at least {_MIN_KEY_BYTES} bytes of key material")
-    return raw
+    problem = key_material_problem(text)
+    if problem:
+        raise ConfigError(f"{source} {problem}")
+    return key_material(text)
 
 
 def _create_key_file(path: Path) -> None:

@@ -5,12 +5,14 @@ implementing it. What an implementation must guarantee (the SQLite one does):
 
 * ``append_batch`` reads the chain head, seals and inserts the batch and moves the head in ONE
   write transaction, so two processes sharing a store cannot fork the chain;
-* ``purge_before`` deletes a contiguous *prefix* by id (up to the first record not older than the
-  cutoff) and appends the checkpoint in the same transaction: deleting by timestamp alone would
-  punch holes after a clock step backwards, and a crash between delete and checkpoint would leave
-  a chain that can never verify again;
+* ``purge_through`` deletes a contiguous *prefix* by id, up to a record the caller verified (its
+  hash is re-checked inside the write transaction), and appends the checkpoint in the same
+  transaction: which records are old is decided by the verifier from the chained bodies, never
+  from a column an attacker can rewrite (backdating ``ts`` used to purge minutes-old records), and
+  a crash between delete and checkpoint would leave a chain that can never verify again;
 * ``snapshot`` reads the head and all records in one read transaction, so a verify racing a writer
-  does not see a head newer than the records (a false "tampered" alarm).
+  does not see a head newer than the records (a false "tampered" alarm); ``hash_at`` answers
+  point lookups inside that same transaction (to check anchored heads).
 """
 
 from __future__ import annotations
@@ -47,10 +49,19 @@ class Head:
 
 @dataclass(frozen=True, slots=True)
 class StoredRecord:
+    """A row as stored: ``raw`` is the body text, ``columns`` what SQL filters see (ts, type, user).
+
+    ``body`` is the parsed ``raw`` (``{}`` if it does not parse). Verify compares all three: a body
+    with a duplicate key parses to the *last* value in Python but ``json_extract`` indexes the
+    *first*, so an edit can change what the admin filters and purge see while the MAC still holds.
+    """
+
     id: int
     body: dict[str, Any]
     prev_hash: str
     hash: str
+    raw: str = ""
+    columns: tuple[Any, Any, Any] = (None, None, None)
 
     def row(self) -> dict[str, Any]:
         """The record as the admin API and export show it."""
@@ -58,9 +69,22 @@ class StoredRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Edges:
+    """The ends of what is stored, read without a walk: ``first`` is (first id, its prev_hash)."""
+
+    first: Link | None
+    last_id: int | None
+
+
+INDEXED_FIELDS = ("ts", "event_type", "user_id")
+"""The body fields SQLite indexes as generated columns, in ``StoredRecord.columns`` order."""
+
+
+@dataclass(frozen=True, slots=True)
 class ChainSnapshot:
     head: Head | None
     records: Iterator[StoredRecord]
+    hash_at: Callable[[int], str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +113,15 @@ CheckpointBuilder = Callable[[int, Link], Mapping[str, Any]]
 class AuditStore(Protocol):
     def append_batch(self, bodies: Sequence[Mapping[str, Any]], sealer: Sealer) -> Link: ...
 
-    def purge_before(self, cutoff_ts: str, sealer: Sealer, checkpoint: CheckpointBuilder) -> int: ...
+    def purge_through(self, last: Link, sealer: Sealer, checkpoint: CheckpointBuilder) -> int: ...
 
     def snapshot(self) -> AbstractContextManager[ChainSnapshot]: ...
+
+    def head(self) -> Head | None: ...
+
+    def edges(self) -> Edges: ...
+
+    def hash_at(self, record_id: int) -> str | None: ...
 
     def query(self, filters: QueryFilters, limit: int, offset: int = 0) -> list[StoredRecord]: ...
 
@@ -173,21 +203,23 @@ class SQLiteStore:
         with self._write() as conn:
             return self._append(conn, bodies, sealer)
 
-    def purge_before(self, cutoff_ts: str, sealer: Sealer, checkpoint: CheckpointBuilder) -> int:
+    def purge_through(self, last: Link, sealer: Sealer, checkpoint: CheckpointBuilder) -> int:
+        """Delete records ``1..last.id`` and append the checkpoint; 0 if ``last`` is no longer there.
+
+        ``last`` comes from a verify that ran in an earlier read transaction (verify is O(n) and
+        must not hold the write lock); re-checking its hash here means the checkpoint vouches for
+        exactly the record that was verified, whatever happened in between.
+        """
         with self._write() as conn:
-            keep = conn.execute("SELECT min(id) FROM audit_records WHERE ts >= ?", (cutoff_ts,)).fetchone()[0]
-            bound = "id < ?" if keep is not None else "1"
-            args = (keep,) if keep is not None else ()
-            count, last_id = conn.execute(f"SELECT count(*), max(id) FROM audit_records WHERE {bound}",
-                                          args).fetchone()
-            if not count:
+            row = conn.execute("SELECT hash FROM audit_records WHERE id = ?", (last.id,)).fetchone()
+            if row is None or str(row[0]) != last.hash:
                 return 0
-            last_hash = conn.execute("SELECT hash FROM audit_records WHERE id = ?", (last_id,)).fetchone()[0]
-            conn.execute(f"DELETE FROM audit_records WHERE {bound}", args)
-            self._append(conn, [checkpoint(int(count), Link(int(last_id), str(last_hash)))], sealer)
+            count = int(conn.execute("SELECT count(*) FROM audit_records WHERE id <= ?", (last.id,)).fetchone()[0])
+            conn.execute("DELETE FROM audit_records WHERE id <= ?", (last.id,))
+            self._append(conn, [checkpoint(count, last)], sealer)
         with contextlib.suppress(sqlite3.OperationalError):  # busy readers: the next checkpoint does it
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # purged pages leave the WAL too
-        return int(count)
+        return count
 
     def _append(self, conn: sqlite3.Connection, bodies: Sequence[Mapping[str, Any]], sealer: Sealer) -> Link:
         row = conn.execute("SELECT last_id, last_hash FROM audit_chain_head").fetchone()
@@ -218,26 +250,53 @@ class SQLiteStore:
             conn.execute("BEGIN")
             row = conn.execute("SELECT last_id, last_hash, mac FROM audit_chain_head").fetchone()
             head = Head(Link(int(row[0]), str(row[1])), str(row[2])) if row else None
-            cursor = conn.execute("SELECT id, body, prev_hash, hash FROM audit_records ORDER BY id")
-            yield ChainSnapshot(head, (_record(r) for r in cursor))
+            cursor = conn.execute(f"SELECT {_COLUMNS} FROM audit_records ORDER BY id")
+
+            def hash_at(record_id: int) -> str | None:
+                found = conn.execute("SELECT hash FROM audit_records WHERE id = ?", (record_id,)).fetchone()
+                return None if found is None else str(found[0])
+
+            yield ChainSnapshot(head, (_record(r) for r in cursor), hash_at)
             conn.execute("COMMIT")
         finally:
             conn.close()
 
+    def head(self) -> Head | None:
+        """The stored head row (unverified: callers check its MAC)."""
+        row = self._conn.execute("SELECT last_id, last_hash, mac FROM audit_chain_head").fetchone()
+        return Head(Link(int(row[0]), str(row[1])), str(row[2])) if row else None
+
+    def edges(self) -> Edges:
+        row = self._conn.execute("SELECT min(id), max(id) FROM audit_records").fetchone()
+        if row[0] is None:
+            return Edges(None, None)
+        prev = self._conn.execute("SELECT prev_hash FROM audit_records WHERE id = ?", (row[0],)).fetchone()
+        return Edges(Link(int(row[0]), str(prev[0])), int(row[1]))
+
+    def hash_at(self, record_id: int) -> str | None:
+        row = self._conn.execute("SELECT hash FROM audit_records WHERE id = ?", (record_id,)).fetchone()
+        return None if row is None else str(row[0])
+
     def query(self, filters: QueryFilters, limit: int, offset: int = 0) -> list[StoredRecord]:
         clauses: list[str] = []
         args: list[Any] = []
-        for column, op, value in (("event_type", "=", filters.event_type), ("user_id", "=", filters.user_id),
-                                  ("ts", ">=", filters.since), ("ts", "<", filters.until),
-                                  ("id", "<", filters.before_id)):
+        for column, op, value in (
+            ("event_type", "=", filters.event_type),
+            ("user_id", "=", filters.user_id),
+            ("ts", ">=", filters.since),
+            ("ts", "<", filters.until),
+            ("id", "<", filters.before_id),
+        ):
             if value is not None:
                 clauses.append(f"{column} {op} ?")
                 args.append(value)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         conn = self._connect()
         try:
-            rows = conn.execute(f"SELECT id, body, prev_hash, hash FROM audit_records {where} "
-                                "ORDER BY id DESC LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM audit_records {where} ORDER BY id DESC LIMIT ? OFFSET ?",
+                (*args, limit, offset),
+            ).fetchall()
         finally:
             conn.close()
         return [_record(r) for r in rows]
@@ -265,5 +324,18 @@ class SQLiteStore:
         self._conn.close()
 
 
+_COLUMNS = "id, body, prev_hash, hash, ts, event_type, user_id"
+
+
 def _record(row: tuple[Any, ...]) -> StoredRecord:
-    return StoredRecord(int(row[0]), json.loads(row[1]), str(row[2]), str(row[3]))
+    raw = row[1] if isinstance(row[1], str) else str(row[1])
+    return StoredRecord(int(row[0]), _parse(raw), str(row[2]), str(row[3]), raw, (row[4], row[5], row[6]))
+
+
+def _parse(raw: str) -> dict[str, Any]:
+    """The body as a dict, or ``{}`` for text an attacker made unparseable (verify then flags it)."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return {}
+    return body if isinstance(body, dict) else {}

@@ -7,9 +7,12 @@ A dedicated writer thread, not an asyncio task + ``to_thread``, does all SQLite 
 * at shutdown the thread drains the inbox even while the loop is tearing down its default
   executor, so events queued before SIGTERM are written (``aclose`` waits for exactly that).
 
+Retention purges verify off the writer thread (bridge/audit/purger.py), so a purge of a large
+store never stalls writing. The writer anchors the chain head (bridge/audit/anchor.py) at start,
+every ``head_interval_s`` and at shutdown.
+
 A full inbox drops the event rather than waiting: an audit stall must not become an outage. Every
-drop is counted (``dropped``), reported to ``on_drop`` (metrics) and logged, rate-limited so an
-overload does not also flood the error log.
+drop is counted, reported and logged without flooding the log (bridge/audit/drops.py).
 """
 
 from __future__ import annotations
@@ -18,22 +21,26 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
-from datetime import datetime, timedelta
+from collections.abc import Callable
+from concurrent.futures import Future
+from datetime import datetime
 from typing import Any
 
+from bridge.audit.anchor import HeadAnchor, HeadSigner, SealedHeadFile, head_path
 from bridge.audit.chain import Chain, VerifyResult, verify
-from bridge.audit.events import AuditEvent, EventFactory, checkpoint_event, format_ts, utc_now
+from bridge.audit.drops import DropCounter, DropHook
+from bridge.audit.events import AuditEvent, EventFactory, format_ts, utc_now
 from bridge.audit.inbox import Inbox, Task
 from bridge.audit.keys import AuditKeys, load_keys
-from bridge.audit.store import AuditStore, Link, QueryFilters, SQLiteStore, StoredRecord
+from bridge.audit.purger import RetentionPurger
+from bridge.audit.retention import sealed_heads
+from bridge.audit.store import AuditStore, QueryFilters, SQLiteStore, StoredRecord
 from bridge.config import Settings
+from bridge.errors import AuditChainBroken
 
 log = logging.getLogger("bridge.audit")
 
-DropHook = Callable[[str, int], None]
-"""(reason, count): reason is ``queue_full``, ``closed`` or ``write_error``."""
-
+__all__ = ["AuditTrail", "DropHook"]
 
 _LINGER_S = 0.02
 
@@ -53,39 +60,61 @@ class AuditTrail:
         on_drop: DropHook | None = None,
         clock: Callable[[], datetime] = utc_now,
         drop_log_interval_s: float = 10.0,
+        sealed: SealedHeadFile | None = None,
+        head_interval_s: float = 60.0,
     ) -> None:
         self.store = store
         self.keys = keys
         self.events = EventFactory(keys, clock)
         self.retention_days = retention_days
         self.purge_interval_s = purge_interval_s
-        self.dropped = 0
         self.write_errors = 0
         self._chain = Chain(keys.chain_key)
         self._clock = clock
         self._batch_size = batch_size
-        self._on_drop = on_drop
+        self._drops = DropCounter(on_drop, drop_log_interval_s)
         self._inbox = Inbox(queue_size)
         self._thread: threading.Thread | None = None
         self._stopped: Task | None = None
         self._current: Task | None = None
         self._inflight = 0
-        self._drop_lock = threading.Lock()
-        self._drop_log_interval_s = drop_log_interval_s
-        self._drops_unreported = 0
-        self._drop_logged_at = -float("inf")
         self._status: tuple[float, VerifyResult] | None = None
+        self._sealed = sealed
+        self.head_interval_s = head_interval_s
+        self.anchor = HeadAnchor(
+            store, self._chain, HeadSigner(keys.head_key), sealed, lambda: format_ts(self._clock())
+        )
+        self._purger = RetentionPurger(store, keys.chain_key, self._chain, self._inbox, sealed, clock)
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> AuditTrail:
-        """The trail for AUDIT_DB / AUDIT_HASH_KEY / AUDIT_RETENTION_DAYS / AUDIT_QUEUE_SIZE."""
+        """The trail for AUDIT_DB / AUDIT_HASH_KEY / AUDIT_RETENTION_DAYS / AUDIT_QUEUE_SIZE /
+        AUDIT_HEAD_INTERVAL_S; heads are sealed to ``<AUDIT_DB>.head``."""
         keys = load_keys(settings.audit_db, settings.audit_hash_key)
-        return cls(SQLiteStore(settings.audit_db), keys, retention_days=settings.audit_retention_days,
-                   queue_size=settings.audit_queue_size, **kwargs)
+        sealed = SealedHeadFile(head_path(settings.audit_db), HeadSigner(keys.head_key))
+        return cls(
+            SQLiteStore(settings.audit_db),
+            keys,
+            retention_days=settings.audit_retention_days,
+            queue_size=settings.audit_queue_size,
+            sealed=sealed,
+            head_interval_s=settings.audit_head_interval_s,
+            **kwargs,
+        )
 
     @property
     def queued(self) -> int:
         return len(self._inbox)
+
+    @property
+    def dropped(self) -> int:
+        """Events lost so far (queue full, closed, or a failed write)."""
+        return self._drops.total
+
+    @property
+    def background_purge(self) -> Future[int] | None:
+        """The latest background retention purge (start-up or scheduled), for tests and status."""
+        return self._purger.background
 
     # -- request path ---------------------------------------------------------------------------
 
@@ -100,21 +129,7 @@ class AuditTrail:
         return False
 
     def _dropped(self, reason: str, count: int) -> None:
-        now = time.monotonic()
-        with self._drop_lock:
-            self.dropped += count
-            self._drops_unreported += count
-            report = now - self._drop_logged_at >= self._drop_log_interval_s
-            if report:
-                unreported, self._drops_unreported, self._drop_logged_at = self._drops_unreported, 0, now
-        if report:
-            log.error("AUDIT EVENTS DROPPED (%s): %d since the last report, %d in total; the audit trail "
-                      "is incomplete", reason, unreported, self.dropped)
-        if self._on_drop is not None:
-            try:
-                self._on_drop(reason, count)
-            except Exception:
-                log.exception("audit on_drop hook failed")
+        self._drops.add(reason, count)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -124,7 +139,7 @@ class AuditTrail:
             return
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
-        self._inbox.submit(Task(self._purge_logged))
+        self._purger.in_background(self.retention_days)
 
     async def flush(self) -> None:
         """Return once every event queued before the call is written."""
@@ -141,10 +156,14 @@ class AuditTrail:
         await asyncio.wrap_future(self._stopped.future)
 
     async def purge(self, older_than_days: int | None = None) -> int:
-        """Delete records older than the retention (or ``older_than_days``); returns how many."""
+        """Delete records older than the retention (or ``older_than_days``); returns how many.
+
+        Everything queued before the call is written first. AuditChainBroken if the chain does
+        not verify: then nothing is deleted.
+        """
+        await self.flush()
         days = self.retention_days if older_than_days is None else older_than_days
-        result: int = await self._submit(Task(lambda: self._purge_now(days)))
-        return result
+        return await asyncio.to_thread(self._purger.now, days)
 
     async def _submit(self, task: Task) -> Any:
         if self._thread is None or self._inbox.closed:
@@ -158,7 +177,7 @@ class AuditTrail:
         return await asyncio.to_thread(self.store.query, filters, limit, offset)
 
     async def verify(self) -> VerifyResult:
-        result = await asyncio.to_thread(verify, self.store, self.keys.chain_key)
+        result = await asyncio.to_thread(self._verify_now)
         self._status = (time.monotonic(), result)
         return result
 
@@ -167,6 +186,13 @@ class AuditTrail:
         if self._status is not None and time.monotonic() - self._status[0] < max_age_s:
             return self._status[1]
         return await self.verify()
+
+    def _verify_now(self) -> VerifyResult:
+        try:
+            heads = sealed_heads(self._sealed)
+        except AuditChainBroken as exc:
+            return VerifyResult(False, 0, None, exc.reason)
+        return verify(self.store, self.keys.chain_key, heads)
 
     # -- writer thread --------------------------------------------------------------------------
 
@@ -184,7 +210,7 @@ class AuditTrail:
     def _fail_loop(self) -> None:
         """After a crash: count queued events as dropped, fail flushes, still honour aclose."""
         while True:
-            events, task = self._inbox.take(self._batch_size, None)
+            events, task = self._inbox.take(self._batch_size, _LINGER_S)  # events do not wake it
             if events:
                 self._dropped("write_error", len(events))
             if task is not None and self._fail(task):
@@ -199,9 +225,13 @@ class AuditTrail:
         return task.stop
 
     def _loop(self) -> None:
+        self.anchor.anchor()
         next_purge = time.monotonic() + self.purge_interval_s
+        next_head = time.monotonic() + self.head_interval_s
         while True:
-            events, task = self._inbox.take(self._batch_size, max(0.0, next_purge - time.monotonic()))
+            wait = min(next_purge, next_head) - time.monotonic()
+            # Events do not wake the writer (see Inbox.offer): it looks every _LINGER_S.
+            events, task = self._inbox.take(self._batch_size, min(max(0.0, wait), _LINGER_S))
             self._current, self._inflight = task, len(events)
             if events:
                 self._write(events)
@@ -214,14 +244,18 @@ class AuditTrail:
                 self._finish(task)
                 if task.stop:
                     return
+            if time.monotonic() >= next_head:
+                self.anchor.anchor()
+                next_head = time.monotonic() + self.head_interval_s
             if time.monotonic() >= next_purge:
-                self._purge_logged()
+                self._purger.in_background(self.retention_days)
                 next_purge = time.monotonic() + self.purge_interval_s
 
     def _finish(self, task: Task) -> None:
         try:
             result = task.run() if task.run is not None else None
             if task.stop:
+                self.anchor.anchor()  # the final head: a later truncation of the tail is caught
                 self.store.close()
         except BaseException as exc:
             task.future.set_exception(exc)
@@ -240,20 +274,3 @@ class AuditTrail:
                 return
         for event in events:  # one bad event (or a transient error) must not lose the whole batch
             self._write([event])
-
-    def _purge_now(self, days: int) -> int:
-        cutoff = format_ts(self._clock() - timedelta(days=days))
-
-        def checkpoint(count: int, last: Link) -> Mapping[str, Any]:
-            return checkpoint_event(format_ts(self._clock()), count, last.id, last.hash, cutoff).body
-
-        count = self.store.purge_before(cutoff, self._chain, checkpoint)
-        if count:
-            log.info("audit retention: purged %d records older than %s", count, cutoff)
-        return count
-
-    def _purge_logged(self) -> None:
-        try:
-            self._purge_now(self.retention_days)
-        except Exception:
-            log.exception("audit retention purge failed")

@@ -10,6 +10,10 @@
  *
  * GET streams through EventSource, POST through fetch + a WHATWG event-stream parser. Both resume
  * with the last event id after a drop, with exponential backoff and full jitter.
+ *
+ * A user outside the rollout (404 STREAMING_DISABLED) gets the answer from POST /api/v2/bali-zero/chat
+ * instead, through the same callbacks: onMetadata (sources), ONE onToken with the whole answer,
+ * onComplete with `fallback: true`. `fallback: false` turns that off (the 404 is then an error).
  */
 (function (root) {
   'use strict';
@@ -215,6 +219,8 @@
     EventSource: null,
     traceparent: true,
     restartWhenExpired: true, // STREAM_EXPIRED on resume: start the answer over once (onReset is called)
+    fallback: true, // 404 STREAMING_DISABLED: answer through chatUrl (non-streaming), same callbacks
+    chatUrl: '/api/v2/bali-zero/chat',
   };
 
   const noop = () => {};
@@ -237,7 +243,7 @@
 
     /**
      * Stream one answer. Resolves on the `done` frame with {text, metadata, metrics, finishReason,
-     * streamId}; rejects with a StreamError on an `error` frame, a fatal HTTP status, giving up
+     * streamId, fallback}; rejects with a StreamError on an `error` frame, a fatal HTTP status, giving up
      * after backoff.maxAttempts, or abort() (code 'aborted').
      */
     stream(request = {}) {
@@ -283,6 +289,7 @@
       this.heartbeatMs = this.o.heartbeatIntervalMs;
       this.finished = false;
       this.restarted = false;
+      this.fallback = false; // true once the bridge said streaming is off for this user
       this.conn = null;
       this.timer = null;
       this.watchdog = null;
@@ -298,6 +305,10 @@
     connect() {
       if (this.finished) return;
       this.client._setState(this.reconnects > 0 ? 'reconnecting' : 'connecting');
+      if (this.fallback) {
+        this.connectChat();
+        return;
+      }
       const useEventSource =
         this.method === 'GET' && this.o.transport !== 'fetch' && this.eventSourceCtor() !== null;
       if (useEventSource) this.connectEventSource();
@@ -474,11 +485,70 @@
         /* not JSON: keep the status line */
       }
       const status = response.status;
+      if (status === 404 && code === 'STREAMING_DISABLED' && this.o.fallback && !this.fallback) {
+        // Streaming is off here or this user is outside SSE_ROLLOUT_PERCENT: the page still works.
+        this.fallback = true;
+        this.connectChat();
+        return;
+      }
       const retryAfterMs = parseRetryAfter(response.headers.get('retry-after'), Date.now());
       const retryable = RETRYABLE_STATUS.has(status);
       const error = new StreamError(code, message, { status, retryable, retryAfterMs });
       if (retryable) this.dropped(error, retryAfterMs);
       else this.fail(error); // 4xx (429 included) never loops; the caller sees retryAfterMs
+    }
+
+    /**
+     * The non-streaming answer, delivered as if streamed: a metadata frame, one token frame with
+     * the whole text, a done frame. Failures take the same paths as the stream's (503 backs off
+     * and retries here, 4xx is final), so a page needs no second code path.
+     */
+    async connectChat() {
+      const controller = new AbortController();
+      const conn = { close: () => controller.abort() };
+      this.conn = conn;
+      const headers = { Accept: 'application/json', 'Content-Type': 'application/json', ...(this.o.headers || {}) };
+      const tp = this.traceparent();
+      if (tp) headers.traceparent = tp;
+      const init = { method: 'POST', headers, body: this.body(), signal: controller.signal, cache: 'no-store' };
+      if (this.o.withCredentials) init.credentials = 'include';
+      let response;
+      let answer;
+      try {
+        response = await this.fetchFn()(this.o.chatUrl, init);
+        if (this.conn !== conn || this.finished) return;
+        if (!response.ok) {
+          await this.httpError(response);
+          return;
+        }
+        answer = await response.json();
+      } catch (err) {
+        if (this.conn !== conn || this.finished) return;
+        this.dropped(new StreamError('network_error', `could not reach the bridge: ${err && err.message}`, {
+          retryable: true, cause: err,
+        }));
+        return;
+      }
+      if (this.conn !== conn || this.finished) return;
+      this.conn = null;
+      if (answer === null || typeof answer !== 'object' || Array.isArray(answer)) {
+        // `null` is valid JSON: reading its fields threw where nothing caught it, and the
+        // stream's promise never settled. A malformed answer is final, like a bad frame.
+        this.fail(new StreamError('bad_response', 'the answer was not a JSON object', { status: response.status }));
+        return;
+      }
+      this.attempt = 0;
+      this.client._setState('streaming', { fallback: true });
+      if (this.finished) return; // aborted from onStateChange
+      this.onMetadata({
+        type: 'metadata', stream_id: null, request_id: answer.request_id, model: answer.model,
+        sources: Array.isArray(answer.sources) ? answer.sources : [], fallback: true,
+      });
+      if (this.finished) return;
+      const text = typeof answer.answer === 'string' ? answer.answer : '';
+      this.onTokenFrame({ type: 'token', index: 0, text, fallback: true });
+      if (this.finished) return;
+      this.complete({ type: 'done', finish_reason: answer.finish_reason, metrics: answer.metrics || null });
     }
 
     // -- frames ------------------------------------------------------------------------------
@@ -586,6 +656,7 @@
         finishReason: frame.finish_reason || 'stop',
         streamId: this.streamId,
         metrics: this.metrics(frame.metrics),
+        fallback: this.fallback,
       };
       this.finish();
       this.client._setState('done', result);

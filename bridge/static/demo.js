@@ -10,6 +10,8 @@ const stopButton = $('stop');
 const answer = $('answer');
 const stateBadge = $('state');
 const errorBox = $('error');
+const placeholder = $('placeholder');
+const stoppedNote = $('stopped');
 const sourcesList = $('sources');
 const modelLine = $('model');
 const stats = { ttft: $('stat-ttft'), rate: $('stat-rate'), tokens: $('stat-tokens'), reconnects: $('stat-reconnects') };
@@ -35,6 +37,7 @@ function setState(state) {
   stateBadge.textContent = STATE_LABELS[state] || state;
   const busy = state === 'connecting' || state === 'streaming' || state === 'reconnecting';
   answer.setAttribute('aria-busy', String(busy));
+  stoppedNote.hidden = state !== 'aborted'; // a stopped answer must not read as a complete one
   askButton.disabled = busy;
   stopButton.disabled = !busy;
 }
@@ -60,8 +63,13 @@ function renderSources(sources) {
   sourcesList.replaceChildren();
   // Scores are relevance values, not percentages: draw each relative to the best source.
   const best = Math.max(0, ...(sources || []).map((s) => Number(s.score || 0)));
-  for (const source of sources || []) {
+  for (const [index, source] of (sources || []).entries()) {
     const item = document.createElement('li');
+    item.id = `source-${index + 1}`;
+    // The answer cites sources as [1], [2]…, in the order of the metadata frame.
+    const number = document.createElement('span');
+    number.className = 'number';
+    number.textContent = `[${index + 1}]`;
     const title = document.createElement('span');
     title.className = 'title';
     title.textContent = source.title || source.uri || 'Untitled';
@@ -75,7 +83,7 @@ function renderSources(sources) {
     const share = best > 0 ? Number(source.score || 0) / best : 0;
     fill.style.width = `${Math.max(4, Math.min(100, share * 100))}%`;
     bar.append(fill);
-    item.append(title, uri, bar);
+    item.append(number, title, uri, bar);
     sourcesList.append(item);
   }
 }
@@ -110,11 +118,15 @@ const client = new BaliZeroStreamClient({
   onError: (error) => {
     demo.error = { code: error.code, message: error.message, status: error.status, retryAfterMs: error.retryAfterMs };
     let text = error.message;
-    if (error.status === 429 && error.retryAfterMs !== null) {
-      text = `Too many questions at once. Try again in ${Math.ceil(error.retryAfterMs / 1000)} s.`;
+    const wait = error.retryAfterMs === null ? '' : ` Try again in ${Math.ceil(error.retryAfterMs / 1000)} s.`;
+    if (error.code === 'RATE_LIMITED') {
+      text = `Too many questions per minute.${wait}`;
+    } else if (error.code === 'TOO_MANY_STREAMS') {
+      text = `Too many answers streaming at once: wait for one to finish or stop it.${wait}`;
     }
     errorBox.textContent = text;
     errorBox.hidden = false;
+    placeholder.hidden = true; // "Ask something…" under an error reads as if nothing happened
   },
 });
 demo.client = client;
@@ -123,6 +135,7 @@ async function ask(query) {
   const method = form.elements.method.value;
   answer.replaceChildren();
   errorBox.hidden = true;
+  placeholder.hidden = false;
   Object.assign(demo, { requestId: null, streamId: null, result: null, error: null });
   started = performance.now();
   firstTokenAt = null;

@@ -59,6 +59,16 @@ class Nginx:
         self.prefix = prefix
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        text = TEMPLATE.read_text(encoding="utf-8") if template is None else template
+        self.tls_port: int | None = None
+        self.tls_url: str | None = None
+        self.cert: Path | None = None
+        tls: dict[str, str] = {}
+        if "{{TLS_LISTEN}}" in text:
+            self.tls_port = free_port()
+            self.tls_url = f"https://127.0.0.1:{self.tls_port}"
+            self.cert, key = self_signed_cert(prefix)
+            tls = {"TLS_LISTEN": f"127.0.0.1:{self.tls_port}", "TLS_CERT": str(self.cert), "TLS_KEY": str(key)}
         for sub in ("state", "logs"):
             (prefix / sub).mkdir(parents=True, exist_ok=True)
         self.access_log = prefix / "logs" / "bali-zero-bridge.access.log"
@@ -69,8 +79,9 @@ class Nginx:
                 "BRIDGE_B": _bridge_address(bridges[1]),
                 "STATE_DIR": str(prefix / "state"),
                 "LOG_DIR": str(prefix / "logs"),
+                **tls,
             },
-            template,
+            text,
         )
         self.conf = prefix / "nginx.conf"
         self.conf.write_text(self.conf_text, encoding="utf-8")
@@ -78,8 +89,12 @@ class Nginx:
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(
             [binary, "-p", str(prefix), "-c", str(self.conf), "-g", self.globals()],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True, encoding="utf-8", errors="replace",
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
         )
         self._pump = threading.Thread(target=self._read, daemon=True)
         self._pump.start()
@@ -116,10 +131,13 @@ class Nginx:
 
     def _accepts(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=2):
-                return True
+            for port in (self.port, self.tls_port):
+                if port is not None:
+                    with socket.create_connection(("127.0.0.1", port), timeout=2):
+                        pass
         except OSError:
             return False
+        return True
 
     def upstreams(self) -> list[str]:
         """``$upstream_addr`` of every logged request, in order (``-`` when none was tried)."""
@@ -142,6 +160,44 @@ class Nginx:
             self.proc.stderr.close()
 
 
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """A throw-away certificate for 127.0.0.1/localhost (cert.pem, key.pem) in ``directory``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
 def check_config(binary: str, prefix: Path, conf: Path) -> subprocess.CompletedProcess[str]:
     """``nginx -t`` on a rendered config (same -p/-g as a real start)."""
     globals_ = f"pid {prefix / 'nginx.pid'}; error_log stderr notice;"
@@ -149,7 +205,10 @@ def check_config(binary: str, prefix: Path, conf: Path) -> subprocess.CompletedP
         globals_ += " user root;"
     return subprocess.run(
         [binary, "-t", "-p", str(prefix), "-c", str(conf), "-g", globals_],
-        capture_output=True, text=True, check=False, timeout=30,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
     )
 
 

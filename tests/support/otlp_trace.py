@@ -73,9 +73,7 @@ class TraceReceiver:
         self._cond = threading.Condition()
         # No SO_REUSEPORT: binding a fixed port must fail, not share it with another listener.
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[("grpc.so_reuseport", 0)])
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(
-            _TraceService(self), self._server
-        )
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), self._server)
         self.port = int(self._server.add_insecure_port(address))
         self.endpoint = f"http://127.0.0.1:{self.port}"
 

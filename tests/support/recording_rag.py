@@ -24,8 +24,13 @@ from tests.support.processes import _STUB_READY, ROOT, Process, base_env
 
 
 def _record(rpc: str, request: Any) -> None:
-    line = {"event": "request", "rpc": rpc, "request_id": request.request_id, "user_role": request.user_role,
-            "user_email": request.user_email}
+    line = {
+        "event": "request",
+        "rpc": rpc,
+        "request_id": request.request_id,
+        "user_role": request.user_role,
+        "user_email": request.user_email,
+    }
     sys.stdout.write(json.dumps(line, separators=(",", ":")) + "\n")
     sys.stdout.flush()
 
@@ -71,8 +76,9 @@ class RecordingStub(Process):
     ready_pattern = _STUB_READY
 
     def __init__(self, *args: str, env: Mapping[str, str] | None = None) -> None:
-        super().__init__([sys.executable, "-m", "tests.support.recording_rag", "--port", "0", *args],
-                         base_env(env), ROOT)
+        super().__init__(
+            [sys.executable, "-m", "tests.support.recording_rag", "--port", "0", *args], base_env(env), ROOT
+        )
         self.target = f"127.0.0.1:{int(self.ready.group(2))}"
 
     def requests(self) -> list[dict[str, Any]]:

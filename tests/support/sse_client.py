@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,3 +70,26 @@ async def open_stream(
             return reply
         finally:
             await response.aclose()
+
+
+_TOKEN_ID = re.compile(rb'id: ([A-Za-z0-9_-]+:[0-9]+)\ndata: \{"type":"token"')
+
+
+async def lagging_reader(url: str, head: str) -> tuple[asyncio.StreamWriter, bytes, str]:
+    """Send the request ``head`` (without its blank line) from a socket with a 4 KiB receive
+    buffer and read until the first token frame: (writer, bytes read, that frame's event id).
+
+    A reader that then stops reading lags far behind an answer the upstream finishes at once.
+    """
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    writer.write(f"{head}\r\n".encode())
+    seen = b""
+    while (match := _TOKEN_ID.search(seen)) is None:
+        chunk = await reader.read(4096)
+        assert chunk, f"closed before a token: {seen[-300:]!r}"
+        seen += chunk
+    return writer, seen, match.group(1).decode()

@@ -1,0 +1,136 @@
+"""The two interfaces around a session: what a response drains, and where frames are mirrored.
+
+``FrameSource`` is implemented by the local ``StreamSession`` and by the resume store's
+``RemoteStream``, so one response writer serves both. ``FrameSink`` is implemented by the resume
+store's ``FrameMirror``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from bridge.errors import BridgeError
+from bridge.stream.policy import StreamPolicy
+from bridge.types import Outcome
+
+
+class Notifier:
+    """A level-triggered wake-up: one future per wait, no timer.
+
+    The writer waits here between frames; heartbeats and the send timeout come from one periodic
+    timer per stream instead of a timeout around every wait (``asyncio.timeout()`` there cost
+    several percent of a core at full token throughput).
+    """
+
+    __slots__ = ("_flag", "_waiter")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def notify(self) -> None:
+        self._flag = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Return once notified (at once if already), consuming the notification."""
+        if not self._flag:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        self._flag = False
+
+
+class FrameSource(Protocol):
+    """What ``EventStreamResponse`` drains: a local ``StreamSession`` or a reader of the store."""
+
+    @property
+    def stream_id(self) -> str: ...
+
+    @property
+    def request_id(self) -> str: ...
+
+    @property
+    def policy(self) -> StreamPolicy: ...
+
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+    @property
+    def sent_seq(self) -> int: ...
+
+    def attach(self, after_seq: int) -> int | BridgeError:
+        """Take the stream from ``after_seq``: the reader's generation, or why it cannot resume."""
+        ...
+
+    def detach(self, generation: int) -> None: ...
+
+    def release(self, generation: int) -> None: ...
+
+    def take(self) -> tuple[bytes, int]: ...
+
+    def acknowledge(self, seq: int, generation: int) -> None: ...
+
+    async def changed(self) -> None:
+        """Wait until a frame is appended, the source finishes, or ``wake`` is called."""
+        ...
+
+    def wake(self) -> None: ...
+
+    def park(self, handover: Callable[[], Awaitable[None]] | None) -> None:
+        """The writer waits in ``changed``; a producer may write new frames with ``handover``.
+
+        The pump awaits ``handover`` right after appending a frame, so that frame goes to the
+        socket in the turn its message arrived, instead of one event-loop hop later when the
+        writer task wakes (the hop cost ~0.25 ms on the first token: gRPC's poller thread takes
+        the GIL in between). The writer offers it while a new stream opens (the status line and
+        every frame up to the first token) and for the first token: later frames keep the
+        writer's coalescing and send timeout. ``None`` withdraws the offer, so only one write is
+        ever in flight.
+        """
+        ...
+
+
+class FrameSink(Protocol):
+    """Where a session mirrors its frames for readers on other instances (bridge.resume.mirror).
+
+    ``offer`` runs on the token hot path, so it must never block or await: it queues and returns.
+    """
+
+    @property
+    def healthy(self) -> bool:
+        """False once the sink gave up (store down too long): local rules apply again."""
+        ...
+
+    @property
+    def flushed_seq(self) -> int:
+        """Every frame up to this seq is durably in the store."""
+        ...
+
+    def offer(self, seq: int, data: bytes, final: bool) -> None: ...
+
+    def end(self, outcome: Outcome) -> None:
+        """The session is over (after its final frame, if it had one): flush, mark, set the TTL."""
+        ...
+
+    def reader_attached(self) -> None:
+        """A reader here takes the stream: once it ended, the stored frames are held meanwhile."""
+        ...
+
+    def reader_left(self) -> None:
+        """This instance's reader of the ended stream left: hold the stored frames a resume
+        window from now (bounded; never awaited)."""
+        ...
+
+    async def reader_hold_s(self) -> float:
+        """Seconds a reader elsewhere still holds the stream (0: nobody; also 0 on any error)."""
+        ...

@@ -1,0 +1,85 @@
+"""The doctor's verdicts, in-process (bridge/doctor_checks.py); tests/test_doctor.py runs the real path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from bridge.doctor_checks import (
+    Report,
+    StreamRead,
+    check_alpn,
+    check_buffering,
+    check_compression,
+    check_cors,
+    check_idle,
+    check_last_event_id,
+    idle_plan,
+)
+
+
+def read(headers: dict[str, str] | None = None, frames: list[tuple[float, dict[str, Any]]] | None = None) -> StreamRead:
+    return StreamRead(200, httpx.Headers(headers or {}), frames or [], True, None)
+
+
+def diagnostic(*arrivals: float) -> list[tuple[float, dict[str, Any]]]:
+    return [(t, {"type": "diagnostic"}) for t in arrivals]
+
+
+def names(report: Report) -> list[str]:
+    return [p.name for p in report.problems]
+
+
+def test_frames_released_together_are_reported_as_buffering() -> None:
+    report = Report()
+    check_buffering(read(frames=diagnostic(1.0, 1.001, 1.002, 1.003)), report)
+    assert names(report) == ["buffering"]
+
+
+def test_frames_arriving_apart_pass_the_buffering_check() -> None:
+    report = Report()
+    check_buffering(read(frames=diagnostic(0.0, 0.1, 0.2, 0.3)), report)
+    assert report.problems == [] and report.notes[0].startswith("ok buffering")
+
+
+def test_a_compressed_event_stream_is_a_problem() -> None:
+    report = Report()
+    check_compression(read({"content-encoding": "gzip"}), report)
+    assert names(report) == ["compression"]
+
+
+def test_a_dropped_last_event_id_is_a_problem() -> None:
+    report = Report()
+    check_last_event_id(read(frames=[(0.0, {"seq": 0})]), "doctor-x:1", report)
+    assert names(report) == ["last-event-id"]
+    report = Report()
+    check_last_event_id(read(frames=[(0.0, {"seq": 0, "last_event_id": "doctor-x:1"})]), "doctor-x:1", report)
+    assert report.problems == []
+
+
+def test_a_preflight_without_last_event_id_is_a_cors_problem() -> None:
+    preflight = httpx.Response(
+        204,
+        headers={"access-control-allow-origin": "https://a.example", "access-control-allow-headers": "authorization"},
+    )
+    report = Report()
+    check_cors(read({"access-control-allow-origin": "https://a.example"}), preflight, "https://a.example", report)
+    assert names(report) == ["cors"] and "Last-Event-ID" in report.problems[0].what
+
+
+def test_http1_only_over_tls_is_a_problem() -> None:
+    report = Report()
+    check_alpn("http/1.1", report)
+    assert names(report) == ["http2"]
+
+
+def test_the_idle_check_waits_past_the_announced_heartbeat_within_the_cap() -> None:
+    assert idle_plan(httpx.Headers({"x-heartbeat-interval": "5"}), 60.0) == (5.0, 7.0)
+    assert idle_plan(httpx.Headers({"x-heartbeat-interval": "junk"}), 10.0) == (30.0, 10.0)
+
+
+def test_a_stream_cut_during_the_silence_is_a_read_timeout_problem() -> None:
+    report = Report()
+    check_idle(StreamRead(200, httpx.Headers(), [], False, 4.2), 7.0, 5.0, report)
+    assert names(report) == ["read-timeout"] and "about 4 s" in report.problems[0].what

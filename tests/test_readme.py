@@ -1,0 +1,126 @@
+"""The README's examples run as written: the browser snippet in Chromium, the curl lines with curl.
+
+Snippets are found by a marker line (``<!-- snippet: NAME -->``) right before their fenced block,
+so sections can move. They are taken verbatim; the only substitution is the documented
+``127.0.0.1:8000`` of `make run`, replaced by the test bridge's own address. The browser snippet
+used to be a classic script with a top-level ``await`` (a SyntaxError in every browser).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from bridge.sse import Parser
+from tests.conftest import BridgeFactory, StubFactory, require_binary
+from tests.support.browser import console_collector, launch_chromium
+from tests.support.processes import ROOT, Bridge
+
+README = ROOT / "README.md"
+DOCUMENTED_ADDRESS = "127.0.0.1:8000"
+
+
+def snippet(name: str, text: str | None = None) -> str:
+    """The fenced block right after ``<!-- snippet: NAME -->``, verbatim."""
+    text = README.read_text(encoding="utf-8") if text is None else text
+    pattern = rf"^<!-- snippet: {re.escape(name)} -->\n```[\w-]*\n(.*?)^```$"
+    found = re.findall(pattern, text, flags=re.MULTILINE | re.DOTALL)
+    assert len(found) == 1, f"README needs exactly one snippet named {name!r}"
+    return str(found[0])
+
+
+def test_snippet_finds_a_block_by_its_marker() -> None:
+    text = "intro\n<!-- snippet: x -->\n```bash\necho 1\n```\n<!-- snippet: y -->\n```\ny\n```\n"
+    assert snippet("x", text) == "echo 1\n"
+    assert snippet("y", text) == "y\n"
+
+
+@pytest.fixture
+def rag_bridge(stub_factory: StubFactory, bridge_factory: BridgeFactory) -> Bridge:
+    """The same pair as `make run` (rag mode, streaming on), on free ports."""
+    return bridge_factory(stub_factory("--mode", "rag"))
+
+
+def run_shell_snippet(name: str, bridge: Bridge) -> str:
+    require_binary("curl")
+    address = bridge.url.removeprefix("http://")
+    code = snippet(name)
+    assert DOCUMENTED_ADDRESS in code
+    done = subprocess.run(
+        ["bash", "-c", code.replace(DOCUMENTED_ADDRESS, address)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def frames(raw: str) -> list[dict[str, Any]]:
+    return [json.loads(e.data) for e in Parser().feed(raw.encode()) if e.type == "message"]
+
+
+def test_readme_curl_streams_an_answer_with_sources(rag_bridge: Bridge) -> None:
+    real = frames(run_shell_snippet("curl", rag_bridge))
+    assert real[0]["type"] == "metadata" and real[0]["sources"]
+    assert real[-1]["type"] == "done"
+    answer = "".join(f["text"] for f in real if f["type"] == "token")
+    assert "B211A" in answer and "[1]" in answer
+    # The output shown next to it is what this question really produces (its elided lines aside).
+    shown = snippet("curl-output")
+    shown_titles = re.findall(r'"title":"([^"]+)"', shown)
+    assert shown_titles and shown_titles == [s["title"] for s in real[0]["sources"]][: len(shown_titles)]
+    shown_frames = [
+        json.loads(line[6:]) for line in shown.splitlines() if line.startswith("data: {") and "…" not in line
+    ]
+    shown_tokens = [f for f in shown_frames if f["type"] == "token"]
+    assert shown_tokens == [f for f in real if f["type"] == "token"][: len(shown_tokens)]
+    shown_done = [f for f in shown_frames if f["type"] == "done"]
+    assert len(shown_done) == 1 and shown_done[0]["metrics"]["tokens"] == real[-1]["metrics"]["tokens"]
+
+
+def test_readme_curl_text_one_liner_prints_only_the_answer(rag_bridge: Bridge) -> None:
+    printed = run_shell_snippet("curl-text", rag_bridge)
+    query = re.search(r"query=([^\"&]+)", snippet("curl-text"))
+    assert query
+    question = httpx.QueryParams("q=" + query.group(1))["q"]
+    expected = httpx.post(rag_bridge.url + "/api/v2/bali-zero/chat", json={"query": question}, timeout=30).json()
+    assert printed.strip() == expected["answer"].strip()
+    assert "B211A" in printed and "data:" not in printed and '"type"' not in printed
+
+
+def test_readme_curl_chat_returns_the_whole_answer(rag_bridge: Bridge) -> None:
+    reply = json.loads(run_shell_snippet("curl-chat", rag_bridge))
+    assert reply["sources"] and reply["finish_reason"] == "stop" and "[1]" in reply["answer"]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with launch_chromium() as b:
+        yield b
+
+
+@pytest.mark.browser
+def test_readme_browser_snippet_runs_in_chromium(browser: Any, rag_bridge: Bridge) -> None:
+    """The snippet as a page of the bridge's origin: its relative URLs reach the real bridge, and
+    ``onComplete`` gets the result object (text and metrics), as the README says."""
+    page_url = rag_bridge.url + "/readme-snippet.html"
+    html = f"<!doctype html><html><head><meta charset='utf-8'></head><body>\n{snippet('browser-client')}</body></html>"
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.route(page_url, lambda route: route.fulfill(status=200, content_type="text/html", body=html))
+        problems = console_collector(page)
+        with page.expect_console_message(lambda msg: msg.text.startswith("Complete:"), timeout=30_000) as seen:
+            page.goto(page_url)
+        args = [arg.json_value() for arg in seen.value.args]
+        texts = [arg for arg in args if isinstance(arg, str) and arg != "Complete:"]
+        metrics = [arg for arg in args if isinstance(arg, dict)]
+        assert any("B211A" in text for text in texts), args  # the answer's text
+        assert metrics and metrics[0]["timeToFirstTokenMs"] is not None and metrics[0]["tokens"] > 10, args
+        assert not problems, problems
+    finally:
+        context.close()
