@@ -4,13 +4,17 @@ Memory per stream, not per second, so a loaded host cannot make it flaky: a slow
 fewer streams per second and each still costs the same. Two thirds of the streams disconnect
 after their first token (the bridge cancels the upstream call), one third reads to ``done``.
 
-Threshold, from runs on the 2-core CI box under a load average of 10-14 (9 000 streams, slope
-fitted over the last 6 000, bridge VmRSS sampled every 100):
-- before the fix (the session cancelled the task awaiting ``call.read()``, grpc/grpc#43360):
-  620-730 B per stream;
-- after it: 60-140 B per stream, which is noise and bounded caches still filling (SQLite's page
-  cache of the growing audit store, allocator arenas).
-300 B per stream is twice the worst clean run and under half the leak.
+Measure: the slope of VmRSS over streams finished is fitted over each half of the samples, and
+the smaller one is checked. A leak costs the same in every stream and shows in both halves; a
+bounded cache that finishes filling (SQLite's page cache of the growing audit store, the stream
+stats) or one allocator arena step lands in one half only. A single whole-run fit was flaky: one
+CI run of a clean bridge measured 336 B per stream against a 300 B limit.
+
+Threshold, from runs on the 2-core box (12 000 streams, the last 9 000 sampled every 100):
+- the leak (the session cancelled the task awaiting ``call.read()``, grpc/grpc#43360, reproduced
+  by letting ``abort`` cancel the pump while it reads): 629-716 B per stream;
+- a clean bridge: 48-143 B per stream on a quiet host, 5-42 B with two CPU hogs beside it.
+350 B per stream is more than twice the worst clean run and about half the leak.
 
 ``STATS_WINDOW_S`` is shortened to 10 s: the stream-stats window is a bounded cache (at most
 60 buckets x 512 samples per quantity) that would otherwise still be filling for the first
@@ -26,10 +30,10 @@ import pytest
 from tests.conftest import BridgeFactory, StubFactory
 from tests.support.stream_rss import Run, drive
 
-MAX_BYTES_PER_STREAM = 300.0
+MAX_BYTES_PER_STREAM = 350.0
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_bridge_rss_does_not_grow_per_stream_opened_and_disconnected(
     stub_factory: StubFactory, bridge_factory: BridgeFactory
 ) -> None:
@@ -42,9 +46,9 @@ def test_bridge_rss_does_not_grow_per_stream_opened_and_disconnected(
         MAX_STREAMS_PER_USER="1000",
         MAX_STREAMS_TOTAL="1000",
     )
-    run = asyncio.run(drive(bridge.url, bridge.proc.pid, Run(streams=9000, warmup=3000, every=100, parallel=40)))
+    run = asyncio.run(drive(bridge.url, bridge.proc.pid, Run(streams=12000, warmup=3000, every=100, parallel=40)))
     summary = run.summary()
-    assert run.statuses == {200: 9000}, summary
-    assert run.done_frames >= 9000 // 3, summary  # the full streams really completed
-    assert len(run.samples) >= 50, summary
-    assert run.bytes_per_stream < MAX_BYTES_PER_STREAM, summary
+    assert run.statuses == {200: 12000}, summary
+    assert run.done_frames >= 12000 // 3, summary  # the full streams really completed
+    assert len(run.samples) >= 80, summary
+    assert run.steady_bytes_per_stream < MAX_BYTES_PER_STREAM, summary
