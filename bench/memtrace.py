@@ -82,14 +82,19 @@ def pymalloc_summary(path: Path) -> dict[str, int]:
     return summary
 
 
-def growth(older: Path, newer: Path, top: int = 15) -> list[dict[str, Any]]:
+def load_snapshot(path: Path) -> tracemalloc.Snapshot:
+    """A dumped snapshot, read once: a long soak's snapshots take seconds each to load."""
+    return tracemalloc.Snapshot.load(str(path))
+
+
+def growth(older: tracemalloc.Snapshot, newer: tracemalloc.Snapshot, top: int = 15) -> list[dict[str, Any]]:
     """The ``top`` source lines whose traced memory grew most from ``older`` to ``newer``."""
     ignore = [
         tracemalloc.Filter(False, tracemalloc.__file__),
         tracemalloc.Filter(False, "<frozen importlib._bootstrap>"),
     ]
-    before = tracemalloc.Snapshot.load(str(older)).filter_traces(ignore)
-    after = tracemalloc.Snapshot.load(str(newer)).filter_traces(ignore)
+    before = older.filter_traces(ignore)
+    after = newer.filter_traces(ignore)
     rows: list[dict[str, Any]] = []
     for stat in after.compare_to(before, "lineno")[:top]:
         frame = stat.traceback[0]
@@ -104,8 +109,8 @@ def growth(older: Path, newer: Path, top: int = 15) -> list[dict[str, Any]]:
     return rows
 
 
-def total_kib(snapshot: Path) -> float:
-    return round(sum(s.size for s in tracemalloc.Snapshot.load(str(snapshot)).statistics("filename")) / 1024, 1)
+def total_kib(snapshot: tracemalloc.Snapshot) -> float:
+    return round(sum(s.size for s in snapshot.statistics("filename")) / 1024, 1)
 
 
 def main(argv: list[str]) -> int:

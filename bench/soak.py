@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -553,7 +554,7 @@ def memory_split_mib(pid: int) -> tuple[float, float]:
 def memtrace_growth(probes: Path, at_s: Sequence[float], failures: list[str]) -> dict[str, Any]:
     """pymalloc's arenas and blocks per probe, and with tracemalloc the lines that grew between the
     last two snapshots."""
-    from bench.memtrace import growth, pymalloc_summary, total_kib
+    from bench.memtrace import growth, load_snapshot, pymalloc_summary, total_kib
 
     def numbered(pattern: str) -> list[Path]:
         return sorted(probes.glob(pattern), key=lambda p: int(p.stem.split("-")[1]))
@@ -566,8 +567,13 @@ def memtrace_growth(probes: Path, at_s: Sequence[float], failures: list[str]) ->
     if stats:
         report["pymalloc"] = [pymalloc_summary(p) for p in stats]
     if snapshots:
-        report["traced_kib"] = [total_kib(p) for p in snapshots]
-        report["top_growth"] = growth(snapshots[-2], snapshots[-1])
+        last_two: list[tracemalloc.Snapshot] = []  # each snapshot is loaded once; only the last two are kept
+        report["traced_kib"] = []
+        for path in snapshots:
+            last_two = [*last_two[-1:], load_snapshot(path)]
+            report["traced_kib"].append(total_kib(last_two[-1]))
+        if len(last_two) == 2:
+            report["top_growth"] = growth(last_two[0], last_two[1])
     return report
 
 
