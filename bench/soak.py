@@ -533,8 +533,9 @@ def fit(xs: Sequence[float], ys: Sequence[float]) -> float:
     return 0.0 if var == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var
 
 
-def memory_split_mib(pid: int) -> tuple[float, float]:
-    """(anonymous, file-backed) resident MiB of ``pid`` from ``/proc/PID/smaps_rollup``.
+def memory_split_mib(pid: int) -> tuple[float, float, float]:
+    """(resident, anonymous, file-backed) MiB of ``pid``, all from one read of ``/proc/PID/smaps_rollup``
+    (a second read for the total would be a moment later and need not add up).
 
     Why split: anonymous memory is the heap (Python objects, grpc core, allocator arenas) and is
     what a leak grows; file-backed pages (shared libraries, SQLite's mapped WAL index) are
@@ -548,7 +549,8 @@ def memory_split_mib(pid: int) -> tuple[float, float]:
             if len(parts) == 2 and parts[1] == "kB":
                 fields[name] = int(parts[0])
     anonymous = fields.get("Anonymous", 0)
-    return round(anonymous / 1024, 2), round((fields.get("Rss", 0) - anonymous) / 1024, 2)
+    resident = fields.get("Rss", 0)
+    return round(resident / 1024, 2), round(anonymous / 1024, 2), round((resident - anonymous) / 1024, 2)
 
 
 def memtrace_growth(probes: Path, at_s: Sequence[float], failures: list[str]) -> dict[str, Any]:
@@ -881,12 +883,12 @@ def run(
                     # STREAM_EXPIRED charged to the bridge). Frozen objects are not scanned again.
                     gc.freeze()
                 if i % 10 == 0:
-                    anonymous, file_backed = memory_split_mib(ps.pid)
+                    resident, anonymous, file_backed = memory_split_mib(ps.pid)
                     timeline.append(
                         [
                             round(time.monotonic() - t0, 1),
                             fds,
-                            round(rss / 2**20, 2),
+                            resident,
                             soak.opened - opened0,
                             anonymous,
                             file_backed,
