@@ -54,6 +54,7 @@ from bench.loadgen import raise_fd_limit
 from bench.procs import HttpServer, StubProc, start_bridge, start_traced_bridge
 from bridge.sse import Parser
 from bzb_shared.childproc import ROOT, base_env
+from bzb_shared.fit import least_squares_slope
 
 STREAM_PATH = "/api/v2/bali-zero/chat-stream"
 STATS_PATH = "/api/v2/bali-zero/stream-stats"
@@ -523,16 +524,6 @@ def check_audit(streams: Sequence[LStream], rejected_429: int, audit_db: Path, f
     }
 
 
-def fit(xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Least-squares slope of ys over xs (0 with fewer than two distinct xs)."""
-    n = len(xs)
-    if n < 2:
-        return 0.0
-    mx, my = sum(xs) / n, sum(ys) / n
-    var = sum((x - mx) ** 2 for x in xs)
-    return 0.0 if var == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var
-
-
 def memory_split_mib(pid: int) -> tuple[float, float, float]:
     """(resident, anonymous, file-backed) MiB of ``pid``, all from one read of ``/proc/PID/smaps_rollup``
     (a second read for the total would be a moment later and need not add up).
@@ -611,8 +602,8 @@ def rss_slope(timeline: Sequence[Sequence[float]], traffic_s: float) -> dict[str
         "to_s": window[-1][0],
         "points": len(window),
         "streams": int(opened[-1] - opened[0]),
-        "kib_per_stream": round(fit(opened, rss) * 1024, 4),
-        "mib_per_10min": round(fit(secs, rss) * 600, 3),
+        "kib_per_stream": round(least_squares_slope(opened, rss) * 1024, 4),
+        "mib_per_10min": round(least_squares_slope(secs, rss) * 600, 3),
         "rss_first_mib": rss[0],
         "rss_last_mib": rss[-1],
         # Means per 5 minutes over the whole run: growth that slows down window after window is a
@@ -620,8 +611,8 @@ def rss_slope(timeline: Sequence[Sequence[float]], traffic_s: float) -> dict[str
         "rss_means_per_5min_mib": window_means(timeline, 2, 300.0),
     }
     if all(len(row) >= 6 for row in window):
-        slope["anon_mib_per_10min"] = round(fit(secs, [row[4] for row in window]) * 600, 3)
-        slope["file_mib_per_10min"] = round(fit(secs, [row[5] for row in window]) * 600, 3)
+        slope["anon_mib_per_10min"] = round(least_squares_slope(secs, [row[4] for row in window]) * 600, 3)
+        slope["file_mib_per_10min"] = round(least_squares_slope(secs, [row[5] for row in window]) * 600, 3)
         slope["anon_means_per_5min_mib"] = window_means(timeline, 4, 300.0)
     return slope
 

@@ -16,6 +16,7 @@ from bridge.config import Settings
 from bridge.errors import BadRequest, BridgeError, ConfigError, PayloadTooLarge, UnsupportedMediaType, from_grpc_status
 from bridge.inputs import Limits, read_input, validate
 from bridge.stream.ids import parse_event_id, parse_seq, resume_point
+from bzb_shared.fit import least_squares_slope
 
 LIMITS = Limits(max_query_bytes=100, max_body_bytes=2048, max_history_messages=2)
 
@@ -170,3 +171,17 @@ def test_error_body_and_frame_have_the_same_code() -> None:
     error = errors.StreamExpired("gone", retryable=False)
     assert error.body() == {"error": {"code": "STREAM_EXPIRED", "message": "gone"}}
     assert error.frame() == {"type": "error", "code": "STREAM_EXPIRED", "message": "gone", "retryable": False}
+
+
+# --- least-squares slope (every memory figure: RSS per stream, per cancel, per minute) ---
+
+
+def test_slope_of_a_line_with_noise_around_it() -> None:
+    xs = [float(x) for x in range(10)]
+    ys = [3.0 * x + 7.0 + (0.5 if x % 2 else -0.5) for x in xs]
+    assert least_squares_slope(xs, ys) == pytest.approx(3.0, abs=0.2)
+
+
+@pytest.mark.parametrize(("xs", "ys"), [([], []), ([1.0], [5.0]), ([2.0, 2.0, 2.0], [1.0, 9.0, 4.0])])
+def test_slope_is_zero_without_two_distinct_points(xs: list[float], ys: list[float]) -> None:
+    assert least_squares_slope(xs, ys) == 0.0

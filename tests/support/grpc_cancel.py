@@ -37,6 +37,7 @@ from bridge.stream.policy import StreamPolicy
 from bridge.stream.session import StreamSession
 from bridge.telemetry import StreamTracing, client_interceptors_for
 from bridge.upstream import Upstream
+from bzb_shared.fit import least_squares_slope
 
 MESSAGES_BEFORE_CANCEL = 3  # metadata and two tokens: the call is mid-stream, a read is pending
 QUERY = " ".join(f"w{i}" for i in range(200))  # far more tokens than are ever read
@@ -57,13 +58,6 @@ def vm_rss_kib() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    var = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
 
 
 def request() -> rag_pb2.StreamChatRequest:
@@ -139,7 +133,7 @@ async def run(target: str, pattern: str, cancels: int, warmup: int, every: int, 
         "cancels": cancels,
         "warmup": warmup,
         "samples": samples,
-        "bytes_per_cancel": round(slope(xs, ys) * 1024, 2) if len(samples) >= 2 else None,
+        "bytes_per_cancel": round(least_squares_slope(xs, ys) * 1024, 2) if len(samples) >= 2 else None,
     }
 
 

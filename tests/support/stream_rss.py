@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
+from bzb_shared.fit import least_squares_slope
+
 STREAM_PATH = "/api/v2/bali-zero/chat-stream"
 QUERY = quote(" ".join(f"w{i}" for i in range(12)))
 
@@ -29,16 +31,6 @@ def vm_rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Least-squares slope (0 when the xs do not vary)."""
-    n = len(xs)
-    if n < 2:
-        return 0.0
-    mx, my = sum(xs) / n, sum(ys) / n
-    var = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
 
 
 @dataclass
@@ -83,7 +75,7 @@ class Run:
 
 
 def _bytes_per_stream(samples: Sequence[tuple[int, int]]) -> float:
-    return slope([float(n) for n, _ in samples], [float(kib) for _, kib in samples]) * 1024
+    return least_squares_slope([float(n) for n, _ in samples], [float(kib) for _, kib in samples]) * 1024
 
 
 async def one_stream(host: str, port: int, index: int, run: Run) -> None:
