@@ -9,7 +9,7 @@ BUF := node_modules/.bin/buf
 SYSTEM_TEST_DEPS := chromium=chromium redis-server=redis-server nginx=nginx node=nodejs npm=npm curl=curl ip=iproute2 tc=iproute2
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: run test lint proto bench fuzz soak clean system-deps constraints
+.PHONY: run test lint docs proto bench fuzz soak clean system-deps constraints
 
 $(INSTALLED): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "error: Python 3.11+ needed ($(PYTHON))" >&2; exit 1; }
@@ -30,7 +30,7 @@ run: $(INSTALLED)
 	@scripts/system-deps.sh curl=curl
 	@BIN=$(BIN) scripts/run.sh
 
-test: system-deps $(INSTALLED) $(NODE_INSTALLED) lint
+test: system-deps $(INSTALLED) $(NODE_INSTALLED) lint docs
 	node --test tests/js/
 	$(BIN)/pytest
 
@@ -43,6 +43,12 @@ lint: $(INSTALLED) $(NODE_INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy bridge rag_stub scripts tests bench bzb_shared
+
+# The reference (docs/, mkdocs.yml) into build/site/; --strict fails on a broken link or anchor.
+# Nothing is fetched: no web fonts, no plugin that downloads. NO_MKDOCS_2_WARNING quiets a banner;
+# --quiet must not be added: it hides the warnings --strict counts, and a broken link passes.
+docs: $(INSTALLED)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 proto: $(INSTALLED)
 	$(BIN)/python scripts/gen_proto.py
