@@ -1,4 +1,4 @@
-"""The token payloads of shared/SSE-EDGE-CASES.md that every suite pushes end to end."""
+"""The token payloads of the SSE edge-case list (SSE-EDGE-CASES) that every suite pushes end to end."""
 
 from __future__ import annotations
 

@@ -1,9 +1,12 @@
-"""The README's examples run as written: the browser snippet in Chromium, the curl lines with curl.
+"""The documentation's examples run as written: the browser snippet in Chromium, the curl lines with curl.
 
 Snippets are found by a marker line (``<!-- snippet: NAME -->``) right before their fenced block,
-so sections can move. They are taken verbatim; the only substitution is the documented
-``127.0.0.1:8000`` of `make run`, replaced by the test bridge's own address. The browser snippet
-used to be a classic script with a top-level ``await`` (a SyntaxError in every browser).
+in README.md and in every page of docs/, so sections and snippets can move between them. Each name
+appears once across all of them, and every marked snippet has a test here (``TESTED_SNIPPETS``): a
+snippet added to the docs without one fails the suite instead of going stale. They are taken
+verbatim; the only substitution is the documented ``127.0.0.1:8000`` of `make run`, replaced by the
+test bridge's own address. (A browser snippet written as a classic script with a top-level
+``await`` is a SyntaxError in every browser: only running it shows that.)
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import re
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,23 +26,71 @@ from tests.conftest import BridgeFactory, StubFactory, require_binary
 from tests.support.browser import console_collector, launch_chromium
 from tests.support.processes import ROOT, Bridge
 
-README = ROOT / "README.md"
 DOCUMENTED_ADDRESS = "127.0.0.1:8000"
+MARKER = re.compile(r"^<!-- snippet: (\S+) -->$", re.MULTILINE)
+TESTED_SNIPPETS = frozenset({"curl", "curl-output", "curl-text", "curl-chat", "browser-client"})
+"""Every snippet name the tests below run; the docs must mark exactly these."""
 
 
-def snippet(name: str, text: str | None = None) -> str:
-    """The fenced block right after ``<!-- snippet: NAME -->``, verbatim."""
-    text = README.read_text(encoding="utf-8") if text is None else text
-    pattern = rf"^<!-- snippet: {re.escape(name)} -->\n```[\w-]*\n(.*?)^```$"
-    found = re.findall(pattern, text, flags=re.MULTILINE | re.DOTALL)
-    assert len(found) == 1, f"README needs exactly one snippet named {name!r}"
-    return str(found[0])
+def doc_files(root: Path = ROOT) -> list[Path]:
+    """README.md and every Markdown page of docs/, where snippets may live."""
+    return [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
 
 
-def test_snippet_finds_a_block_by_its_marker() -> None:
+def snippets_in(text: str) -> dict[str, str]:
+    """Each marked snippet of one file: the fenced block right after its marker, verbatim.
+
+    A marker without a fenced block right after it, or a name marked twice, is an error: the test
+    meant to run it would otherwise run nothing.
+    """
+    found: dict[str, str] = {}
+    for marker in MARKER.finditer(text):
+        name = marker.group(1)
+        block = re.compile(r"\n```[\w-]*\n(.*?)^```$", re.MULTILINE | re.DOTALL).match(text, marker.end())
+        assert block, f"snippet {name!r}: no fenced block right after its marker"
+        assert name not in found, f"snippet {name!r} is marked twice"
+        found[name] = block.group(1)
+    return found
+
+
+def all_snippets(files: list[Path] | None = None) -> dict[str, str]:
+    """Every marked snippet of the docs by name; a name may appear in one file only."""
+    collected: dict[str, str] = {}
+    where: dict[str, Path] = {}
+    for path in doc_files() if files is None else files:
+        for name, code in snippets_in(path.read_text(encoding="utf-8")).items():
+            assert name not in collected, f"snippet {name!r} is in both {where[name]} and {path}"
+            collected[name], where[name] = code, path
+    return collected
+
+
+def snippet(name: str) -> str:
+    """The snippet called ``name``, wherever in the docs it lives."""
+    found = all_snippets()
+    assert name in found, f"no snippet named {name!r} in README.md or docs/"
+    return found[name]
+
+
+def test_snippets_are_found_by_their_marker() -> None:
     text = "intro\n<!-- snippet: x -->\n```bash\necho 1\n```\n<!-- snippet: y -->\n```\ny\n```\n"
-    assert snippet("x", text) == "echo 1\n"
-    assert snippet("y", text) == "y\n"
+    assert snippets_in(text) == {"x": "echo 1\n", "y": "y\n"}
+
+
+def test_a_marker_without_its_block_is_refused() -> None:
+    with pytest.raises(AssertionError, match="no fenced block"):
+        snippets_in("<!-- snippet: x -->\ntext, not a fence\n```\ncode\n```\n")
+
+
+def test_a_snippet_name_in_two_files_is_refused(tmp_path: Path) -> None:
+    for name in ("a.md", "b.md"):
+        (tmp_path / name).write_text("<!-- snippet: x -->\n```\ncode\n```\n", encoding="utf-8")
+    with pytest.raises(AssertionError, match="is in both"):
+        all_snippets([tmp_path / "a.md", tmp_path / "b.md"])
+
+
+def test_every_snippet_in_the_docs_is_run_by_a_test() -> None:
+    """A new snippet gets a test in this file (and its name in TESTED_SNIPPETS), or it goes stale."""
+    assert set(all_snippets()) == TESTED_SNIPPETS
 
 
 @pytest.fixture
@@ -63,7 +115,7 @@ def frames(raw: str) -> list[dict[str, Any]]:
     return [json.loads(e.data) for e in Parser().feed(raw.encode()) if e.type == "message"]
 
 
-def test_readme_curl_streams_an_answer_with_sources(rag_bridge: Bridge) -> None:
+def test_curl_streams_an_answer_with_sources(rag_bridge: Bridge) -> None:
     real = frames(run_shell_snippet("curl", rag_bridge))
     assert real[0]["type"] == "metadata" and real[0]["sources"]
     assert real[-1]["type"] == "done"
@@ -82,7 +134,7 @@ def test_readme_curl_streams_an_answer_with_sources(rag_bridge: Bridge) -> None:
     assert len(shown_done) == 1 and shown_done[0]["metrics"]["tokens"] == real[-1]["metrics"]["tokens"]
 
 
-def test_readme_curl_text_one_liner_prints_only_the_answer(rag_bridge: Bridge) -> None:
+def test_curl_text_one_liner_prints_only_the_answer(rag_bridge: Bridge) -> None:
     printed = run_shell_snippet("curl-text", rag_bridge)
     query = re.search(r"query=([^\"&]+)", snippet("curl-text"))
     assert query
@@ -92,7 +144,7 @@ def test_readme_curl_text_one_liner_prints_only_the_answer(rag_bridge: Bridge) -
     assert "B211A" in printed and "data:" not in printed and '"type"' not in printed
 
 
-def test_readme_curl_chat_returns_the_whole_answer(rag_bridge: Bridge) -> None:
+def test_curl_chat_returns_the_whole_answer(rag_bridge: Bridge) -> None:
     reply = json.loads(run_shell_snippet("curl-chat", rag_bridge))
     assert reply["sources"] and reply["finish_reason"] == "stop" and "[1]" in reply["answer"]
 
@@ -104,10 +156,10 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.mark.browser
-def test_readme_browser_snippet_runs_in_chromium(browser: Any, rag_bridge: Bridge) -> None:
+def test_browser_client_snippet_runs_in_chromium(browser: Any, rag_bridge: Bridge) -> None:
     """The snippet as a page of the bridge's origin: its relative URLs reach the real bridge, and
-    ``onComplete`` gets the result object (text and metrics), as the README says."""
-    page_url = rag_bridge.url + "/readme-snippet.html"
+    ``onComplete`` gets the result object (text and metrics), as the browser-client page says."""
+    page_url = rag_bridge.url + "/doc-snippet.html"
     html = f"<!doctype html><html><head><meta charset='utf-8'></head><body>\n{snippet('browser-client')}</body></html>"
     context = browser.new_context()
     try:
