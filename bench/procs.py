@@ -121,15 +121,15 @@ def _bridge_env(target: str, workdir: Path, env: Mapping[str, str]) -> dict[str,
 
 
 def start_traced_bridge(target: str, probes: Path, frames: int, workdir: Path, **env: str) -> HttpServer:
-    """The bridge under ``bench.memtrace``: memory probes into ``probes`` on each SIGUSR2
+    """The bridge under ``bench.lab.memtrace``: memory probes into ``probes`` on each SIGUSR2
     (tracemalloc too when ``frames`` > 0)."""
-    argv = python_argv("bench.memtrace", [str(probes), str(frames), "--", "--port", "0"], None)
+    argv = python_argv("bench.lab.memtrace", [str(probes), str(frames), "--", "--port", "0"], None)
     return HttpServer("bridge", argv, base_env(_bridge_env(target, workdir, env)), BRIDGE_READY)
 
 
 def start_probed(server: str, out: Path, target: str, cpus: Sequence[int] | None, workdir: Path) -> HttpServer:
-    """The bridge or the peer under ``bench.probes`` (the first-token timeline), writing ``out`` at exit."""
-    argv = python_argv("bench.probes", [str(out), server, "--port", "0"], cpus)
+    """The bridge or the peer under ``bench.lab.probes`` (the first-token timeline), writing ``out`` at exit."""
+    argv = python_argv("bench.lab.probes", [str(out), server, "--port", "0"], cpus)
     if server == "bridge":
         return HttpServer("bridge", argv, base_env(_bridge_env(target, workdir, {})), BRIDGE_READY)
     return HttpServer("peer", argv, base_env({"RAG_TARGET": target}), PEER_READY)

@@ -399,7 +399,7 @@ class TimelineStep:
 
 @dataclass(slots=True)
 class TimelineResult:
-    """``bench.timeline`` for one server: its request path from received bytes to the first token written."""
+    """``bench.lab.timeline`` for one server: its request path from received bytes to the first token written."""
 
     server: str
     requests: int

@@ -99,7 +99,7 @@ def test_timeline_finds_every_probe_of_the_bridge(tmp_path: Path) -> None:
     """A rename in the request path must fail here, not leave a phase silently out of the timeline."""
     out = tmp_path / "timeline.json"
     run_module(
-        "bench.timeline",
+        "bench.lab.timeline",
         "--servers",
         "bridge,peer",
         "--requests",

@@ -1,4 +1,4 @@
-"""Smoke run of the soak test (bench/soak.py): a short, small run whose accounting must all hold.
+"""Smoke run of the soak test (bench/soak/): a short, small run whose accounting must all hold.
 
 Every token delivered is checked by index across resumes, every upstream stream must end exactly
 once with the outcome the client saw, the bridge must be idle with fds/RSS back near the baseline,
@@ -7,6 +7,7 @@ and the audit trail must verify and count exactly what the soak observed.
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -65,13 +66,16 @@ def test_soak_smoke_accounts_for_everything(tmp_path: Path) -> None:
     assert res["returned"] is True
     assert res["fds_after"] <= res["fds_before"] + 8
     # Every sample splits RSS into anonymous (heap: what a leak grows) and file-backed memory.
-    assert all(len(row) == 6 and row[4] + row[5] <= row[2] + 8 for row in res["timeline"])
+    with (tmp_path / "soak.timeline.csv").open() as samples:
+        rows = list(csv.DictReader(samples))
+    assert rows
+    assert all(float(row["anonymous_mib"]) + float(row["file_backed_mib"]) <= float(row["rss_mib"]) + 8 for row in rows)
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("frames", ["0", "1"])
 def test_soak_memtrace_probes_the_bridge_memory(tmp_path: Path, frames: str) -> None:
-    """The diagnosis mode: the bridge runs under bench.memtrace and dumps two probes on signal:
+    """The diagnosis mode: the bridge runs under bench.lab.memtrace and dumps two probes on signal:
     pymalloc's arenas, or with tracemalloc the source lines that grew."""
     summary, _ = run_soak(tmp_path, "--concurrency", "20", "--memtrace-at", "0.03,0.1", "--memtrace-frames", frames)
     probes = summary["memtrace"]

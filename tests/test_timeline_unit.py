@@ -1,4 +1,4 @@
-"""The first-token timeline's arithmetic and its probes, in process (bench/timeline.py, bench/probes.py)."""
+"""The first-token timeline's arithmetic and its probes, in process (bench/lab/timeline.py, bench/lab/probes.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import asyncio
 import sys
 import types
 
-from bench import probes
+from bench.lab import probes
+from bench.lab.timeline import summarise, table
 from bench.results import Summary
-from bench.timeline import summarise, table
 
 
 def record(*marks: tuple[str, int, int]) -> dict[str, list[int]]:

@@ -1,9 +1,9 @@
 """The first-token timeline: where one request's time goes between its bytes and its first token.
 
-    python -m bench.timeline                       # the bridge, then the reference peer
-    python -m bench.timeline --servers bridge --requests 300 --out timeline.json
+    python -m bench.lab.timeline                       # the bridge, then the reference peer
+    python -m bench.lab.timeline --servers bridge --requests 300 --out timeline.json
 
-One echo stub, then each server in turn under ``bench.probes`` (probes wrapped around its request
+One echo stub, then each server in turn under ``bench.lab.probes`` (probes wrapped around its request
 path in its own process; the production code has none), and one client (``bench.loadgen``, one
 request at a time, 50-token answers, as in the first_token_latency scenario). Each interval between
 two consecutive marks is reported as the median over the requests of its wall time, the CPU of
@@ -164,7 +164,7 @@ def run(servers: Sequence[str], requests: int, warmup: int, pin: bool) -> list[T
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench.timeline", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="bench.lab.timeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--servers", default="bridge,peer", help="comma list of bridge, peer")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)

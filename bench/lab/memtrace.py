@@ -1,6 +1,6 @@
 """Run the bridge with memory probes, dumping them on each SIGUSR2 (bench-only).
 
-    python -m bench.memtrace DIR [FRAMES] -- --port 0      # then: kill -USR2 <pid>
+    python -m bench.lab.memtrace DIR [FRAMES] -- --port 0      # then: kill -USR2 <pid>
 
 On each signal, after a full garbage collection (garbage waiting for the cycle collector is not
 growth): ``DIR/pymalloc-<n>.txt``, CPython's small-object allocator statistics (arenas held,
@@ -115,7 +115,7 @@ def total_kib(snapshot: tracemalloc.Snapshot) -> float:
 
 def main(argv: list[str]) -> int:
     if "--" not in argv or argv.index("--") < 1:
-        print("usage: python -m bench.memtrace DIR [FRAMES] -- BRIDGE-ARGS...", file=sys.stderr)
+        print("usage: python -m bench.lab.memtrace DIR [FRAMES] -- BRIDGE-ARGS...", file=sys.stderr)
         return 2
     split = argv.index("--")
     own, rest = argv[:split], argv[split + 1 :]

@@ -1,6 +1,6 @@
-"""Probes around one server's request path, for the first-token timeline (``bench/timeline.py``).
+"""Probes around one server's request path, for the first-token timeline (``bench/lab/timeline.py``).
 
-    python -m bench.probes OUT.json bridge --port 0    # or: peer
+    python -m bench.lab.probes OUT.json bridge --port 0    # or: peer
 
 Installs the probes, then runs the server's own entry point unchanged: production code carries no
 timing hooks (one ``perf_counter`` per phase per request would be paid by every request to serve
@@ -287,7 +287,7 @@ def main(argv: list[str]) -> int:
         sys.argv = ["reference_bridge", *rest]
         reference_bridge.main()
         return 0
-    print(f"bench.probes: unknown server {server!r} (bridge or peer)", file=sys.stderr)
+    print(f"bench.lab.probes: unknown server {server!r} (bridge or peer)", file=sys.stderr)
     return 2
 
 
