@@ -10,10 +10,11 @@ import ipaddress
 import math
 import os
 import re
+import textwrap
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from bridge.errors import ConfigError as ConfigError  # defined with every other error; Settings raises it
@@ -28,56 +29,194 @@ _RATE_RE = re.compile(r"^\s*(\d+)\s*(?:/|per)\s*(\d+)?\s*(second|minute|hour|day
 
 DEFAULT_AUDIT_DB = "./data/audit.sqlite3"
 
+RangeCheck = Callable[[Any], "str | None"]
+"""A parsed value's problem ("must be > 0"), or None."""
+ProblemCheck = Callable[[str], "str | None"]
+"""A set text value's problem ("expected host:port"), or None."""
+
+
+def _at_least(bound: float) -> RangeCheck:
+    return lambda value: None if value >= bound else f"must be >= {bound:g}"
+
+
+def _above(bound: float) -> RangeCheck:
+    return lambda value: None if value > bound else f"must be > {bound:g}"
+
+
+def _within(low: float, high: float, note: str = "") -> RangeCheck:
+    return lambda value: None if low <= value <= high else f"must be within {low:g}..{high:g}{note}"
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    check: RangeCheck | None = None,
+    shape: ProblemCheck | None = None,
+    parse: Callable[[str], object] | None = None,
+    secret: bool = False,
+    default_text: str | None = None,
+) -> Any:
+    """Declare one setting: its default, what it means and how a value is checked.
+
+    Everything else about a setting (parsing, validation, ``--help``, ``bali-zero-bridge config``
+    and the configuration table in the docs) is derived from this one declaration, so a new
+    setting cannot be documented in one place and forgotten in another.
+    """
+    spec = Spec(help, check, shape, parse, secret, default_text)
+    return field(default=default, metadata={"spec": spec})
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """What the declaration of one setting says beyond its type and default."""
+
+    help: str
+    check: RangeCheck | None = None  # a parsed value out of range -> "NAME must be ..."
+    shape: ProblemCheck | None = None  # a set text value of the wrong form -> "NAME='value': why"
+    parse: Callable[[str], object] | None = None  # when the field's type alone does not say how
+    secret: bool = False  # never echoed in a message or by `bali-zero-bridge config`
+    default_text: str | None = None  # how the docs show the default, when the value alone misleads
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Every knob of the bridge. Field names are the lower-case environment variable names."""
 
-    rag_target: str = "127.0.0.1:50051"
-    enable_sse_streaming: bool = False
-    sse_rollout_percent: float = 100.0
-    heartbeat_interval_s: float = 30.0
-    resume_grace_s: float = 0.0
-    resume_buffer_frames: int = 10_000
-    resume_buffer_bytes: int = 4 * 1024 * 1024
-    resume_store: str = ""
-    send_timeout_s: float = 30.0
-    tcp_user_timeout_s: float = 20.0
-    tcp_keepalive_s: int = 10
-    upstream_timeout_s: float = 120.0
-    upstream_connect_timeout_s: float = 5.0
-    upstream_ejection_interval_s: float = 10.0
-    shutdown_grace_s: float = 20.0
-    stream_window_frames: int = 64
-    rate_limit: str = "20/minute"
-    rate_limit_storage: str = "memory://"
-    rate_limit_fail_open: bool = True
-    max_streams_per_user: int = 3
-    max_streams_total: int = 2000
-    max_query_bytes: int = 8 * 1024
-    max_body_bytes: int = 64 * 1024
-    max_header_bytes: int = 32 * 1024
-    header_timeout_s: float = 10.0
-    keepalive_timeout_s: float = 75.0
-    max_history_messages: int = 50
-    auth_required: bool = False
-    jwt_secret: str = ""
-    jwt_public_key_file: str = ""
-    jwt_jwks_url: str = ""
-    jwt_audience: str = ""
-    jwt_issuer: str = ""
-    jwt_leeway_s: float = 30.0
-    trusted_proxies: tuple[IPNetwork, ...] = ()
-    cors_origins: tuple[str, ...] = ()
-    audit_db: str = DEFAULT_AUDIT_DB
-    audit_hash_key: str = ""
-    audit_retention_days: int = 90
-    audit_queue_size: int = 10_000
-    audit_head_interval_s: float = 60.0
-    log_level: str = "INFO"
-    log_file: str = ""
-    error_log_file: str = ""
-    stats_window_s: float = 300.0
+    rag_target: str = setting(
+        "127.0.0.1:50051",
+        "gRPC target; `dns:///host:port` or a comma list `h1:p1,h2:p2` balance round robin with health checks",
+        shape=lambda value: _rag_target_problem(value),
+    )
+    enable_sse_streaming: bool = setting(False, "the stream endpoint answers 404 while false")
+    sse_rollout_percent: float = setting(
+        100.0, "sticky share of users (hash of user id or IP) that get streaming", check=_within(0, 100)
+    )
+    heartbeat_interval_s: float = setting(30.0, "seconds of silence before a heartbeat frame", check=_above(0))
+    resume_grace_s: float = setting(
+        0.0, "how long a dropped stream is kept for resume before upstream is cancelled", check=_at_least(0)
+    )
+    resume_buffer_frames: int = setting(10_000, "replay buffer cap per stream, in frames", check=_at_least(1))
+    resume_buffer_bytes: int = setting(4 * 1024 * 1024, "replay buffer cap per stream, in bytes", check=_at_least(1024))
+    resume_store: str = setting(
+        "",
+        "`redis://host:port/db` shares resume state across instances",
+        shape=lambda value: _redis_url_problem(value),
+    )
+    send_timeout_s: float = setting(30.0, "a blocked send this long ends the stream", check=_above(0))
+    tcp_user_timeout_s: float = setting(
+        20.0,
+        "a client whose connection leaves data unacknowledged this long is dropped (0 = kernel default, ~15 min)",
+        # The kernel takes milliseconds up to 2^31-1; above a day it no longer detects anything.
+        check=_within(0, 86_400, " (0 = off)"),
+    )
+    tcp_keepalive_s: int = setting(
+        10,
+        "idle seconds before (and between) TCP keepalive probes, so a silent stream is probed too (0 = off)",
+        # TCP_KEEPIDLE/TCP_KEEPINTVL take whole seconds, at most 32767.
+        check=_within(0, 32_767, " (0 = off)"),
+    )
+    upstream_timeout_s: float = setting(120.0, "gRPC deadline of one answer", check=_above(0))
+    upstream_connect_timeout_s: float = setting(
+        5.0,
+        "longest wait for the RAG service's first message before streaming starts (capped by `HEARTBEAT_INTERVAL_S`)",
+    )
+    upstream_ejection_interval_s: float = setting(
+        10.0, "outlier-detection interval: a replica failing most calls is ejected for 30 s", check=_above(0)
+    )
+    shutdown_grace_s: float = setting(20.0, "how long running streams may finish after SIGTERM", check=_at_least(0))
+    stream_window_frames: int = setting(
+        64, "frames buffered per stream before the bridge stops reading gRPC", check=_at_least(1)
+    )
+    rate_limit: str = setting(
+        "20/minute",
+        "per user (or per IP for anonymous callers), both chat endpoints",
+        shape=lambda value: _rate_problem(value),
+    )
+    rate_limit_storage: str = setting(
+        "memory://",
+        "`redis://host:port/db` shares the limit across instances",
+        shape=lambda value: _rate_storage_problem(value),
+    )
+    rate_limit_fail_open: bool = setting(True, "Redis unreachable: allow (logged, counted) or answer 503")
+    max_streams_per_user: int = setting(
+        3, "concurrent streams per user or IP (429 `TOO_MANY_STREAMS`)", check=_at_least(1)
+    )
+    max_streams_total: int = setting(2000, "concurrent streams per instance (503 `OVERLOADED`)", check=_at_least(1))
+    max_query_bytes: int = setting(8 * 1024, "longest query, in UTF-8 bytes", check=_at_least(1))
+    max_body_bytes: int = setting(64 * 1024, "largest request body", check=_at_least(1024))
+    max_header_bytes: int = setting(
+        32 * 1024,
+        "largest request head (431 `HEADERS_TOO_LARGE`; past it + 2 KiB the connection is closed)",
+        check=_at_least(4096),
+    )
+    header_timeout_s: float = setting(
+        10.0,
+        "a request head must arrive within this time from its first byte (or from connect); slower: 408 and close",
+        check=_above(0),
+    )
+    keepalive_timeout_s: float = setting(
+        75.0,
+        "an idle keep-alive connection is closed after this long "
+        "(keep it above nginx's upstream `keepalive_timeout`, 60 s)",
+        check=_above(0),
+    )
+    max_history_messages: int = setting(50, "conversation history length")
+    auth_required: bool = setting(False, "requests without a valid JWT get 401")
+    jwt_secret: str = setting(
+        "", "HS256 key; set only one of `JWT_SECRET`, `JWT_PUBLIC_KEY_FILE`, `JWT_JWKS_URL`", secret=True
+    )
+    jwt_public_key_file: str = setting("", "RS256 public key, PEM file")
+    jwt_jwks_url: str = setting("", "JWKS URL (keys cached)", shape=lambda value: _http_url_problem(value))
+    jwt_audience: str = setting("", "`aud` required when set")
+    jwt_issuer: str = setting("", "`iss` required when set")
+    jwt_leeway_s: float = setting(30.0, "clock skew allowed on `exp`, `nbf`, `iat`")
+    trusted_proxies: tuple[IPNetwork, ...] = setting(
+        (), "comma list of CIDRs whose `X-Forwarded-For` and `x-user-id` are believed", parse=lambda raw: _networks(raw)
+    )
+    cors_origins: tuple[str, ...] = setting(
+        (),
+        "comma list of allowed origins (no CORS headers when empty)",
+        parse=lambda raw: _csv(raw),
+        shape=lambda value: _origin_problem(value),
+    )
+    audit_db: str = setting(
+        DEFAULT_AUDIT_DB, "audit store (SQLite, WAL)", shape=lambda value: _writable_file_problem(value)
+    )
+    audit_hash_key: str = setting(
+        "",
+        "key for query HMACs and the hash chain",
+        shape=lambda value: key_material_problem(value),
+        secret=True,
+        default_text="generated into `<AUDIT_DB>.key` (0600)",
+    )
+    audit_retention_days: int = setting(
+        90, "older audit records are purged (hourly and at start-up)", check=_at_least(1)
+    )
+    audit_queue_size: int = setting(
+        10_000, "audit events waiting for the writer; beyond it they are dropped and counted", check=_at_least(1)
+    )
+    audit_head_interval_s: float = setting(
+        60.0,
+        "how often a moved audit chain head is signed into the log and `<AUDIT_DB>.head` (also at start and shutdown)",
+        check=_above(0),
+    )
+    log_level: str = setting(
+        "INFO",
+        "`DEBUG`, `INFO`, `WARNING` or `ERROR`; JSON logs go to stderr",
+        shape=lambda value: (
+            None
+            if value.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"}
+            else "must be one of DEBUG, INFO, WARNING, ERROR"
+        ),
+    )
+    log_file: str = setting(
+        "", "also append every log line to this file", shape=lambda value: _writable_file_problem(value)
+    )
+    error_log_file: str = setting(
+        "", "also append warnings and errors to this file", shape=lambda value: _writable_file_problem(value)
+    )
+    stats_window_s: float = setting(300.0, "sliding window of the stats endpoint")
     otel: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -103,7 +242,7 @@ class Settings:
                         f"{_shown_default(f.default)}, or give a value"
                     )
                 continue
-            parser = _PARSERS.get(f.name, _PARSERS_BY_TYPE.get(str(f.type), str))
+            parser = _spec(f).parse or _PARSERS_BY_TYPE.get(str(f.type), str)
             try:
                 values[f.name] = parser(raw.strip())
             except ValueError as exc:
@@ -117,74 +256,29 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        """Reject combinations that would misbehave at run time rather than at start-up."""
-        checks: list[tuple[bool, str]] = [
-            (0.0 <= self.sse_rollout_percent <= 100.0, "SSE_ROLLOUT_PERCENT must be within 0..100"),
-            (self.heartbeat_interval_s > 0, "HEARTBEAT_INTERVAL_S must be > 0"),
-            (self.resume_grace_s >= 0, "RESUME_GRACE_S must be >= 0"),
-            (self.send_timeout_s > 0, "SEND_TIMEOUT_S must be > 0"),
-            # The kernel takes milliseconds up to 2^31-1; above a day it no longer detects anything.
-            (0 <= self.tcp_user_timeout_s <= 86_400, "TCP_USER_TIMEOUT_S must be within 0..86400 (0 = off)"),
-            # TCP_KEEPIDLE/TCP_KEEPINTVL take whole seconds, at most 32767.
-            (0 <= self.tcp_keepalive_s <= 32_767, "TCP_KEEPALIVE_S must be within 0..32767 (0 = off)"),
-            (self.upstream_timeout_s > 0, "UPSTREAM_TIMEOUT_S must be > 0"),
-            (self.upstream_ejection_interval_s > 0, "UPSTREAM_EJECTION_INTERVAL_S must be > 0"),
-            (self.shutdown_grace_s >= 0, "SHUTDOWN_GRACE_S must be >= 0"),
-            (self.stream_window_frames >= 1, "STREAM_WINDOW_FRAMES must be >= 1"),
-            (self.max_streams_per_user >= 1, "MAX_STREAMS_PER_USER must be >= 1"),
-            (self.max_streams_total >= 1, "MAX_STREAMS_TOTAL must be >= 1"),
-            (self.max_query_bytes >= 1, "MAX_QUERY_BYTES must be >= 1"),
-            (self.max_body_bytes >= 1024, "MAX_BODY_BYTES must be >= 1024"),
-            (self.max_header_bytes >= 4096, "MAX_HEADER_BYTES must be >= 4096"),
-            (self.header_timeout_s > 0, "HEADER_TIMEOUT_S must be > 0"),
-            (self.keepalive_timeout_s > 0, "KEEPALIVE_TIMEOUT_S must be > 0"),
-            (self.audit_retention_days >= 1, "AUDIT_RETENTION_DAYS must be >= 1"),
-            (self.audit_queue_size >= 1, "AUDIT_QUEUE_SIZE must be >= 1"),
-            (self.audit_head_interval_s > 0, "AUDIT_HEAD_INTERVAL_S must be > 0"),
-            (self.resume_buffer_frames >= 1, "RESUME_BUFFER_FRAMES must be >= 1"),
-            (self.resume_buffer_bytes >= 1024, "RESUME_BUFFER_BYTES must be >= 1024"),
-            (
-                self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
-                "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR",
-            ),
-            (
-                sum(bool(x) for x in (self.jwt_secret, self.jwt_public_key_file, self.jwt_jwks_url)) <= 1,
-                "set only one of JWT_SECRET, JWT_PUBLIC_KEY_FILE, JWT_JWKS_URL",
-            ),
-            (
-                not self.auth_required or self.jwt_configured,
-                "AUTH_REQUIRED=true needs one of JWT_SECRET, JWT_PUBLIC_KEY_FILE, JWT_JWKS_URL",
-            ),
-            (
-                self.rate_limit_storage.split("://", 1)[0] in {"memory", "redis", "rediss"},
-                "RATE_LIMIT_STORAGE must be memory:// or redis://host:port/db",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        if self.jwt_public_key_file and not Path(self.jwt_public_key_file).is_file():
-            raise ConfigError(f"JWT_PUBLIC_KEY_FILE={self.jwt_public_key_file!r}: no such file")
-        parse_rate(self.rate_limit)
-        for problem in self._value_problems():
+        """Reject values and combinations that would misbehave at run time rather than at start-up."""
+        for problem in self.problems():
             raise ConfigError(problem)
 
-    def _value_problems(self) -> Iterator[str]:
-        """Values whose shape only fails later (a URL parsed by a library, a path opened on start-up).
-
-        One line per variable; add new settings' shape checks here.
-        """
-        yield from _problems("RAG_TARGET", self.rag_target, _rag_target_problem)
-        yield from _problems("RESUME_STORE", self.resume_store, _redis_url_problem)
-        if self.rate_limit_storage.split("://", 1)[0] != "memory":
-            yield from _problems("RATE_LIMIT_STORAGE", self.rate_limit_storage, _redis_url_problem)
-        yield from _problems("JWT_JWKS_URL", self.jwt_jwks_url, _http_url_problem)
-        for origin in self.cors_origins:
-            yield from _problems("CORS_ORIGINS", origin, _origin_problem)
-        yield from _problems("AUDIT_DB", self.audit_db, _writable_file_problem)
-        yield from _problems("AUDIT_HASH_KEY", self.audit_hash_key, key_material_problem)
-        yield from _problems("LOG_FILE", self.log_file, _writable_file_problem)
-        yield from _problems("ERROR_LOG_FILE", self.error_log_file, _writable_file_problem)
+    def problems(self) -> Iterator[str]:
+        """One line per bad value, naming its variable: each setting's own check, then combinations."""
+        for f in fields(self):
+            if f.name == "otel":
+                continue
+            spec, value, name = _spec(f), getattr(self, f.name), f.name.upper()
+            if spec.check is not None and (problem := spec.check(value)):
+                yield f"{name} {problem}"
+            if spec.shape is not None:
+                for item in value if isinstance(value, tuple) else (value,):
+                    if item and (problem := spec.shape(item)):
+                        shown = "(hidden)" if spec.secret else repr(item)
+                        yield f"{name}={shown}: {problem}"
+        if sum(bool(x) for x in (self.jwt_secret, self.jwt_public_key_file, self.jwt_jwks_url)) > 1:
+            yield "set only one of JWT_SECRET, JWT_PUBLIC_KEY_FILE, JWT_JWKS_URL"
+        if self.auth_required and not self.jwt_configured:
+            yield "AUTH_REQUIRED=true needs one of JWT_SECRET, JWT_PUBLIC_KEY_FILE, JWT_JWKS_URL"
+        if self.jwt_public_key_file and not Path(self.jwt_public_key_file).is_file():
+            yield f"JWT_PUBLIC_KEY_FILE={self.jwt_public_key_file!r}: no such file"
         try:
             check_telemetry_environ(self.otel)
         except TelemetryConfigError as exc:
@@ -203,7 +297,7 @@ class Settings:
                 continue
             value = getattr(self, f.name)
             name = f.name.upper()
-            if name in SECRET_VARIABLES:
+            if _spec(f).secret:
                 text = "(set, hidden)" if value else ""
             elif isinstance(value, bool):
                 text = "true" if value else "false"
@@ -226,21 +320,66 @@ class Settings:
         return parse_rate(self.rate_limit)
 
 
-def variables_help(width: int = 96) -> str:
-    """The ``--help`` epilog: every variable by name, so nobody has to open the source to find them."""
-    names = [f.name.upper() for f in fields(Settings) if f.name != "otel"] + ["OTEL_*"]
+def variables_help(width: int = 100) -> str:
+    """The ``--help`` epilog: every variable with its default and meaning, from its declaration."""
     lines = [
         "configuration: environment variables (or --env-file FILE; the real environment wins),",
         "validated at start-up; `bali-zero-bridge config` prints the effective values:",
     ]
-    line = " "
-    for name in names:
-        if len(line) + len(name) + 1 > width:
-            lines.append(line)
-            line = " "
-        line += f" {name}"
-    lines.append(line)
+    for f in fields(Settings):
+        if f.name == "otel":
+            continue
+        text = f"{f.name.upper()} [{_documented_default(f)}]: {_spec(f).help}".replace("`", "")
+        lines += textwrap.wrap(
+            text,
+            width,
+            initial_indent="  ",
+            subsequent_indent="      ",
+        )
+    lines.append("  OTEL_*: the standard OpenTelemetry variables")
     return "\n".join(lines)
+
+
+def _rate_problem(value: str) -> str | None:
+    try:
+        parse_rate(value)
+    except ConfigError as exc:
+        return str(exc).partition(": ")[2]
+    return None
+
+
+def _rate_storage_problem(value: str) -> str | None:
+    scheme = value.split("://", 1)[0]
+    if scheme == "memory":
+        return None
+    if scheme not in {"redis", "rediss"}:
+        return "must be memory:// or redis://host:port/db"
+    return _redis_url_problem(value)
+
+
+def _documented_default(f: Field[Any]) -> str:
+    spec = _spec(f)
+    if spec.default_text is not None:
+        return spec.default_text
+    if f.default in ("", ()):
+        return "unset"
+    return _shown_default(f.default).strip("'")
+
+
+def reference_table() -> str:
+    """The configuration table of the docs, as Markdown: one row per setting, from its declaration."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for f in fields(Settings):
+        if f.name == "otel":
+            continue
+        default = _documented_default(f)
+        shown = default if _spec(f).default_text or default == "unset" else f"`{default}`"
+        rows.append(f"| `{f.name.upper()}` | {shown} | {_spec(f).help} |")
+    rows.append(
+        "| `OTEL_*` | unset | standard OpenTelemetry variables (`OTEL_TRACES_EXPORTER=otlp` or `console`, "
+        "`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER`...) |"
+    )
+    return "\n".join(rows) + "\n"
 
 
 def parse_rate(text: str) -> tuple[int, int]:
@@ -266,22 +405,16 @@ def mask_url_password(value: str) -> str:
     return parts._replace(netloc=f"{user}:***@{hostinfo}").geturl()
 
 
+def _spec(f: Field[Any]) -> Spec:
+    return f.metadata["spec"]  # type: ignore[no-any-return]
+
+
 def _shown_default(default: object) -> str:
     if isinstance(default, bool):
         return "true" if default else "false"
+    if isinstance(default, float):
+        return f"{default:g}"
     return repr(default) if isinstance(default, str) else str(default)
-
-
-ProblemCheck = Callable[[str], "str | None"]
-
-
-def _problems(variable: str, value: str, check: ProblemCheck) -> Iterator[str]:
-    """``VARIABLE='value': why`` when a set value fails ``check`` (unset values are not checked)."""
-    if value:
-        problem = check(value)
-        if problem:
-            shown = "(hidden)" if variable in SECRET_VARIABLES else repr(value)
-            yield f"{variable}={shown}: {problem}"
 
 
 _HOST_PORT_RE = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
@@ -364,10 +497,6 @@ def key_material(text: str) -> bytes:
         return text.encode()
 
 
-SECRET_VARIABLES = frozenset({"JWT_SECRET", "AUDIT_HASH_KEY"})
-"""Values never echoed in a message or by ``bali-zero-bridge config``."""
-
-
 def _bool(raw: str) -> bool:
     lowered = raw.lower()
     if lowered in {"1", "true", "yes", "on"}:
@@ -397,4 +526,3 @@ def _int(raw: str) -> int:
 
 
 _PARSERS_BY_TYPE: dict[str, Callable[[str], object]] = {"bool": _bool, "float": _float, "int": _int, "str": str}
-_PARSERS: dict[str, Callable[[str], object]] = {"trusted_proxies": _networks, "cors_origins": _csv}

@@ -126,3 +126,39 @@ def test_a_store_that_cannot_be_created_is_one_line_not_a_traceback(tmp_path: Pa
     assert proc.returncode == 1
     assert err.strip().splitlines() == [err.strip()] and err.startswith("bali-zero-bridge: cannot start:")
     assert "Traceback" not in err and "listening" not in out
+
+
+def test_every_setting_is_declared_once_with_its_meaning() -> None:
+    """A field added without ``setting(...)`` would have no help, no check and no docs row."""
+    from dataclasses import fields
+
+    from bridge.config import reference_table, variables_help
+
+    names = [f.name.upper() for f in fields(Settings) if f.name != "otel"]
+    table, shown = reference_table(), variables_help()
+    for f in fields(Settings):
+        if f.name == "otel":
+            continue
+        assert f.metadata["spec"].help.strip(), f.name
+    for name in names:
+        assert f"| `{name}` |" in table, name
+        assert f"  {name} [" in shown, name
+
+
+@pytest.mark.parametrize(
+    ("environ", "problem"),
+    [
+        ({"SSE_ROLLOUT_PERCENT": "101"}, "SSE_ROLLOUT_PERCENT must be within 0..100"),
+        ({"TCP_KEEPALIVE_S": "40000"}, "TCP_KEEPALIVE_S must be within 0..32767 (0 = off)"),
+        ({"MAX_HEADER_BYTES": "100"}, "MAX_HEADER_BYTES must be >= 4096"),
+        ({"LOG_LEVEL": "loud"}, "LOG_LEVEL='loud': must be one of DEBUG, INFO, WARNING, ERROR"),
+        ({"RATE_LIMIT": "lots"}, "RATE_LIMIT='lots': expected COUNT/UNIT such as 20/minute"),
+        ({"RATE_LIMIT_STORAGE": "sqlite://x"}, "RATE_LIMIT_STORAGE='sqlite://x': must be memory:// or redis://"),
+        ({"AUDIT_HASH_KEY": "short"}, "AUDIT_HASH_KEY=(hidden): must hold at least 16 bytes of key material"),
+        ({"CORS_ORIGINS": "https://ok.example,nope"}, "CORS_ORIGINS='nope': 'nope' is not an origin"),
+    ],
+)
+def test_each_declared_check_names_its_variable_in_one_line(environ: dict[str, str], problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(environ)
+    assert str(caught.value).startswith(problem)
