@@ -48,6 +48,7 @@ lint: $(INSTALLED) $(NODE_INSTALLED)
 # Nothing is fetched: no web fonts, no plugin that downloads. NO_MKDOCS_2_WARNING quiets a banner;
 # --quiet must not be added: it hides the warnings --strict counts, and a broken link passes.
 docs: $(INSTALLED)
+	$(BIN)/python scripts/gen_settings_table.py
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 proto: $(INSTALLED)

@@ -88,13 +88,19 @@ class Settings:
         "gRPC target; `dns:///host:port` or a comma list `h1:p1,h2:p2` balance round robin with health checks",
         shape=lambda value: _rag_target_problem(value),
     )
-    enable_sse_streaming: bool = setting(False, "the stream endpoint answers 404 while false")
+    enable_sse_streaming: bool = setting(
+        False, "the stream endpoint answers 404 `STREAMING_DISABLED` while false (`/chat` always works)"
+    )
     sse_rollout_percent: float = setting(
-        100.0, "sticky share of users (hash of user id or IP) that get streaming", check=_within(0, 100)
+        100.0,
+        "sticky share of callers (hash of the identity key: token user, proxy id or IP) that get streaming, 0-100",
+        check=_within(0, 100),
     )
     heartbeat_interval_s: float = setting(30.0, "seconds of silence before a heartbeat frame", check=_above(0))
     resume_grace_s: float = setting(
-        0.0, "how long a dropped stream is kept for resume before upstream is cancelled", check=_at_least(0)
+        0.0,
+        "how long a dropped stream is kept for resume before upstream is cancelled (0 = no resume)",
+        check=_at_least(0),
     )
     resume_buffer_frames: int = setting(10_000, "replay buffer cap per stream, in frames", check=_at_least(1))
     resume_buffer_bytes: int = setting(4 * 1024 * 1024, "replay buffer cap per stream, in bytes", check=_at_least(1024))
@@ -103,7 +109,9 @@ class Settings:
         "`redis://host:port/db` shares resume state across instances",
         shape=lambda value: _redis_url_problem(value),
     )
-    send_timeout_s: float = setting(30.0, "a blocked send this long ends the stream", check=_above(0))
+    send_timeout_s: float = setting(
+        30.0, "a blocked send this long ends the stream and cancels upstream", check=_above(0)
+    )
     tcp_user_timeout_s: float = setting(
         20.0,
         "a client whose connection leaves data unacknowledged this long is dropped (0 = kernel default, ~15 min)",
@@ -130,7 +138,7 @@ class Settings:
     )
     rate_limit: str = setting(
         "20/minute",
-        "per user (or per IP for anonymous callers), both chat endpoints",
+        "per user (or per IP for anonymous callers), both chat endpoints; `COUNT/UNIT` or `COUNT per N UNITs`",
         shape=lambda value: _rate_problem(value),
     )
     rate_limit_storage: str = setting(
@@ -144,10 +152,11 @@ class Settings:
     )
     max_streams_total: int = setting(2000, "concurrent streams per instance (503 `OVERLOADED`)", check=_at_least(1))
     max_query_bytes: int = setting(8 * 1024, "longest query, in UTF-8 bytes", check=_at_least(1))
-    max_body_bytes: int = setting(64 * 1024, "largest request body", check=_at_least(1024))
+    max_body_bytes: int = setting(64 * 1024, "largest POST body", check=_at_least(1024))
     max_header_bytes: int = setting(
         32 * 1024,
-        "largest request head (431 `HEADERS_TOO_LARGE`; past it + 2 KiB the connection is closed)",
+        "largest URL + headers of a request (431); the connection cuts a head off at this + 2 KiB as it "
+        "arrives, a chunked body's trailers included",
         check=_at_least(4096),
     )
     header_timeout_s: float = setting(
@@ -161,15 +170,17 @@ class Settings:
         "(keep it above nginx's upstream `keepalive_timeout`, 60 s)",
         check=_above(0),
     )
-    max_history_messages: int = setting(50, "conversation history length")
-    auth_required: bool = setting(False, "requests without a valid JWT get 401")
+    max_history_messages: int = setting(50, "longest conversation history")
+    auth_required: bool = setting(
+        False, "requests without a valid JWT get 401 (needs one of the three `JWT_*` key settings)"
+    )
     jwt_secret: str = setting(
-        "", "HS256 key; set only one of `JWT_SECRET`, `JWT_PUBLIC_KEY_FILE`, `JWT_JWKS_URL`", secret=True
+        "", "HS256 secret (set only one of `JWT_SECRET`, `JWT_PUBLIC_KEY_FILE`, `JWT_JWKS_URL`)", secret=True
     )
     jwt_public_key_file: str = setting("", "RS256 public key, PEM file")
-    jwt_jwks_url: str = setting("", "JWKS URL (keys cached)", shape=lambda value: _http_url_problem(value))
-    jwt_audience: str = setting("", "`aud` required when set")
-    jwt_issuer: str = setting("", "`iss` required when set")
+    jwt_jwks_url: str = setting("", "JWKS URL (http or https)", shape=lambda value: _http_url_problem(value))
+    jwt_audience: str = setting("", "`aud` required to match when set")
+    jwt_issuer: str = setting("", "`iss` required to match when set")
     jwt_leeway_s: float = setting(30.0, "clock skew allowed on `exp`, `nbf`, `iat`")
     trusted_proxies: tuple[IPNetwork, ...] = setting(
         (), "comma list of CIDRs whose `X-Forwarded-For` and `x-user-id` are believed", parse=lambda raw: _networks(raw)
@@ -181,11 +192,13 @@ class Settings:
         shape=lambda value: _origin_problem(value),
     )
     audit_db: str = setting(
-        DEFAULT_AUDIT_DB, "audit store (SQLite, WAL)", shape=lambda value: _writable_file_problem(value)
+        DEFAULT_AUDIT_DB,
+        "audit store (SQLite, WAL); made absolute at start-up",
+        shape=lambda value: _writable_file_problem(value),
     )
     audit_hash_key: str = setting(
         "",
-        "key for query HMACs and the hash chain",
+        "key for query HMACs and the hash chain, at least 16 bytes (hex is decoded)",
         shape=lambda value: key_material_problem(value),
         secret=True,
         default_text="generated into `<AUDIT_DB>.key` (0600)",
@@ -203,7 +216,7 @@ class Settings:
     )
     log_level: str = setting(
         "INFO",
-        "`DEBUG`, `INFO`, `WARNING` or `ERROR`; JSON logs go to stderr",
+        "`DEBUG`, `INFO`, `WARNING` or `ERROR`; above `INFO` the signed audit heads are not logged",
         shape=lambda value: (
             None
             if value.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"}
@@ -211,10 +224,10 @@ class Settings:
         ),
     )
     log_file: str = setting(
-        "", "also append every log line to this file", shape=lambda value: _writable_file_problem(value)
+        "", "a file receiving every JSON log line, besides stderr", shape=lambda value: _writable_file_problem(value)
     )
     error_log_file: str = setting(
-        "", "also append warnings and errors to this file", shape=lambda value: _writable_file_problem(value)
+        "", "a file receiving the errors only", shape=lambda value: _writable_file_problem(value)
     )
     stats_window_s: float = setting(300.0, "sliding window of the stats endpoint")
     otel: Mapping[str, str] = field(default_factory=dict)
@@ -377,7 +390,8 @@ def reference_table() -> str:
         rows.append(f"| `{f.name.upper()}` | {shown} | {_spec(f).help} |")
     rows.append(
         "| `OTEL_*` | unset | standard OpenTelemetry variables (`OTEL_TRACES_EXPORTER=otlp` or `console`, "
-        "`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER`...) |"
+        "`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER`, `OTEL_BSP_*`…); "
+        "checked at start-up like the rest |"
     )
     return "\n".join(rows) + "\n"
 
