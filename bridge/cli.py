@@ -116,6 +116,12 @@ def serve(settings: Settings, host: str, port: int) -> int:
     try:
         configure_logging(settings)
         state = BridgeState.from_settings(settings)
+    except ConfigError as exc:
+        # A file it must trust (audit key, store, log) that another user could choose, or a
+        # malformed audit key or JWT key file: like a bad variable, one line and exit 2.
+        sock.close()
+        print(f"bali-zero-bridge: invalid configuration: {exc}", file=sys.stderr)
+        return 2
     except (OSError, sqlite3.Error) as exc:
         # A valid path that cannot be written here (read-only mount, /proc): one line, not a traceback.
         sock.close()

@@ -27,6 +27,7 @@ ever sent as a frame (``StreamExpired``) still has the status it would have over
     Rejected                       a gate refusal: a BridgeError plus the headers and identity
     ClientGone                     the HTTP client left or stopped reading (never answered)
     ConfigError (ValueError)       a setting the bridge cannot start with; names the variable
+    └── UnsafeFile                 a file it trusts (key, store, head, log) others could choose
     FrameError (ValueError)        a field value that would corrupt an event stream
     AuditChainBroken               the audit chain does not verify: retention refuses to purge
     TelemetryConfigError           an unusable OTEL_* value; defined in ``bzb_shared.otel``
@@ -66,6 +67,7 @@ __all__ = [
     "StreamExpired",
     "TelemetryConfigError",
     "TooManyRequests",
+    "UnsafeFile",
     "UnsupportedMediaType",
     "UpstreamError",
     "from_grpc_status",
@@ -232,6 +234,15 @@ class ClientGone(Exception):
 
 class ConfigError(ValueError):
     """A setting has a value the bridge cannot run with; the message names the variable."""
+
+
+class UnsafeFile(ConfigError):
+    """A file the bridge trusts, or a directory on its way, that another user could choose or read.
+
+    A symlink, not a regular file, owned by another user, or in a directory others can write
+    (bridge/safefiles.py). The message names the path and the fix; like any ConfigError it stops
+    the bridge and the ``audit`` commands with one line and exit 2.
+    """
 
 
 class FrameError(ValueError):

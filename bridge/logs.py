@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import UTC, datetime
-from pathlib import Path
+from io import TextIOWrapper
 from typing import IO, Any
 
+from bridge.safefiles import SHARED_DIRECTORY, SHARED_READ, open_trusted
 from bridge.types import StreamResult
 
 STREAM_LOGGER = "bridge.streams"
@@ -52,9 +54,23 @@ def _handler(handler: logging.Handler, level: int) -> logging.Handler:
     return handler
 
 
+class TrustedFileHandler(logging.FileHandler):
+    """A FileHandler whose file is opened by ``bridge.safefiles`` rules, whenever it is (re)opened.
+
+    A plain FileHandler follows a symlink at LOG_FILE (appending log lines to whatever it names,
+    as root too) and appends to another user's file. Here a symlink, a file of another user, a
+    second hard link or a directory others can write is refused (``UnsafeFile``); a log file of
+    ours that others may write is tightened to at most 0644 (readable, for log shippers).
+    """
+
+    def _open(self) -> TextIOWrapper:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        fd = open_trusted(self.baseFilename, flags, perms=SHARED_READ, directory_mode=SHARED_DIRECTORY)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 def _file(path: str, level: int) -> logging.Handler:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return _handler(logging.FileHandler(path, encoding="utf-8"), level)
+    return _handler(TrustedFileHandler(path, encoding="utf-8"), level)
 
 
 def configure_logging(settings: Any, stream: IO[str] | None = None) -> list[logging.Handler]:

@@ -33,23 +33,11 @@ from bridge.config import Settings
 from bridge.types import Identity
 from tests.conftest import StubFactory
 from tests.support.processes import ROOT, Bridge, base_env
+from tests.support.processes import audit_cli as cli
 
 USER = Identity(client_ip="198.51.100.7", user_id="alice")
 BACKDATED = "2001-01-01T00:00:00.000000Z"
 CHAT_PATH = "/api/v2/bali-zero/chat"
-
-
-def cli(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``python -m bridge audit ARGS`` with AUDIT_DB=db, as an operator runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "bridge", "audit", *args],
-        env=base_env({"AUDIT_DB": str(db)}),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 async def write_records(db: Path, n: int, *, first: int = 0) -> None:

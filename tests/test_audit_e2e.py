@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import httpx
 import jwt
@@ -38,6 +38,7 @@ from bridge.sse import Parser
 from bridge.types import Identity
 from tests.conftest import StubFactory
 from tests.support.processes import ROOT, Bridge, Stub, base_env
+from tests.support.processes import audit_cli as cli
 from tests.support.sse_client import STREAM_PATH, open_stream
 
 JWT_SECRET = "audit-e2e-secret-" + "x" * 32
@@ -105,20 +106,6 @@ def start_bridge() -> Iterator[BridgeStarter]:
     yield start
     for bridge in started:
         bridge.stop()
-
-
-def cli(db: Path, *args: str, stdout: int | TextIO = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
-    """``python -m bridge audit ARGS`` with AUDIT_DB=db, as an operator runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "bridge", "audit", *args],
-        env=base_env({"AUDIT_DB": str(db)}),
-        cwd=ROOT,
-        stdout=stdout,
-        stderr=subprocess.PIPE,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 async def acli(db: Path, *args: str) -> tuple[int, str, str]:

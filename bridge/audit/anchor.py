@@ -17,19 +17,21 @@ removed by a retention purge whose (verified) checkpoint covers it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import os
 import secrets
-import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bridge.audit.store import GENESIS, AuditStore, Edges, Link, Sealer
+from bridge.errors import UnsafeFile
+from bridge.safefiles import PRIVATE_DIRECTORY, TrustedDirectory, open_trusted
 
 log = logging.getLogger("bridge.audit")
 
@@ -109,16 +111,21 @@ class SealedHeadFile:
         self._signer = signer
 
     def read(self) -> AnchoredHead | None:
-        """The sealed head; None if there is no file. ``ValueError`` if it is not a valid head."""
-        try:  # no symlink, no FIFO (opening one would block the writer thread), regular files only
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        """The sealed head; None if there is no file. ``ValueError`` if it is not a valid head.
+
+        Opened by ``bridge.safefiles`` rules: a symlink, a FIFO (opening one would block the writer
+        thread), a device or another user's file is refused (``UnsafeFile``, a ``ValueError``), and
+        kept as the evidence it is.
+        """
+        try:
+            fd = open_trusted(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return None
+        except UnsafeFile as exc:
+            raise ValueError(f"sealed head file: {exc}") from None
         except OSError as exc:
-            raise ValueError(f"sealed head file {self.path} cannot be opened as a regular file: {exc}") from None
+            raise ValueError(f"sealed head file {self.path} cannot be opened: {exc}") from None
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ValueError(f"sealed head file {self.path} is not a regular file")
             data = f.read(MAX_HEAD_FILE_BYTES + 1)
         if len(data) > MAX_HEAD_FILE_BYTES:
             raise ValueError(f"sealed head file {self.path} is larger than a head")
@@ -131,28 +138,24 @@ class SealedHeadFile:
         return head
 
     def write(self, head: AnchoredHead) -> None:
-        """Replace the file atomically: a crash leaves the old head or the new one, never a mix."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(8)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w", encoding="ascii") as f:
-                f.write(json.dumps(head.fields(), separators=(",", ":")) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(self.path.parent)
+        """Replace the file atomically: a crash leaves the old head or the new one, never a mix.
 
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (POSIX: the directory entry lives in the directory)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        The temp file is created and renamed relative to the checked directory's descriptor; the
+        rename replaces whatever entry is at the name (a symlink is replaced, never followed).
+        """
+        with TrustedDirectory.open(self.path.parent, create_mode=PRIVATE_DIRECTORY) as directory:
+            tmp = f".{self.path.name}.{secrets.token_hex(8)}.tmp"
+            fd = directory.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            try:
+                with os.fdopen(fd, "w", encoding="ascii") as f:
+                    f.write(json.dumps(head.fields(), separators=(",", ":")) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path.name, src_dir_fd=directory.fd, dst_dir_fd=directory.fd)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=directory.fd)
+            directory.fsync()  # the rename itself is durable once its directory is
 
 
 def log_head(head: AnchoredHead) -> None:

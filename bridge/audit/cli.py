@@ -5,7 +5,9 @@ record would then "fail" verification (or, for purge, be chained onto under the 
 ``verify`` also checks the signed head sealed in ``<AUDIT_DB>.head`` (and, with ``--heads-from``,
 every ``audit_head`` line of a log file): an emptied or truncated store fails, naming the missing
 records. ``purge`` verifies first and refuses (exit 1) when that fails.
-Exit codes: 0 ok, 1 verification failed, 2 cannot open the store or key.
+The store, key and head are opened by the bridge's own rules (bridge/safefiles.py): one owned by
+another user, a symlink, or a directory others can write is refused, one line naming the path.
+Exit codes: 0 ok, 1 verification failed, 2 cannot open the store or key (or refused them).
 """
 
 from __future__ import annotations
@@ -14,22 +16,21 @@ import argparse
 import itertools
 import json
 import os
-import shutil
 import sqlite3
 import sys
 from collections.abc import Callable, Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, TextIO
 
 from bridge.audit.anchor import AnchoredHead, HeadSigner, SealedHeadFile, head_path, heads_from_log
 from bridge.audit.chain import VerifyResult, verify
 from bridge.audit.events import format_ts, utc_now
-from bridge.audit.keys import AuditKeys, key_path, load_keys
+from bridge.audit.keys import AuditKeys, key_path, load_keys, load_master_key, write_key_file
 from bridge.audit.retention import purge, sealed_heads
 from bridge.audit.store import SQLiteStore
 from bridge.config import Settings
 from bridge.errors import AuditChainBroken, ConfigError
+from bridge.safefiles import open_output
 
 SettingsFactory = Callable[[argparse.Namespace], Settings]
 
@@ -158,22 +159,26 @@ def run_backup(settings: Settings, path: str, out: TextIO = sys.stdout) -> int:
     store, keys = opened
     signer = HeadSigner(keys.head_key)
     try:
-        if Path(path).exists():
-            print(f"refusing to overwrite {path}", file=out)
+        existing = [p for p in (path, key_path(path), head_path(path)) if os.path.lexists(p)]
+        if existing:
+            print(f"refusing to overwrite {existing[0]}", file=out)
             return 2
         try:  # read before the copy is taken, so the copy holds at least this head
             heads = sealed_heads(SealedHeadFile(head_path(settings.audit_db), signer))
         except AuditChainBroken as exc:
             return _report(VerifyResult(False, 0, None, exc.reason), settings.audit_db, out)
-        store.backup(path)
+        try:
+            store.backup(path)
+            if not settings.audit_hash_key:  # without its key a backup cannot be verified
+                write_key_file(path, load_master_key(settings.audit_db, create=False))
+        except (ConfigError, FileExistsError) as exc:
+            print(f"cannot back up to {path}: {exc}", file=out)
+            return 2
     finally:
         store.close()
-    if not settings.audit_hash_key:  # without its key a backup cannot be verified
-        shutil.copyfile(key_path(settings.audit_db), key_path(path))
-        os.chmod(key_path(path), 0o600)
     for head in heads:  # the copy carries its own anchor
         SealedHeadFile(head_path(path), signer).write(head)
-    copy = SQLiteStore(path)
+    copy = SQLiteStore(path, create=False)
     try:
         return _report(verify(copy, keys.chain_key, heads), path, out)
     finally:
@@ -225,26 +230,32 @@ def _export_to(settings: Settings, output: str) -> int:
             os.close(devnull)
             return EXIT_BROKEN_PIPE
         return code
-    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the export holds PII
+    try:  # the export holds personal data: a file of ours, 0600, never through a symlink
+        fd = open_output(output)
+    except (ConfigError, OSError) as exc:
+        print(f"cannot write {output}: {exc}", file=sys.stderr)
+        return 2
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         return run_export(settings, f)
 
 
 def _open(settings: Settings, out: TextIO) -> tuple[SQLiteStore, AuditKeys] | None:
-    if not Path(settings.audit_db).is_file():
+    """The store and its keys, checked as the bridge checks them; None (after one line) if not."""
+    try:
+        store = SQLiteStore(settings.audit_db, create=False)
+    except FileNotFoundError:
         print(
             f"no audit store at {settings.audit_db} (AUDIT_DB; give the server's settings, e.g. --env-file)", file=out
         )
         return None
-    try:
-        keys = load_keys(settings.audit_db, settings.audit_hash_key, create=False)
-    except (ConfigError, OSError) as exc:
-        print(f"cannot load the audit key: {exc}", file=out)
+    except (ConfigError, OSError, sqlite3.DatabaseError) as exc:  # unsafe, unreadable, or not a database
+        print(f"cannot open the audit store {settings.audit_db}: {exc}", file=out)
         return None
     try:
-        return SQLiteStore(settings.audit_db), keys
-    except sqlite3.DatabaseError as exc:  # not a database, or tables replaced by something else
-        print(f"cannot open the audit store {settings.audit_db}: {exc}", file=out)
+        return store, load_keys(settings.audit_db, settings.audit_hash_key, create=False)
+    except (ConfigError, OSError) as exc:
+        store.close()
+        print(f"cannot load the audit key: {exc}", file=out)
         return None
 
 

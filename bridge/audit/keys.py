@@ -13,16 +13,18 @@ import hmac
 import logging
 import os
 import secrets
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from bridge.config import key_material, key_material_problem
 from bridge.errors import ConfigError
+from bridge.safefiles import PRIVATE_DIRECTORY, TrustedDirectory
 
 log = logging.getLogger("bridge.audit")
 
 _SALT = b"bali-zero-bridge/audit/v1"
+MAX_KEY_FILE_BYTES = 4096
+"""A generated key file is 65 bytes; anything much larger is not a key and is not read into memory."""
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -73,16 +75,36 @@ def load_master_key(db_path: str | os.PathLike[str], configured: str = "", *, cr
     """The master key: ``configured`` (AUDIT_HASH_KEY) if set, else the key file, generated if missing.
 
     A present but unreadable or empty key file is an error, never silently replaced: a new key
-    would make every existing record fail verification.
+    would make every existing record fail verification. The file is opened by
+    ``bridge.safefiles`` rules: no symlink, owned by the bridge's user, in a directory only it (or
+    root) can write, and refused (``UnsafeFile``) if group or others can write it, since they
+    could have chosen the key; one only readable by others is tightened to 0600 on its descriptor.
     """
     if configured:
         return _material(configured, "AUDIT_HASH_KEY")
     path = key_path(db_path)
-    if not path.exists():
-        if not create:
-            raise ConfigError(f"audit key file {path} does not exist and AUDIT_HASH_KEY is not set")
-        _create_key_file(path)
-    return _read_key_file(path)
+    missing = ConfigError(f"audit key file {path} does not exist and AUDIT_HASH_KEY is not set")
+    try:
+        directory = TrustedDirectory.open(path.parent, create_mode=PRIVATE_DIRECTORY if create else None)
+    except FileNotFoundError:
+        raise missing from None
+    with directory:
+        try:
+            fd = directory.open_file(path.name, os.O_RDONLY, refuse_writable=True)
+        except FileNotFoundError:
+            if not create:
+                raise missing from None
+            _create_key_file(directory, path.name)
+            fd = directory.open_file(path.name, os.O_RDONLY, refuse_writable=True)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_KEY_FILE_BYTES + 1)
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise ConfigError(f"audit key file {path} is larger than a key (expected 64 hex digits)")
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise ConfigError(f"audit key file {path} is not ASCII text (expected 64 hex digits)") from None
+    return _material(text, f"audit key file {path}")
 
 
 def load_keys(db_path: str | os.PathLike[str], configured: str = "", *, create: bool = True) -> AuditKeys:
@@ -98,30 +120,38 @@ def _material(text: str, source: str) -> bytes:
     return key_material(text)
 
 
-def _create_key_file(path: Path) -> None:
-    """Write a new key atomically with 0600: a temp file linked into place.
+def write_key_file(db_path: str | os.PathLike[str], master: bytes) -> None:
+    """Store ``master`` as the key file of ``db_path`` (a backup's), as hex; never over an existing file."""
+    path = key_path(db_path)
+    with TrustedDirectory.open(path.parent, create_mode=PRIVATE_DIRECTORY) as directory:
+        if not _publish_key_file(directory, path.name, master.hex()):
+            raise ConfigError(f"audit key file {path} already exists")
+
+
+def _create_key_file(directory: TrustedDirectory, name: str) -> None:
+    if _publish_key_file(directory, name, secrets.token_hex(32)):
+        log.warning("generated a new audit key at %s; back it up with the store", directory.name(name))
+
+
+def _publish_key_file(directory: TrustedDirectory, name: str, text: str) -> bool:
+    """Write a key atomically with 0600: a temp file linked into place; False if ``name`` existed.
 
     ``link`` fails if another process won the race, so two bridges starting together on one store
     end up with the same key instead of each overwriting the other's.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    tmp = f".{name}.{secrets.token_hex(8)}.tmp"
+    fd = directory.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32) + "\n")
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(text + "\n")
             f.flush()
             os.fsync(f.fileno())
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-            log.warning("generated a new audit key at %s; back it up with the store", path)
+        try:
+            os.link(tmp, name, src_dir_fd=directory.fd, dst_dir_fd=directory.fd, follow_symlinks=False)
+        except FileExistsError:
+            return False
     finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _read_key_file(path: Path) -> bytes:
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        log.warning("audit key file %s had mode %o; tightening to 600", path, mode)
-        os.chmod(path, 0o600)
-    return _material(path.read_text(encoding="ascii"), f"audit key file {path}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=directory.fd)
+        directory.fsync()
+    return True

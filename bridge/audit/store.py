@@ -26,6 +26,9 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import quote
+
+from bridge.safefiles import PRIVATE_DIRECTORY, TrustedDirectory
 
 GENESIS = "0" * 64
 """The ``prev_hash`` of the first record ever written."""
@@ -171,18 +174,22 @@ class SQLiteStore:
     makes purged records unreadable in the file, not just unlinked (retention must really erase).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 5000) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 5000, create: bool = True) -> None:
+        """Open (``create``: or create) the store; ``UnsafeFile`` or ``FileNotFoundError`` before SQLite runs.
+
+        Call it once per store in a process: its checks open and close the store's files, and
+        closing any descriptor of a file drops every POSIX lock this process holds on it,
+        including those of a SQLite connection already open on the same store.
+        """
         self.path = Path(path)
         self._busy_timeout_ms = busy_timeout_ms
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():  # the store holds emails and IPs: owner-only from the first byte
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        claim_store_files(self.path, create=create)
         self._conn = self._connect()
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.executescript(_SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(store_uri(self.path), uri=True, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA secure_delete=ON")
@@ -311,9 +318,8 @@ class SQLiteStore:
     def backup(self, dest: str | os.PathLike[str]) -> None:
         """A consistent copy while writers continue (WAL: the backup reads one snapshot)."""
         dest_path = Path(dest)
-        dest_path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(dest_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        src, dst = self._connect(), sqlite3.connect(dest_path)
+        claim_store_files(dest_path, create=True, exclusive=True)
+        src, dst = self._connect(), sqlite3.connect(store_uri(dest_path), uri=True)
         try:
             src.backup(dst)
         finally:
@@ -325,6 +331,37 @@ class SQLiteStore:
 
 
 _COLUMNS = "id, body, prev_hash, hash, ts, event_type, user_id"
+
+SQLITE_SIBLINGS = ("-wal", "-shm", "-journal")
+"""The files SQLite keeps beside a database, opened by name whenever it needs them."""
+
+
+def claim_store_files(path: Path, *, create: bool, exclusive: bool = False) -> None:
+    """Check the store file, its directory and SQLite's siblings before SQLite opens them by name.
+
+    The store is created here (``create``; ``exclusive``: it must not exist yet), owner-only from
+    the first byte since it holds emails and IPs, so SQLite never creates it: ``store_uri``
+    opens with ``mode=rw``. Every rule of ``bridge.safefiles`` applies: no symlink at the store or
+    at ``-wal``/``-shm``/``-journal`` (through a dangling one SQLite would create the store wherever
+    it points), all owned by the bridge's user, modes tightened to 0600 on their descriptors.
+
+    Between these checks and SQLite's own opens (and the siblings SQLite creates and removes
+    while it runs) the names could be swapped only by someone who can write the store's
+    directory; ``TrustedDirectory`` has just established that no one but root and the bridge's
+    user can, with no sticky exception for that directory, so that gap is closed.
+    """
+    flags = os.O_RDONLY | (os.O_CREAT if create else 0) | (os.O_EXCL if exclusive else 0)
+    with TrustedDirectory.open(path.parent, create_mode=PRIVATE_DIRECTORY if create else None) as directory:
+        os.close(directory.open_file(path.name, flags))
+        for suffix in SQLITE_SIBLINGS:
+            with contextlib.suppress(FileNotFoundError):
+                os.close(directory.open_file(path.name + suffix, os.O_RDONLY))
+
+
+def store_uri(path: Path) -> str:
+    """A ``file:`` URI with ``mode=rw``: SQLite opens the file ``claim_store_files`` checked, and
+    fails rather than create one if it is gone; quoting keeps ``?`` or ``#`` in a path literal."""
+    return f"file:{quote(os.path.abspath(path))}?mode=rw"
 
 
 def _record(row: tuple[Any, ...]) -> StoredRecord:

@@ -89,11 +89,19 @@ class AuditTrail:
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> AuditTrail:
         """The trail for AUDIT_DB / AUDIT_HASH_KEY / AUDIT_RETENTION_DAYS / AUDIT_QUEUE_SIZE /
-        AUDIT_HEAD_INTERVAL_S; heads are sealed to ``<AUDIT_DB>.head``."""
-        keys = load_keys(settings.audit_db, settings.audit_hash_key)
+        AUDIT_HEAD_INTERVAL_S; heads are sealed to ``<AUDIT_DB>.head``.
+
+        The store is opened first: a store path the bridge refuses (``UnsafeFile``) leaves no
+        generated key behind."""
+        store = SQLiteStore(settings.audit_db)
+        try:
+            keys = load_keys(settings.audit_db, settings.audit_hash_key)
+        except BaseException:
+            store.close()
+            raise
         sealed = SealedHeadFile(head_path(settings.audit_db), HeadSigner(keys.head_key))
         return cls(
-            SQLiteStore(settings.audit_db),
+            store,
             keys,
             retention_days=settings.audit_retention_days,
             queue_size=settings.audit_queue_size,
