@@ -109,6 +109,8 @@ async def test_bad_token_and_bad_parameters(setup: tuple[AuditTrail, httpx.Async
         {"limit": "0"},
         {"limit": "abc"},
         {"since": "yesterday"},
+        {"since": "0001-01-01T00:00:00+01:00"},  # before the first instant UTC can hold
+        {"until": "9999-12-31T23:59:59-01:00"},
         {"event_type": "nope"},
         {"ip": "1.2.3.4", "user_id": "x"},
         {"cursor": "-1"},
