@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from bridge.audit.keys import derive_keys
 from bridge.audit.store import QueryFilters, SQLiteStore
 from bridge.audit.trail import AuditTrail
 from bridge.errors import Unauthorized
+from bridge.responses import JSONResponse
 from bridge.types import Identity
 
 
@@ -107,6 +109,8 @@ async def test_bad_token_and_bad_parameters(setup: tuple[AuditTrail, httpx.Async
         {"limit": "0"},
         {"limit": "abc"},
         {"since": "yesterday"},
+        {"since": "0001-01-01T00:00:00+01:00"},  # before the first instant UTC can hold
+        {"until": "9999-12-31T23:59:59-01:00"},
         {"event_type": "nope"},
         {"ip": "1.2.3.4", "user_id": "x"},
         {"cursor": "-1"},
@@ -128,3 +132,10 @@ async def test_tampering_shows_in_chain_status(setup: tuple[AuditTrail, httpx.As
     response = await client.get("/api/admin/audit", params={"verify": "1"}, headers={"x-test-who": "admin"})
     data = response.json()
     assert data["chain"]["ok"] is False and data["chain"]["first_bad_id"] == 4
+
+
+def test_a_lone_surrogate_in_a_response_is_escaped_not_a_500() -> None:
+    """A stored record may hold one (legal JSON); strict UTF-8 encoding of the answer would raise."""
+    body = bytes(JSONResponse({"user_id": "a\ud800", "name": "zoë"}).body)
+    assert body == '{"user_id":"a\\ud800","name":"zoë"}'.encode()
+    assert json.loads(body) == {"user_id": "a\ud800", "name": "zoë"}

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -70,17 +70,50 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+EARLIEST_TS = "0001-01-01T00:00:00.000000Z"
+LATEST_TS = "9999-12-31T23:59:59.999999Z"
+"""The range of ``format_ts``: what a UTC ``datetime`` can hold."""
+
+
 def format_ts(moment: datetime) -> str:
-    """Fixed-width UTC ISO 8601 with microseconds, so text order is time order in SQL."""
+    """Fixed-width UTC ISO 8601 with microseconds, so text order is time order in SQL.
+
+    The year is always four digits: ``strftime("%Y")`` writes year 999 as ``999``, which sorts
+    after ``2025`` as text, so a ``since`` before year 1000 would match no record at all.
+    OverflowError if the instant, moved to UTC, falls outside ``EARLIEST_TS..LATEST_TS``.
+    """
     if moment.tzinfo is None:
         raise ValueError("audit timestamps must be timezone-aware")
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def parse_ts(text: str) -> str:
-    """Normalise an ISO 8601 instant (``Z`` or offset; naive means UTC) to ``format_ts`` form."""
+    """Normalise an ISO 8601 instant (``Z`` or offset; naive means UTC) to ``format_ts`` form.
+
+    ValueError for anything else, including an instant that is valid where it was written but
+    not in UTC (``0001-01-01T00:00:00+01:00`` is before the first representable UTC instant): the
+    overflow must be a bad value, not an error escaping to the caller.
+    """
     moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
-    return format_ts(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+    try:
+        return format_ts(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+    except OverflowError:
+        raise ValueError(f"{text!r} is outside {EARLIEST_TS}..{LATEST_TS}") from None
+
+
+def retention_cutoff(now: datetime, days: int) -> str:
+    """``format_ts(now - days)``: records older than this are past a retention of ``days`` days.
+
+    A retention reaching back before ``EARLIEST_TS`` keeps everything (the cutoff is
+    ``EARLIEST_TS``, older than any record) instead of overflowing in the purge. A negative
+    ``days`` is a ValueError: its cutoff lies in the future and would purge records not yet written.
+    """
+    if days < 0:
+        raise ValueError(f"a retention of {days} days is negative")
+    try:
+        return format_ts(now - timedelta(days=days))
+    except OverflowError:
+        return EARLIEST_TS
 
 
 def checkpoint_event(

@@ -16,7 +16,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bridge.audit.events import ALLOWED_FIELDS, parse_ts
+from bridge.audit.events import ALLOWED_FIELDS, EARLIEST_TS, LATEST_TS, parse_ts
 from bridge.audit.store import QueryFilters
 from bridge.audit.trail import AuditTrail
 from bridge.errors import BadRequest, BridgeError, Forbidden, Unauthorized
@@ -111,12 +111,13 @@ def _parse(request: Request, trail: AuditTrail, max_limit: int) -> tuple[QueryFi
 
 
 def _ts(value: str | None, name: str) -> str | None:
+    """A ``since``/``until`` bound in stored form; BadRequest for text that is not an instant in range."""
     if not value:
         return None
     try:
         return parse_ts(value)
     except ValueError:
-        raise BadRequest(f"{name} must be an ISO 8601 timestamp") from None
+        raise BadRequest(f"{name} must be an ISO 8601 timestamp within {EARLIEST_TS}..{LATEST_TS}") from None
 
 
 def _int(value: str | None, name: str, low: int, high: int | None) -> int | None:
