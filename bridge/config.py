@@ -52,6 +52,9 @@ class Settings:
     rate_limit: str = "20/minute"
     rate_limit_storage: str = "memory://"
     rate_limit_fail_open: bool = True
+    auth_failure_rate_limit: str = "30/minute"
+    control_rate_limit: str = "600/minute"
+    audit_refusal_window_s: float = 60.0
     max_streams_per_user: int = 3
     max_streams_total: int = 2000
     max_query_bytes: int = 8 * 1024
@@ -141,6 +144,10 @@ class Settings:
             (self.audit_retention_days >= 1, "AUDIT_RETENTION_DAYS must be >= 1"),
             (self.audit_queue_size >= 1, "AUDIT_QUEUE_SIZE must be >= 1"),
             (self.audit_head_interval_s > 0, "AUDIT_HEAD_INTERVAL_S must be > 0"),
+            (
+                1 <= self.audit_refusal_window_s <= 86_400,
+                "AUDIT_REFUSAL_WINDOW_S must be within 1..86400",
+            ),
             (self.resume_buffer_frames >= 1, "RESUME_BUFFER_FRAMES must be >= 1"),
             (self.resume_buffer_bytes >= 1024, "RESUME_BUFFER_BYTES must be >= 1024"),
             (
@@ -166,6 +173,8 @@ class Settings:
         if self.jwt_public_key_file and not Path(self.jwt_public_key_file).is_file():
             raise ConfigError(f"JWT_PUBLIC_KEY_FILE={self.jwt_public_key_file!r}: no such file")
         parse_rate(self.rate_limit)
+        parse_rate(self.auth_failure_rate_limit, "AUTH_FAILURE_RATE_LIMIT")
+        parse_rate(self.control_rate_limit, "CONTROL_RATE_LIMIT")
         for problem in self._value_problems():
             raise ConfigError(problem)
 
@@ -225,6 +234,16 @@ class Settings:
         """(requests, window seconds) of RATE_LIMIT."""
         return parse_rate(self.rate_limit)
 
+    @property
+    def auth_failure_rate_per_window(self) -> tuple[int, int]:
+        """(refused credentials, window seconds) of AUTH_FAILURE_RATE_LIMIT, per client address."""
+        return parse_rate(self.auth_failure_rate_limit, "AUTH_FAILURE_RATE_LIMIT")
+
+    @property
+    def control_rate_per_window(self) -> tuple[int, int]:
+        """(requests, window seconds) of CONTROL_RATE_LIMIT: resumes, cancels and admin reads per caller."""
+        return parse_rate(self.control_rate_limit, "CONTROL_RATE_LIMIT")
+
 
 def variables_help(width: int = 96) -> str:
     """The ``--help`` epilog: every variable by name, so nobody has to open the source to find them."""
@@ -243,16 +262,16 @@ def variables_help(width: int = 96) -> str:
     return "\n".join(lines)
 
 
-def parse_rate(text: str) -> tuple[int, int]:
-    """Parse ``"20/minute"`` or ``"100 per 10 seconds"`` into (count, seconds)."""
+def parse_rate(text: str, variable: str = "RATE_LIMIT") -> tuple[int, int]:
+    """Parse ``"20/minute"`` or ``"100 per 10 seconds"`` into (count, seconds); errors name ``variable``."""
     match = _RATE_RE.match(text)
     if not match:
-        raise ConfigError(f"RATE_LIMIT={text!r}: expected COUNT/UNIT such as 20/minute")
+        raise ConfigError(f"{variable}={text!r}: expected COUNT/UNIT such as 20/minute")
     count = int(match.group(1))
     multiple = int(match.group(2) or 1)
     unit = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}[match.group(3).lower()]
     if count < 1 or multiple < 1:
-        raise ConfigError(f"RATE_LIMIT={text!r}: count and window must be >= 1")
+        raise ConfigError(f"{variable}={text!r}: count and window must be >= 1")
     return count, multiple * unit
 
 
