@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from bridge.audit.events import EventFactory, parse_ts
+from bridge.audit.events import EventFactory, SecurityKind, parse_ts
 from bridge.audit.keys import derive_keys
 from bridge.types import Identity, StreamResult
 
@@ -23,8 +23,8 @@ EXPECTED = {
     "stream_cancelled": END,
     "stream_failed": END | {"error_code"},
     "chat": BASE | {"query_hmac", "tokens", "duration_ms", "outcome", "error_code"},
-    "rate_limited": BASE | {"client_ip", "path", "reason"},
-    "auth_failed": BASE | {"client_ip", "path", "reason"},
+    "rate_limited": BASE | {"client_ip", "path", "reason", "count", "first_ts"},
+    "auth_failed": BASE | {"client_ip", "path", "reason", "count", "first_ts"},
     "admin_read": BASE | {"filters", "returned"},
 }
 
@@ -105,3 +105,13 @@ def test_parse_ts_normalises_offsets() -> None:
     assert parse_ts("2025-03-01T14:00:00+02:00") == "2025-03-01T12:00:00.000000Z"
     assert parse_ts("2025-03-01T12:00:00Z") == "2025-03-01T12:00:00.000000Z"
     assert parse_ts("2025-03-01") == "2025-03-01T00:00:00.000000Z"
+
+
+@pytest.mark.parametrize("kind", ["rate_limited", "auth_failed"])
+def test_security_event_states_how_many_refusals_it_stands_for(kind: SecurityKind) -> None:
+    single = build(kind, ANON)
+    assert single["count"] == 1 and single["first_ts"] == single["ts"]
+    folded = FACTORY.security(kind, ANON, "r1", None, "/p", "RATE_LIMITED", 41, "2030-01-01T00:00:00.000000Z")
+    assert folded.body["count"] == 41 and folded.body["first_ts"] == "2030-01-01T00:00:00.000000Z"
+    with pytest.raises(ValueError, match="at least one"):
+        FACTORY.security(kind, ANON, "r1", None, "/p", "RATE_LIMITED", 0)
