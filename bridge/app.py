@@ -74,8 +74,9 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
             await state.registry.wait_all(0)
             if state.resume_store is not None:  # flush its writes, stop its cancel subscriber
                 await state.resume_store.aclose()
-            await state.gate.limiter.aclose()
+            await state.gate.aclose()
             await state.upstream.close()
+            await state.refusals.aclose()  # the counts folded since the last window close
             await state.audit.aclose()  # after the streams: their end records are written too
             await asyncio.to_thread(state.telemetry.shutdown)
 
@@ -108,7 +109,11 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
         Route("/api/v2/bali-zero/stream-stats", endpoints.stream_stats, methods=["GET"]),
         Route("/metrics", endpoints.metrics, methods=["GET"]),
         _without_head(
-            Route("/api/admin/audit", admin_audit_endpoint(state.audit, state.gate.identify), methods=["GET"])
+            Route(
+                "/api/admin/audit",
+                admin_audit_endpoint(state.audit, state.gate.control, state.gate.refuse),
+                methods=["GET"],
+            )
         ),
         Route("/openapi.json", openapi_endpoint, methods=["GET"]),
         *docs_routes(STATIC_DIR / "docs.html"),

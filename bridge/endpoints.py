@@ -86,10 +86,11 @@ class Endpoints:
         return response
 
     async def _resume(self, request: Request, stream_id: str, after_seq: int) -> Response:
-        """A reconnect with ``Last-Event-ID``. See :func:`_expired_stream` for the one answer given
-        for an id that is unknown, over, or someone else's."""
+        """A reconnect with ``Last-Event-ID``, within CONTROL_RATE_LIMIT (it may cost a store round
+        trip). See :func:`_expired_stream` for the one answer given for an id that is unknown, over,
+        or someone else's."""
         state = self.state
-        identity = await state.gate.identify(request)
+        identity = await state.gate.control(request)
         session = state.registry.get(stream_id)
         store = state.resume_store
         if session is not None and session.owner != identity.key:
@@ -152,10 +153,10 @@ class Endpoints:
         )
 
     async def cancel_stream(self, request: Request) -> Response:
-        """Explicit stop. Someone else's stream takes the unknown-id path (same store round trip,
-        same 404), so the answer never tells which ids are live."""
+        """Explicit stop, within CONTROL_RATE_LIMIT. Someone else's stream takes the unknown-id path
+        (same store round trip, same 404), so the answer never tells which ids are live."""
         state = self.state
-        identity = await state.gate.identify(request)
+        identity = await state.gate.control(request)
         stream_id = request.path_params["stream_id"]
         session = state.registry.get(stream_id)
         if session is not None and session.owner == identity.key:

@@ -9,7 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.audit.events import EARLIEST_TS, LATEST_TS, EventFactory, format_ts, parse_ts, retention_cutoff
+from bridge.audit.events import (
+    EARLIEST_TS,
+    LATEST_TS,
+    EventFactory,
+    SecurityKind,
+    format_ts,
+    parse_ts,
+    retention_cutoff,
+)
 from bridge.audit.keys import derive_keys
 from bridge.types import Identity, StreamResult
 
@@ -26,8 +34,8 @@ EXPECTED = {
     "stream_cancelled": END,
     "stream_failed": END | {"error_code"},
     "chat": BASE | {"query_hmac", "tokens", "duration_ms", "outcome", "error_code"},
-    "rate_limited": BASE | {"client_ip", "path", "reason"},
-    "auth_failed": BASE | {"client_ip", "path", "reason"},
+    "rate_limited": BASE | {"client_ip", "path", "reason", "count", "first_ts"},
+    "auth_failed": BASE | {"client_ip", "path", "reason", "count", "first_ts"},
     "admin_read": BASE | {"filters", "returned"},
 }
 
@@ -184,3 +192,13 @@ def test_retention_cutoff_never_overflows_and_refuses_negative_days() -> None:
     assert retention_cutoff(now, 10**12) == EARLIEST_TS  # beyond what timedelta holds
     with pytest.raises(ValueError, match="negative"):
         retention_cutoff(now, -1)
+
+
+@pytest.mark.parametrize("kind", ["rate_limited", "auth_failed"])
+def test_security_event_states_how_many_refusals_it_stands_for(kind: SecurityKind) -> None:
+    single = build(kind, ANON)
+    assert single["count"] == 1 and single["first_ts"] == single["ts"]
+    folded = FACTORY.security(kind, ANON, "r1", None, "/p", "RATE_LIMITED", 41, "2030-01-01T00:00:00.000000Z")
+    assert folded.body["count"] == 41 and folded.body["first_ts"] == "2030-01-01T00:00:00.000000Z"
+    with pytest.raises(ValueError, match="at least one"):
+        FACTORY.security(kind, ANON, "r1", None, "/p", "RATE_LIMITED", 0)

@@ -14,9 +14,10 @@ from starlette.routing import Route
 
 from bridge.audit.http import admin_audit_endpoint
 from bridge.audit.keys import derive_keys
+from bridge.audit.refusals import RefusalLedger
 from bridge.audit.store import QueryFilters, SQLiteStore
 from bridge.audit.trail import AuditTrail
-from bridge.errors import Unauthorized
+from bridge.errors import BridgeError, Unauthorized
 from bridge.responses import JSONResponse
 from bridge.types import Identity
 
@@ -43,7 +44,14 @@ async def setup(tmp_path: Path) -> AsyncIterator[tuple[AuditTrail, httpx.AsyncCl
     for i in range(7):
         trail.record(trail.events.rate_limited(anon, f"rl{i}", None, path="/x", reason="RATE_LIMITED"))
     await trail.flush()
-    app = Starlette(routes=[Route("/api/admin/audit", admin_audit_endpoint(trail, authenticate))])
+    ledger = RefusalLedger(trail, 60)
+
+    async def refuse(request: Request, identity: Identity, error: BridgeError) -> BridgeError:
+        """Standing in for the gate's address budget: every refusal goes to a real ledger."""
+        ledger.refused("auth_failed", identity, request_id="r", trace_id=None, path=request.url.path, reason=error.code)
+        return error
+
+    app = Starlette(routes=[Route("/api/admin/audit", admin_audit_endpoint(trail, authenticate, refuse))])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         yield trail, client
     await trail.aclose()

@@ -10,7 +10,10 @@ Rules (each enforced here, and asserted per event type by tests/test_audit_event
   without it a caller whose ``x-user-id: alice`` a proxy passed on was recorded exactly like the
   verified token user ``alice``;
 * ``email`` only when ``Identity.authenticated`` (an unverified email is neither needed nor trusted);
-* ``client_ip`` only on the security events ``rate_limited`` and ``auth_failed``.
+* ``client_ip`` only on the security events ``rate_limited`` and ``auth_failed``;
+* a security event stands for ``count`` refusals, the first at ``first_ts`` (a single refusal:
+  ``count`` 1, ``first_ts`` equal to ``ts``). One record per refused request let any client fill
+  the store; bridge/audit/refusals.py folds repeats into one record per window.
 
 Every record carries exactly the keys in ``ALLOWED_FIELDS[event_type]`` (``email`` being the
 one optional key), so a new field cannot leak into the store without editing that table.
@@ -28,9 +31,11 @@ from bridge.audit.keys import AuditKeys
 from bridge.types import Identity, StreamResult
 
 StreamKind = Literal["stream_started", "stream_completed", "stream_cancelled", "stream_failed"]
+SecurityKind = Literal["rate_limited", "auth_failed"]
 
 _BASE = frozenset({"ts", "event_type", "request_id", "trace_id", "user_id", "identity_kind"})
 _STREAM_END = _BASE | {"query_hmac", "tokens", "first_token_ms", "duration_ms", "outcome"}
+_SECURITY = _BASE | {"client_ip", "path", "reason", "count", "first_ts"}
 ALLOWED_FIELDS: Mapping[str, frozenset[str]] = MappingProxyType(
     {
         "stream_started": _BASE | {"query_hmac"},
@@ -38,8 +43,8 @@ ALLOWED_FIELDS: Mapping[str, frozenset[str]] = MappingProxyType(
         "stream_cancelled": _STREAM_END,
         "stream_failed": _STREAM_END | {"error_code"},
         "chat": _BASE | {"query_hmac", "tokens", "duration_ms", "outcome", "error_code"},
-        "rate_limited": _BASE | {"client_ip", "path", "reason"},
-        "auth_failed": _BASE | {"client_ip", "path", "reason"},
+        "rate_limited": _SECURITY,
+        "auth_failed": _SECURITY,
         "admin_read": _BASE | {"filters", "returned"},
         "retention_checkpoint": frozenset(
             {"ts", "event_type", "purged_count", "last_purged_id", "last_purged_hash", "purged_before"}
@@ -194,16 +199,32 @@ class EventFactory:
         return _seal(body)
 
     def rate_limited(
-        self, identity: Identity, request_id: str, trace_id: str | None, *, path: str, reason: str
+        self,
+        identity: Identity,
+        request_id: str,
+        trace_id: str | None,
+        *,
+        path: str,
+        reason: str,
+        count: int = 1,
+        first_ts: str | None = None,
     ) -> AuditEvent:
-        """A request refused by a limit (``reason``: the error code, e.g. RATE_LIMITED)."""
-        return self._security("rate_limited", identity, request_id, trace_id, path, reason)
+        """``count`` requests refused by a limit (``reason``: the error code, e.g. RATE_LIMITED)."""
+        return self.security("rate_limited", identity, request_id, trace_id, path, reason, count, first_ts)
 
     def auth_failed(
-        self, identity: Identity, request_id: str, trace_id: str | None, *, path: str, reason: str
+        self,
+        identity: Identity,
+        request_id: str,
+        trace_id: str | None,
+        *,
+        path: str,
+        reason: str,
+        count: int = 1,
+        first_ts: str | None = None,
     ) -> AuditEvent:
-        """A request refused for its credentials (``reason``: the error code, e.g. TOKEN_EXPIRED)."""
-        return self._security("auth_failed", identity, request_id, trace_id, path, reason)
+        """``count`` requests refused for their credentials (``reason``: the error code, e.g. TOKEN_EXPIRED)."""
+        return self.security("auth_failed", identity, request_id, trace_id, path, reason, count, first_ts)
 
     def admin_read(
         self, identity: Identity, request_id: str, trace_id: str | None, *, filters: Mapping[str, str], returned: int
@@ -213,12 +234,30 @@ class EventFactory:
         body.update(filters=dict(filters), returned=returned)
         return _seal(body)
 
-    def _security(
-        self, kind: str, identity: Identity, request_id: str, trace_id: str | None, path: str, reason: str
+    def security(
+        self,
+        kind: SecurityKind,
+        identity: Identity,
+        request_id: str,
+        trace_id: str | None,
+        path: str,
+        reason: str,
+        count: int = 1,
+        first_ts: str | None = None,
     ) -> AuditEvent:
+        """A security event standing for ``count`` refusals (>= 1), the first at ``first_ts``
+        (``format_ts`` text; None: now, for a single refusal)."""
+        if count < 1:
+            raise ValueError("a security event stands for at least one refusal")
         body = self._base(kind, identity, request_id, trace_id)
-        body.update(client_ip=identity.client_ip, path=path, reason=reason)
+        body.update(
+            client_ip=identity.client_ip, path=path, reason=reason, count=count, first_ts=first_ts or body["ts"]
+        )
         return _seal(body)
+
+    def now(self) -> str:
+        """The current time as a record's ``ts`` would state it."""
+        return format_ts(self._clock())
 
     def _base(self, kind: str, identity: Identity, request_id: str, trace_id: str | None) -> dict[str, Any]:
         body: dict[str, Any] = {
