@@ -20,8 +20,9 @@ import pytest
 import redis.asyncio
 
 from bridge.resume.keys import meta_key, owner_tag
+from bridge.stream.frames import MAX_SOURCES
 from tests.conftest import BridgeFactory
-from tests.support.hostile_rag import NON_FINITE_SCORES, UNSET_TOKEN_INDEX, HostileRag
+from tests.support.hostile_rag import EMPTY_SOURCES_FLOOD, NON_FINITE_SCORES, UNSET_TOKEN_INDEX, HostileRag
 from tests.support.recording_rag import RecordingStub
 from tests.support.redis import redis_factory, redis_server  # noqa: F401  (fixtures)
 from tests.support.sse_client import STREAM_PATH, open_stream
@@ -135,6 +136,22 @@ async def test_rag_token_index_left_unset_does_not_repeat_index_zero(
     reply = await open_stream(bridge.url, params={"query": UNSET_TOKEN_INDEX})
     tokens = [f for f in reply.frames if f["type"] == "token"]
     assert [(t["index"], t["text"]) for t in tokens] == [(0, "one "), (1, "two "), (2, "three")]
+
+
+async def test_rag_metadata_flooded_with_empty_sources_is_cut_to_max_sources(
+    hostile_rag: HostileRag, bridge_factory: BridgeFactory
+) -> None:
+    """1.5 million empty sources fit one 4 MiB metadata message (2 bytes each) and became a 51 MB
+    frame built on the event loop: every other request waited ~4 s and the bridge grew by
+    650 MB, for each such answer. The client is shown the first ``MAX_SOURCES`` (best first)."""
+    bridge = bridge_factory(RAG_TARGET=hostile_rag.target)
+    reply = await open_stream(bridge.url, params={"query": EMPTY_SOURCES_FLOOD})
+    metadata = [f for f in reply.frames if f["type"] == "metadata"]
+    assert len(metadata) == 1 and len(metadata[0]["sources"]) == MAX_SOURCES
+    assert reply.frames[-1]["type"] == "done"
+    async with httpx.AsyncClient(base_url=bridge.url, timeout=30) as client:
+        unary = await client.post(CHAT_PATH, json={"query": EMPTY_SOURCES_FLOOD})
+    assert unary.status_code == 200 and len(unary.json()["sources"]) == MAX_SOURCES
 
 
 # -- a damaged resume record ----------------------------------------------------------------------

@@ -11,7 +11,7 @@ from bali_zero.rag.v1 import rag_pb2
 from bridge.errors import BadRequest
 from bridge.inputs import Limits, validate
 from bridge.resume.keys import StoredStream
-from bridge.stream.frames import FrameEncoder, sources
+from bridge.stream.frames import MAX_SOURCES, FrameEncoder, sources
 
 LIMITS = Limits(max_query_bytes=8192, max_body_bytes=65536, max_history_messages=50)
 
@@ -22,6 +22,11 @@ def test_sources_send_every_score_as_a_finite_number_in_the_same_order() -> None
     sent = [s["score"] for s in sources(meta)]
     assert sent == [0.0, 1.7976931348623157e308, -1.7976931348623157e308, 2.5, -0.0]
     json.dumps(sent, allow_nan=False)  # raises on NaN or Infinity
+
+
+def test_sources_are_cut_to_the_first_max_sources() -> None:
+    meta = rag_pb2.Metadata(sources=[rag_pb2.Source(title=str(i)) for i in range(MAX_SOURCES + 5)])
+    assert [s["title"] for s in sources(meta)] == [str(i) for i in range(MAX_SOURCES)]
 
 
 def test_token_frame_index_is_the_given_position_not_the_upstream_field() -> None:

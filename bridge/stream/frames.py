@@ -22,15 +22,25 @@ FINISH_REASONS = {
 }
 
 
+# Sources a client is shown at most, best first (the RAG service lists them best first).
+MAX_SOURCES = 100
+
+
 def sources(meta: rag_pb2.Metadata) -> list[dict[str, Any]]:
-    """The retrieved documents as the client reads them (the metadata frame, the unary answer).
+    """The retrieved documents as the client reads them (the metadata frame, the unary answer):
+    the first ``MAX_SOURCES``.
+
+    The cap bounds what one upstream message can cost. An empty ``Source`` is 2 bytes of
+    protobuf and a dict plus 34 bytes of JSON here, so one 4 MiB metadata message of 1.5 million
+    of them built a 51 MB frame on the event loop: every other stream and request stalled for
+    about 4 s and the process grew by 650 MB, per such answer.
 
     A score that is not a finite number, which a ``double`` can carry and JSON cannot, is sent as
     a number that sorts the same way: NaN as 0, an infinity as the largest finite double of its
     sign. ``json.dumps`` wrote them as ``NaN``/``Infinity``, which ``JSON.parse`` refuses, so a
     RAG service scoring one document NaN failed every answer in the browser (``bad_frame``).
     """
-    return [{"title": s.title, "uri": s.uri, "score": _json_number(s.score)} for s in meta.sources]
+    return [{"title": s.title, "uri": s.uri, "score": _json_number(s.score)} for s in meta.sources[:MAX_SOURCES]]
 
 
 def _json_number(value: float) -> float:

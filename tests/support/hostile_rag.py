@@ -24,7 +24,10 @@ from tests.support.rag_server import serve_until_signalled
 
 NON_FINITE_SCORES = "non-finite-scores"
 UNSET_TOKEN_INDEX = "unset-token-index"
-SCENARIOS = (NON_FINITE_SCORES, UNSET_TOKEN_INDEX)
+EMPTY_SOURCES_FLOOD = "empty-sources-flood"
+SCENARIOS = (NON_FINITE_SCORES, UNSET_TOKEN_INDEX, EMPTY_SOURCES_FLOOD)
+# An empty Source costs 2 bytes in protobuf (tag, length 0): this many fit one 4 MiB message.
+FLOOD_SOURCES = 1_500_000
 
 
 def script(query: str) -> Iterator[Any]:
@@ -38,6 +41,8 @@ def script(query: str) -> Iterator[Any]:
     if query == NON_FINITE_SCORES:
         scores = [math.nan, math.inf, -math.inf, 1.5]
     sources = [rag_pb2.Source(title=f"doc {i}", uri=f"https://docs.example/{i}", score=s) for i, s in enumerate(scores)]
+    if query == EMPTY_SOURCES_FLOOD:
+        sources = [rag_pb2.Source()] * FLOOD_SOURCES
     yield rag_pb2.StreamChatResponse(metadata=rag_pb2.Metadata(sources=sources, model="hostile", request_id="r"))
     pieces = ["one ", "two ", "three"]
     for index, text in enumerate(pieces):
