@@ -21,6 +21,7 @@ from bridge.resume.client import ResumeStore
 from bridge.resume.remote import NothingLeft, open_remote
 from bridge.rollout import in_rollout
 from bridge.state import BridgeState
+from bridge.stream.frames import sources
 from bridge.stream.ids import resume_point
 from bridge.stream.opener import StreamOpener
 from bridge.stream.response import ErrorFrameResponse, EventStreamResponse
@@ -214,7 +215,7 @@ class Endpoints:
         )
         body = {
             "answer": reply.answer,
-            "sources": [{"title": s.title, "uri": s.uri, "score": s.score} for s in reply.metadata.sources],
+            "sources": sources(reply.metadata),
             "model": reply.metadata.model,
             "request_id": request_id,
             "finish_reason": "length" if reply.completion.finish_reason == rag_pb2.FINISH_REASON_LENGTH else "stop",
