@@ -58,6 +58,7 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     max_header_bytes: int = 32 * 1024
     header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
     keepalive_timeout_s: float = 75.0
     max_history_messages: int = 50
     auth_required: bool = False
@@ -137,6 +138,7 @@ class Settings:
             (self.max_body_bytes >= 1024, "MAX_BODY_BYTES must be >= 1024"),
             (self.max_header_bytes >= 4096, "MAX_HEADER_BYTES must be >= 4096"),
             (self.header_timeout_s > 0, "HEADER_TIMEOUT_S must be > 0"),
+            (self.body_timeout_s > 0, "BODY_TIMEOUT_S must be > 0"),
             (self.keepalive_timeout_s > 0, "KEEPALIVE_TIMEOUT_S must be > 0"),
             (self.audit_retention_days >= 1, "AUDIT_RETENTION_DAYS must be >= 1"),
             (self.audit_queue_size >= 1, "AUDIT_QUEUE_SIZE must be >= 1"),
