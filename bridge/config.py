@@ -47,6 +47,7 @@ class Settings:
     upstream_timeout_s: float = 120.0
     upstream_connect_timeout_s: float = 5.0
     upstream_ejection_interval_s: float = 10.0
+    upstream_keepalive_s: float = 330.0
     shutdown_grace_s: float = 20.0
     stream_window_frames: int = 64
     rate_limit: str = "20/minute"
@@ -130,6 +131,8 @@ class Settings:
             (0 <= self.tcp_keepalive_s <= 32_767, "TCP_KEEPALIVE_S must be within 0..32767 (0 = off)"),
             (self.upstream_timeout_s > 0, "UPSTREAM_TIMEOUT_S must be > 0"),
             (self.upstream_ejection_interval_s > 0, "UPSTREAM_EJECTION_INTERVAL_S must be > 0"),
+            # gRPC sends at most one ping a second, whatever its keepalive time says.
+            (self.upstream_keepalive_s >= 1, "UPSTREAM_KEEPALIVE_S must be >= 1"),
             (self.shutdown_grace_s >= 0, "SHUTDOWN_GRACE_S must be >= 0"),
             (self.stream_window_frames >= 1, "STREAM_WINDOW_FRAMES must be >= 1"),
             (self.max_streams_per_user >= 1, "MAX_STREAMS_PER_USER must be >= 1"),
