@@ -160,8 +160,9 @@ class RequestHeadTimeout(BridgeError):
 class RequestBodyTimeout(BridgeError):
     """The request body (a chunked body's trailers included) did not arrive within BODY_TIMEOUT_S.
 
-    Counted from the end of the head: a client trickling its body a byte at a time held its
-    connection and the handler waiting for the body forever (slowloris on the body).
+    Counted from the end of the head: without it a client trickling its body a byte at a time
+    (slowloris on the body) holds its connection, and the handler waiting for the body, for as
+    long as it likes.
     """
 
     status = 408

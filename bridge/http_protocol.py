@@ -239,10 +239,11 @@ class HeadLimitedProtocol(HttpToolsProtocol):
     def _body_timed_out(self) -> None:
         """The body (or its trailers) is late: 408 to a request still waiting for it, else just close.
 
-        Closed at once, not after the response under way: the request being read holds the
-        connection (nothing behind it is parsed) and its handler may be waiting for the body. The
-        408 goes only where the request's own response has not started: written into one
-        (answered before its body ended) it would corrupt that response's body.
+        Once the request is being handled the connection is closed at once, not after its
+        response: the request being read holds the connection (nothing behind it is parsed) and
+        its handler may be waiting for the body. The 408 goes only where the request's own
+        response has not started: written into one (answered before its body ended) it would
+        corrupt that response's body.
         """
         if self.transport.is_closing():
             return

@@ -1,8 +1,9 @@
 """Attacks on the request body, against a real bridge process.
 
-The head had a deadline and the body none: connections trickling their body a byte at a time (or
-a chunked body's trailers) were held, with the handler waiting for the body, for as long as the
-client liked. BODY_TIMEOUT_S bounds the whole body, counted from the end of the head.
+Without a deadline of its own, a body trickled a byte at a time (or a chunked body's trailers)
+holds its connection, and the handler waiting for the body, for as long as the client likes: the
+head deadline ends where the body begins. BODY_TIMEOUT_S bounds the whole body, counted from the
+end of the head.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ async def test_chunked_body_or_trailers_trickled_get_408_at_body_timeout(
 
 async def test_body_trickled_after_an_early_413_is_cut_at_body_timeout(bridge_factory: BridgeFactory) -> None:
     """The bridge answers an oversized Content-Length at once; the body still trickling after that
-    answer kept the connection (each byte cancelled the keep-alive timer) until the deadline."""
+    answer would keep the connection (each byte cancels the keep-alive timer) but for the deadline."""
     bridge = bridge_factory(**NO_LIMITS)
     attacker = SlowBody(post_head(b"Content-Length: 100000"), b" " * 1000)
     await attacker.run(bridge.port, BODY_TIMEOUT_S + MARGIN_S + 2)

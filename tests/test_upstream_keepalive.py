@@ -100,8 +100,8 @@ async def goaway_logged(bridge: Bridge, within: float) -> bool:
 async def test_keepalive_faster_than_the_servers_minimum_draws_goaway_too_many_pings(
     stub_factory: StubFactory, bridge_factory: BridgeFactory
 ) -> None:
-    """The failure mode (the bridge pinged ten times as often as a default server allows): the
-    server drops the idle connection after three pings, and the detectors below see it."""
+    """The failure mode, a client pinging far more often than a default server allows: the server
+    drops the idle connection after three pings, and the detectors used here see it."""
     stub = stub_factory("--mode", "echo", "--min-ping-interval-s", str(SERVER_MIN_PING_S))
     bridge = bridge_factory(stub, UPSTREAM_KEEPALIVE_S="1", **C_CORE_LOGS)
     first = await connected_upstream(bridge, stub.port)
