@@ -182,6 +182,14 @@ def test_template_has_the_streaming_directives() -> None:
     assert not re.search(r"^\s*(ip_hash|hash|sticky)\b", conf, re.MULTILINE), "no stickiness: resume is the bridge's"
 
 
+def test_template_bounds_request_bodies_and_buffers_them_before_the_bridge() -> None:
+    """A trickled body must stop at nginx: it reads whole bodies before forwarding them (request
+    buffering is never turned off) and gives up on a silent client no later than the bridge would."""
+    conf = _without_comments(TEMPLATE.read_text(encoding="utf-8"))
+    assert _seconds(_directive(conf, "client_body_timeout")) <= Settings().body_timeout_s
+    assert not re.search(r"^\s*proxy_request_buffering\s+off;", conf, re.MULTILINE)
+
+
 # -- delivery through nginx ---------------------------------------------------------------------
 
 
