@@ -31,6 +31,7 @@ ever sent as a frame (``StreamExpired``) still has the status it would have over
     └── UnsafeFile                 a file it trusts (key, store, head, log) others could choose
     FrameError (ValueError)        a field value that would corrupt an event stream
     AuditChainBroken               the audit chain does not verify: retention refuses to purge
+    DoctorError                    ``bali-zero-bridge doctor`` could not run its check (exit 2)
     TelemetryConfigError           an unusable OTEL_* value; defined in ``bzb_shared.otel``
                                    because the stub raises it too, re-exported here
 
@@ -55,6 +56,7 @@ __all__ = [
     "BridgeError",
     "ClientGone",
     "ConfigError",
+    "DoctorError",
     "Forbidden",
     "FrameError",
     "MethodNotAllowed",
@@ -339,3 +341,7 @@ class AuditChainBroken(Exception):
         super().__init__(f"the audit chain does not verify at record {first_bad_id}: {reason}")
         self.first_bad_id = first_bad_id
         self.reason = reason
+
+
+class DoctorError(Exception):
+    """``bali-zero-bridge doctor`` could not run its check (exit 2): the message says what to look at."""
