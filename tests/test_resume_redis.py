@@ -287,6 +287,27 @@ async def test_store_keys_expire_after_stream_end_and_grace(
         await asyncio.sleep(0.1)
 
 
+async def test_keys_of_a_stream_that_ends_while_nobody_reads_it_expire_a_window_after_its_end(
+    stub_factory: StubFactory,
+    bridge_factory: BridgeFactory,
+    redis_server: str,  # noqa: F811
+    store: redis.asyncio.Redis,
+) -> None:
+    """The client leaves, the answer then completes upstream: the keys live one window past that
+    end. The owner's mirror still counted the departed reader as reading there, and re-armed the
+    keys as for an attached reader until their ceiling (four windows): Redis kept every abandoned
+    answer four times as long, and the owner's shutdown waited on that holder."""
+    stub = stub_factory("--mode", "echo", "--echo-delimiter", ",", "--token-delay-ms", "5")
+    a, _ = pair(bridge_factory, stub, redis_server, RESUME_GRACE_S="1")
+    first = await open_stream(a.url, params={"query": ",".join(f"e{i}" for i in range(20))}, stop_after_tokens=2)
+    stream_id = first.frames[0]["stream_id"]
+    assert (await stub.ended(first.frames[0]["request_id"]))["outcome"] == "completed"  # nobody reading
+    expiry_set_at_end = await stored_end(store, stream_id)
+    while await store.exists(f"bzb:frames:{stream_id}", f"bzb:meta:{stream_id}"):
+        assert time.monotonic() < expiry_set_at_end + 0.5, "held past its window although nobody reads it"
+        await asyncio.sleep(0.05)
+
+
 async def test_reader_on_other_instance_dropping_late_from_a_finished_answer_can_still_resume(
     stub_factory: StubFactory,
     bridge_factory: BridgeFactory,

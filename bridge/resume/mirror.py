@@ -86,7 +86,7 @@ class FrameMirror:
         self._hold_while_read()
 
     def reader_left(self) -> None:
-        """This instance's reader of the ended stream left: hold its keys a window from now.
+        """This instance's reader left: once the stream ended, hold its keys a window from now.
 
         Spawned, never awaited by the caller. Skipped before the closing flush is stored (it
         would hold nothing: no ended key yet; that flush's TTL counts from a later moment) and

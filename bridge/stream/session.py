@@ -298,9 +298,9 @@ class StreamSession:
         if not self.lifecycle.detach(generation):
             return
         self._room.freed()
+        self._reader_left()
         if self.finished:
             self._settle()
-            self._reader_left_ended()
             if not self.log.has_unsent:
                 return
         if self.policy.resume_grace_s <= 0:
@@ -312,11 +312,16 @@ class StreamSession:
         """The reader of ``generation`` wrote the final frame and closed normally."""
         if self.lifecycle.release(generation):
             self._settle()
-            self._reader_left_ended()
+            self._reader_left()
 
-    def _reader_left_ended(self) -> None:
-        """The reader of the ended stream left: the sink holds its frames a window from now too, as
-        the registry does here, so the client's reconnect may land on any instance."""
+    def _reader_left(self) -> None:
+        """The reader here left: the sink holds an ended stream's frames a window from now too, as
+        the registry does here, so the client's reconnect may land on any instance.
+
+        Told while the stream still runs as well: a sink still counting a reader here once the
+        stream ended held its keys for as long as that reader was attached, i.e. up to their
+        ceiling (four windows) after an end nobody was reading.
+        """
         if self.sink is not None:
             self.sink.reader_left()
 
