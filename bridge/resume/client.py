@@ -305,6 +305,11 @@ class ResumeStore:
         meta = await self.lookup(stream_id)
         if meta is None or meta.owner != owner_tag(identity_key):
             return False
+        if meta.over:
+            # Over already (completed, ended by its owner's shutdown, stopped, expired): there is
+            # nothing left to stop. Published, such a stop found no receiver once the owner had
+            # exited, and the caller got a retryable 503 for a stream that had stopped.
+            return True
         try:
             pipe = self.client.pipeline(transaction=False)
             pipe.delete(reader_key(stream_id))
