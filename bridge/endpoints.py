@@ -128,6 +128,7 @@ class Endpoints:
         if isinstance(remote, NothingLeft):
             return Response(status_code=204)  # the client has everything; 204 stops EventSource
         self.state.observer.reconnected()
+        self.state.registry.serve_from_store(remote)  # a drain ends it too
         return EventStreamResponse(remote, after_seq, connections=self.state.metrics)
 
     async def diagnostic_stream(self, request: Request) -> Response:
