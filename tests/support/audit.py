@@ -6,20 +6,21 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from tests.support.processes import ROOT, base_env
 
 END_TYPES = ("stream_completed", "stream_cancelled", "stream_failed")
 
 
-def audit_cli(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def audit_cli(db: Path, *args: str, stdout: int | IO[str] = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
     """``python -m bridge audit ARGS`` with AUDIT_DB=db, as an operator runs it."""
     return subprocess.run(
         [sys.executable, "-m", "bridge", "audit", *args],
         env=base_env({"AUDIT_DB": str(db)}),
         cwd=ROOT,
-        capture_output=True,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
         text=True,
         timeout=60,
         check=False,
