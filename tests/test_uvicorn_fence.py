@@ -163,7 +163,8 @@ def test_cli_prints_one_line_and_exits_2_before_serving(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(uvicorn, "__version__", "0.56.0")
-    assert main(["--port", "0"]) == 2
+    # An address this host does not have: binding it fails (exit 1), so a 2 means the check came first.
+    assert main(["--host", "192.0.2.1", "--port", "0"]) == 2
     out, err = capsys.readouterr()
     assert out == ""
     assert err == f"bali-zero-bridge: cannot start: {refusal('0.56.0', 'outside the supported range')}\n"

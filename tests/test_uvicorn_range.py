@@ -156,7 +156,8 @@ def test_bridge_on_a_uvicorn_below_the_range_exits_2_with_one_line(tmp_path: Pat
     target = installed_uvicorn(BELOW_RANGE)
     assert imported_uvicorn(target)[0] == BELOW_RANGE
     done = subprocess.run(
-        [sys.executable, "-m", "bridge", "--port", "0"],
+        # An address this host does not have: binding it fails (exit 1), so a 2 means the check came first.
+        [sys.executable, "-m", "bridge", "--host", "192.0.2.1", "--port", "0"],
         env=base_env({"PYTHONPATH": pythonpath(target), "AUDIT_DB": str(tmp_path / "audit.sqlite3")}),
         cwd=ROOT,
         capture_output=True,
