@@ -114,6 +114,7 @@ def _bridge_env(target: str, workdir: Path, env: Mapping[str, str]) -> dict[str,
         "LOG_LEVEL": "WARNING",
         # A load test is one anonymous client with thousands of streams: lift the per-user limits.
         "RATE_LIMIT": "1000000/second",
+        "CONTROL_RATE_LIMIT": "1000000/second",
         "MAX_STREAMS_PER_USER": "1000000",
         "MAX_STREAMS_TOTAL": "1000000",
         **env,

@@ -14,7 +14,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
@@ -74,8 +74,9 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
             await state.registry.wait_all(0)
             if state.resume_store is not None:  # flush its writes, stop its cancel subscriber
                 await state.resume_store.aclose()
-            await state.gate.limiter.aclose()
+            await state.gate.aclose()
             await state.upstream.close()
+            await state.refusals.aclose()  # the counts folded since the last window close
             await state.audit.aclose()  # after the streams: their end records are written too
             await asyncio.to_thread(state.telemetry.shutdown)
 
@@ -108,7 +109,11 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
         Route("/api/v2/bali-zero/stream-stats", endpoints.stream_stats, methods=["GET"]),
         Route("/metrics", endpoints.metrics, methods=["GET"]),
         _without_head(
-            Route("/api/admin/audit", admin_audit_endpoint(state.audit, state.gate.identify), methods=["GET"])
+            Route(
+                "/api/admin/audit",
+                admin_audit_endpoint(state.audit, state.gate.control, state.gate.refuse),
+                methods=["GET"],
+            )
         ),
         Route("/openapi.json", openapi_endpoint, methods=["GET"]),
         *docs_routes(STATIC_DIR / "docs.html"),
@@ -152,8 +157,25 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
         lifespan=lifespan,
         exception_handlers={BridgeError: bridge_error, HTTPException: http_error, Exception: unexpected},
     )
+    _without_slash_redirects(app.router)
     app.state.bridge = state
     return app
+
+
+def _without_slash_redirects(router: Router) -> None:
+    """Every path has one spelling; the other slash variant is a 404, in this router and in every
+    router mounted under it.
+
+    Starlette answers the other variant (``/metrics/``, ``/docs/assets/x.css/``) with a 307 whose
+    Location it builds from the request's Host header and scheme: any client could make the
+    bridge send ``Location: http://evil.example/metrics`` (a shared cache then serves that to
+    others), and behind a TLS proxy the redirect pointed to plain http. A relative Location
+    would still drop a proxy's path prefix; an API client spells its paths exactly.
+    """
+    router.redirect_slashes = False
+    for route in router.routes:
+        if isinstance(route, Mount) and isinstance(route.app, Router):
+            _without_slash_redirects(route.app)
 
 
 def _without_head(route: Route) -> Route:

@@ -10,6 +10,9 @@ Invariants, each closing a known hole:
 * ``user_id``, ``role`` and ``email`` come only from verified claims. ``x-user-id`` is believed
   only from a trusted proxy and only for callers without a token, so a client cannot pick its id;
   even then it is a ``proxy`` identity with its own key space, never the token user of that name.
+* A user id, from a token's ``sub`` or from a proxy, is 1..128 printable characters
+  (``valid_user_id``). A bad ``sub`` is a 401, never served: the id is written to the audit trail,
+  the resume store and the logs, and a lone surrogate (legal JSON) or a NUL in it would poison them.
 * A present Authorization header is always used or refused, never skipped: an empty one is a
   401 like any bad token (the gate refuses several of them, see bridge/gate.py).
 * JWKS fetches are blocking HTTP in pyjwt; they run in a worker thread so a slow key server
@@ -156,10 +159,24 @@ def _bearer_token(authorization: str | None) -> str | None:
     return token.strip()
 
 
+def valid_user_id(value: str) -> bool:
+    """Whether ``value`` may name a user: 1..128 printable characters, not starting or ending with a space.
+
+    The one rule for a token's ``sub`` and a trusted proxy's ``x-user-id``. ``isprintable`` refuses
+    what the places a user id is written to cannot hold unchanged: a lone surrogate such as
+    ``"a\\ud800"`` (legal in JSON, not encodable as UTF-8) would become an audit index entry no
+    reader can decode; NUL ends a string inside SQLite, so ``"alice\\u0000x"`` would be indexed as
+    the user ``alice``; other control characters forge log lines.
+    """
+    return 0 < len(value) <= _MAX_USER_ID_CHARS and value.isprintable() and value == value.strip()
+
+
 def _identity_from_claims(claims: Mapping[str, Any], client_ip: str) -> Identity:
     sub = claims.get("sub")
-    if not isinstance(sub, str) or not sub or len(sub) > _MAX_USER_ID_CHARS:
-        raise _invalid("token subject is invalid")
+    if not isinstance(sub, str) or not valid_user_id(sub):
+        raise _invalid(
+            f"token subject must be 1 to {_MAX_USER_ID_CHARS} printable characters without surrounding spaces"
+        )
     return Identity(
         client_ip=client_ip,
         user_id=sub,
@@ -185,12 +202,11 @@ def _email(value: object) -> str | None:
 
 
 def _clean_user_id(value: str | None) -> str | None:
+    """A proxy's ``x-user-id`` without the header's surrounding whitespace, or None if not ``valid_user_id``."""
     if value is None:
         return None
     value = value.strip()
-    if not value or len(value) > _MAX_USER_ID_CHARS or not value.isprintable():
-        return None
-    return value
+    return value if valid_user_id(value) else None
 
 
 def _invalid(message: str) -> Unauthorized:

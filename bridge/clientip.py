@@ -13,6 +13,7 @@ import functools
 import ipaddress
 
 from bridge.config import IPNetwork
+from bridge.types import Identity
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -80,6 +81,38 @@ def parse_ip(text: str) -> IPAddress | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+IPV6_BLOCK_BITS = 64
+_MAX_UNPARSED_CHARS = 64
+
+
+def address_block(address: str) -> str:
+    """The unit a client is counted as: an IPv4 address, or the /64 an IPv6 address lies in.
+
+    An IPv6 host is routinely given a whole /64, so counting single IPv6 addresses let one client
+    present a fresh address, and get a fresh failure budget and a fresh audit record, per request.
+    IPv4-mapped IPv6 counts as the IPv4 address. A peer that is not an address (a unix socket,
+    ``unknown``) is its own block, cut to a bounded length.
+    """
+    ip = parse_ip(address)
+    if ip is None:
+        return address[:_MAX_UNPARSED_CHARS]
+    if isinstance(ip, ipaddress.IPv4Address):
+        return str(ip)
+    return str(ipaddress.IPv6Network((ip, IPV6_BLOCK_BITS), strict=False))
+
+
+def counting_key(identity: Identity) -> str:
+    """The key a caller is counted under: its identity key when it has an id, else its address block.
+
+    ``Identity.key`` of an anonymous caller is its single address (stream ownership needs exactly
+    that); counted that way, each address of an IPv6 /64 would bring a budget of its own.
+    ``net:`` keeps these keys apart from the ``user:``, ``proxy:`` and ``ip:`` spaces.
+    """
+    if identity.user_id:
+        return identity.key
+    return f"net:{address_block(identity.client_ip)}"
 
 
 def _is_trusted(ip: IPAddress, trusted: tuple[IPNetwork, ...]) -> bool:

@@ -147,6 +147,18 @@ class Settings:
         shape=lambda value: _rate_storage_problem(value),
     )
     rate_limit_fail_open: bool = setting(True, "Redis unreachable: allow (logged, counted) or answer 503")
+    auth_failure_rate_limit: str = setting(
+        "30/minute",
+        "refused credentials one client address (IPv6: its /64) may send per window; past it 429 "
+        "`TOO_MANY_AUTH_FAILURES` instead of 401 (only failures count)",
+        shape=lambda value: _rate_problem(value),
+    )
+    control_rate_limit: str = setting(
+        "600/minute",
+        "resumes, stream cancels and admin audit reads per caller (anonymous: per address or IPv6 /64), "
+        "apart from `RATE_LIMIT`; raise it with `MAX_STREAMS_PER_USER`",
+        shape=lambda value: _rate_problem(value),
+    )
     max_streams_per_user: int = setting(
         3, "concurrent streams per user or IP (429 `TOO_MANY_STREAMS`)", check=_at_least(1)
     )
@@ -208,6 +220,12 @@ class Settings:
     )
     audit_queue_size: int = setting(
         10_000, "audit events waiting for the writer; beyond it they are dropped and counted", check=_at_least(1)
+    )
+    audit_refusal_window_s: float = setting(
+        60.0,
+        "`auth_failed` and `rate_limited` records are folded per client, reason and window: at most 2 records "
+        "per client and reason per window",
+        check=_within(1, 86_400),
     )
     audit_head_interval_s: float = setting(
         60.0,
@@ -332,6 +350,16 @@ class Settings:
         """(requests, window seconds) of RATE_LIMIT."""
         return parse_rate(self.rate_limit)
 
+    @property
+    def auth_failure_rate_per_window(self) -> tuple[int, int]:
+        """(refused credentials, window seconds) of AUTH_FAILURE_RATE_LIMIT, per client address."""
+        return parse_rate(self.auth_failure_rate_limit, "AUTH_FAILURE_RATE_LIMIT")
+
+    @property
+    def control_rate_per_window(self) -> tuple[int, int]:
+        """(requests, window seconds) of CONTROL_RATE_LIMIT: resumes, cancels and admin reads per caller."""
+        return parse_rate(self.control_rate_limit, "CONTROL_RATE_LIMIT")
+
 
 def variables_help(width: int = 100) -> str:
     """The ``--help`` epilog: every variable with its default and meaning, from its declaration."""
@@ -396,16 +424,16 @@ def reference_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def parse_rate(text: str) -> tuple[int, int]:
-    """Parse ``"20/minute"`` or ``"100 per 10 seconds"`` into (count, seconds)."""
+def parse_rate(text: str, variable: str = "RATE_LIMIT") -> tuple[int, int]:
+    """Parse ``"20/minute"`` or ``"100 per 10 seconds"`` into (count, seconds); errors name ``variable``."""
     match = _RATE_RE.match(text)
     if not match:
-        raise ConfigError(f"RATE_LIMIT={text!r}: expected COUNT/UNIT such as 20/minute")
+        raise ConfigError(f"{variable}={text!r}: expected COUNT/UNIT such as 20/minute")
     count = int(match.group(1))
     multiple = int(match.group(2) or 1)
     unit = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}[match.group(3).lower()]
     if count < 1 or multiple < 1:
-        raise ConfigError(f"RATE_LIMIT={text!r}: count and window must be >= 1")
+        raise ConfigError(f"{variable}={text!r}: count and window must be >= 1")
     return count, multiple * unit
 
 

@@ -13,24 +13,32 @@ with its fix:
 * ``Last-Event-ID`` not forwarded: resume after a dropped connection would restart the answer;
 * CORS for ``--origin``: the preflight and the stream must allow that page's origin.
 
-Exit status 0 when nothing is wrong, 1 with one ``PROBLEM`` line per finding, 2 when the check
-itself could not run (unreachable, not a bridge). The runtime is bounded: the idle check lasts at
-most ``--max-idle-s`` (default 60 s) and every request and read is cut to what is left of a
-budget of ``--max-idle-s`` + 45 s, so no server can hold it longer; usually it takes
-HEARTBEAT_INTERVAL_S + 5 s.
+Exit status 0 when nothing is wrong, 1 with one ``PROBLEM`` line per finding, 2 with one
+``ERROR`` line when the check itself could not run (unreachable, not a bridge, a server that
+misbehaves).
+
+The doctor is pointed at URLs and proxies its user does not control, so it treats every server as
+hostile. Each request (connect, TLS handshake, head and body) ends within ``--timeout-s`` (the
+idle stream within its silence + ``--timeout-s``) however slowly the server trickles, the
+whole run within ``--max-idle-s`` + four times ``--timeout-s`` (usually HEARTBEAT_INTERVAL_S + 5 s);
+bodies are read through the byte caps of bridge/doctor_limits.py, never whole; redirects are
+reported, not followed (one would send ``--token`` and the checks to a host the user did not
+name); and server text reaches the terminal only escaped onto one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import secrets
-import socket
 import ssl
 import time
 import urllib.parse
-from collections.abc import Iterator
-from contextlib import contextmanager
+import zlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -50,15 +58,21 @@ from bridge.doctor_checks import (
     check_plain_http,
     idle_plan,
 )
+from bridge.doctor_limits import (
+    ACCEPT_ENCODING,
+    ERROR_BODY_BYTES,
+    ERROR_BODY_S,
+    LINE_CHARS,
+    MAX_STREAM_BYTES,
+    BoundedDecoder,
+    decoder_for,
+    printable,
+)
 
 DIAGNOSTIC_PATH = "/api/v2/bali-zero/chat-stream/diagnostic"
 STREAM_PATH = "/api/v2/bali-zero/chat-stream"
 REQUEST_TIMEOUT_S = 10.0
-# Everything but the idle check fits in this; with it, the run never exceeds --max-idle-s + this,
-# even against a server that trickles bytes to keep it waiting.
-BUDGET_BEYOND_IDLE_S = 45.0
-# A hostile or broken server must not make the doctor hold unbounded bytes.
-MAX_STREAM_BYTES = 256 * 1024
+MAX_TIMEOUT_S = 120.0
 
 
 class DoctorError(Exception):
@@ -75,33 +89,55 @@ def _diagnostic_url(base: str) -> str:
     return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, path + DIAGNOSTIC_PATH, "", ""))
 
 
+@dataclass
+class _Seen:
+    """What a stream delivered so far: quoted when the doctor gives up on it."""
+
+    wire_bytes: int = 0
+    frames: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.wire_bytes} bytes, {self.frames} frames"
+
+
 class Doctor:
-    """The runner: reads the diagnostic stream (and preflight, TLS) within one time budget and
-    hands what it saw to the checks in bridge/doctor_checks.py."""
+    """The runner: reads the diagnostic stream (and preflight, TLS), each request within its
+    deadline, and hands what it saw to the checks in bridge/doctor_checks.py."""
 
     def __init__(
-        self, url: str, *, origin: str | None, token: str | None, verify: bool | str, max_idle_s: float
+        self,
+        url: str,
+        *,
+        origin: str | None,
+        token: str | None,
+        verify: bool | str,
+        max_idle_s: float,
+        timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> None:
         self.url = _diagnostic_url(url)
         self.origin = origin
         self.token = token
         self.verify = verify
         self.max_idle_s = max_idle_s
+        self.timeout_s = timeout_s
         self.event_id = f"doctor-{secrets.token_hex(6)}:1"
-        self.deadline = time.monotonic() + max_idle_s + BUDGET_BEYOND_IDLE_S
+        self._tls_context()  # a bad --cacert fails here, before any request
 
-    def budget(self, cap: float) -> float:
-        """``cap`` seconds, or what is left of the run's time budget if that is less."""
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise DoctorError(f"gave up: the checks took longer than --max-idle-s + {BUDGET_BEYOND_IDLE_S:g} s")
-        return min(cap, left)
+    def _tls_context(self) -> ssl.SSLContext:
+        """A fresh context per connection (httpx sets its own ALPN list on the one it is given)."""
+        try:
+            if isinstance(self.verify, str):
+                return ssl.create_default_context(cafile=self.verify)
+            return httpx.create_ssl_context(verify=self.verify, trust_env=False)
+        except (OSError, ssl.SSLError) as exc:
+            raise DoctorError(f"cannot load the CA bundle {self.verify!r}: {exc}") from None
 
     def headers(self) -> dict[str, str]:
-        # What a browser's EventSource/fetch sends, compression offer included.
+        # What a browser's EventSource/fetch sends, compression offer included (the encodings the
+        # doctor can decode within a bound, which any compressing proxy also speaks).
         headers = {
             "Accept": "text/event-stream",
-            "Accept-Encoding": "gzip, deflate, br",
+            "Accept-Encoding": ACCEPT_ENCODING,
             "Cache-Control": "no-cache",
             "Last-Event-ID": self.event_id,
         }
@@ -111,50 +147,81 @@ class Doctor:
             headers["Authorization"] = f"Bearer {self.token}"
         return headers
 
-    @contextmanager
-    def _client(self, read_timeout: float) -> Iterator[httpx.Client]:
-        timeout = httpx.Timeout(self.budget(REQUEST_TIMEOUT_S), read=self.budget(read_timeout))
-        with httpx.Client(timeout=timeout, verify=self.verify, follow_redirects=False, trust_env=False) as client:
-            yield client
+    @contextlib.asynccontextmanager
+    async def _request(
+        self, what: str, method: str, limit: float, *, headers: dict[str, str], params: dict[str, str] | None = None
+    ) -> AsyncIterator[tuple[httpx.Response, float]]:
+        """One request's response, its head read within ``limit`` s, with the event-loop time by
+        which its body must be read too. The body is the caller's to read (or not), within that.
 
-    def read_stream(self, idle_s: float) -> StreamRead:
-        """One diagnostic stream; a cut connection is a result, not an error."""
+        The deadline covers the whole exchange: httpx's own timeouts apply per network read, and a
+        server sending a byte per second never trips them (headers, TLS records and bodies alike).
+        """
+        deadline = asyncio.get_running_loop().time() + limit
         started = time.monotonic()
-        frames: list[tuple[float, dict[str, Any]]] = []
+        client = httpx.AsyncClient(
+            verify=self._tls_context(),
+            follow_redirects=False,
+            trust_env=False,
+            timeout=limit + 1,  # a backstop: the deadline ends every exchange first
+        )
         try:
-            with (
-                self._client(read_timeout=idle_s + REQUEST_TIMEOUT_S) as client,
-                client.stream("GET", self.url, params={"idle_s": f"{idle_s:g}"}, headers=self.headers()) as response,
-            ):
-                if response.status_code != 200:
-                    body = response.read()[:2000].decode("utf-8", "replace")
-                    return StreamRead(response.status_code, response.headers, [], False, None, body)
-                parser = sse.Parser()
-                received = 0
+            async with client:
+                request = client.build_request(method, self.url, params=params, headers=headers)
                 try:
-                    for chunk in response.iter_bytes():
-                        now = time.monotonic()
-                        received += len(chunk)
-                        self.budget(0)  # raises once the run's time is up
-                        if received > MAX_STREAM_BYTES:
-                            raise DoctorError(f"the diagnostic stream sent more than {MAX_STREAM_BYTES} bytes")
-                        for event in parser.feed(chunk):
-                            frame = _json_object(event.data)
-                            frames.append((now, frame))
-                            if frame.get("type") == "done":
-                                return StreamRead(200, response.headers, frames, True, None)
-                except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ReadTimeout):
-                    pass
-                # Silence began when the last frame was sent, ~0.9 s after the request: measured
-                # from the request, since a buffering proxy delivers the frames only at the cut.
-                quiet = time.monotonic() - started - (FRAMES - 1) * FRAME_INTERVAL_S
-                return StreamRead(200, response.headers, frames, False, max(0.0, quiet))
+                    async with asyncio.timeout_at(deadline):
+                        response = await client.send(request, stream=True)
+                except TimeoutError:
+                    raise DoctorError(
+                        f"{what}: no complete response head from {self.url} within {limit:g} s "
+                        "(unreachable, or a server trickling its headers; --timeout-s sets the limit)"
+                    ) from None
+                try:
+                    yield response, deadline
+                finally:
+                    await response.aclose()
         except httpx.HTTPError as exc:
             raise DoctorError(
-                f"cannot read {self.url}: {exc or type(exc).__name__} (after {time.monotonic() - started:.1f} s)"
+                f"cannot read {self.url} ({what}): {exc or type(exc).__name__} "
+                f"(after {time.monotonic() - started:.1f} s)"
             ) from None
 
-    def idle_check(self, first: StreamRead, report: Report) -> None:
+    async def read_stream(self, idle_s: float) -> StreamRead:
+        """One diagnostic stream; a cut connection is a result, not an error. A stream still open
+        at its deadline, or longer than MAX_STREAM_BYTES, is an error."""
+        what = "the idle check's stream" if idle_s else "the diagnostic stream"
+        limit = idle_s + self.timeout_s
+        started = time.monotonic()
+        params = {"idle_s": f"{idle_s:g}"}
+        async with self._request(what, "GET", limit, headers=self.headers(), params=params) as (response, deadline):
+            if response.status_code != 200:
+                error_body = await _error_body(response, deadline)
+                return StreamRead(response.status_code, response.headers, [], False, None, error_body)
+            decoder = decoder_for(response.headers.get("content-encoding"), MAX_STREAM_BYTES)
+            if decoder is None:
+                encoding = printable(response.headers.get("content-encoding", ""))
+                raise DoctorError(
+                    f"{what} arrived with Content-Encoding {encoding!r}, which the doctor did not offer "
+                    f"({ACCEPT_ENCODING}) and does not decode: something on the path recodes the event "
+                    "stream; exclude text/event-stream from compression"
+                )
+            frames: list[tuple[float, dict[str, Any]]] = []
+            seen = _Seen()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    if await _read_frames(response, decoder, frames, seen, what):
+                        return StreamRead(200, response.headers, frames, True, None)
+            except TimeoutError:
+                raise DoctorError(
+                    f"{what} was still open {limit:g} s after the request, without its done frame "
+                    f"({seen}): a server or proxy trickling or holding the stream; --timeout-s sets the limit"
+                ) from None
+            # Silence began when the last frame was sent, ~0.9 s after the request: measured
+            # from the request, since a buffering proxy delivers the frames only at the cut.
+            quiet = time.monotonic() - started - (FRAMES - 1) * FRAME_INTERVAL_S
+            return StreamRead(200, response.headers, frames, False, max(0.0, quiet))
+
+    async def idle_check(self, first: StreamRead, report: Report) -> None:
         """A second stream that idles past one heartbeat interval: does the path cut it?"""
         heartbeat, idle = idle_plan(first.headers, self.max_idle_s)
         if idle <= heartbeat:
@@ -163,71 +230,133 @@ class Doctor:
                 f"--max-idle-s {self.max_idle_s:g}"
             )
             return
-        read = self.read_stream(idle)
+        read = await self.read_stream(idle)
         if read.status != 200:
-            raise DoctorError(f"the idle check answered HTTP {read.status}: {read.error_body.strip()[:200]}")
+            raise DoctorError(f"the idle check answered HTTP {read.status}: {read.error_body}")
         check_idle(read, idle, heartbeat, report)
 
-    def preflight(self) -> httpx.Response:
+    async def preflight(self) -> httpx.Response:
+        """The preflight's status and headers; its body is never read (they are all CORS uses)."""
         assert self.origin is not None
         headers = {
             "Origin": self.origin,
             "Access-Control-Request-Method": "GET",
             "Access-Control-Request-Headers": "last-event-id, authorization",
         }
-        try:
-            with self._client(REQUEST_TIMEOUT_S) as client:
-                return client.options(self.url, headers=headers)
-        except httpx.HTTPError as exc:
-            raise DoctorError(f"CORS preflight to {self.url} failed: {exc or type(exc).__name__}") from None
+        async with self._request("the CORS preflight", "OPTIONS", self.timeout_s, headers=headers) as (response, _):
+            return response
 
-    def alpn(self) -> str | None:
+    async def alpn(self) -> str | None:
         """The protocol the server picks when offered h2 and http/1.1 over TLS."""
         parsed = urllib.parse.urlsplit(self.url)
-        context = ssl.create_default_context()
-        if self.verify is False:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        elif isinstance(self.verify, str):
-            context.load_verify_locations(self.verify)
-        context.set_alpn_protocols(["h2", "http/1.1"])
         host = parsed.hostname or ""
+        context = self._tls_context()
+        context.set_alpn_protocols(["h2", "http/1.1"])
         try:
-            with (
-                socket.create_connection((host, parsed.port or 443), timeout=self.budget(REQUEST_TIMEOUT_S)) as raw,
-                context.wrap_socket(raw, server_hostname=host) as tls,
-            ):
-                return tls.selected_alpn_protocol()
-        except (OSError, ssl.SSLError) as exc:
+            async with asyncio.timeout(self.timeout_s):
+                _, writer = await asyncio.open_connection(host, parsed.port or 443, ssl=context, server_hostname=host)
+        except TimeoutError:
+            raise DoctorError(f"TLS handshake with {host} did not finish within {self.timeout_s:g} s") from None
+        except OSError as exc:  # ssl.SSLError included
             raise DoctorError(f"TLS handshake with {host} failed: {exc}") from None
+        try:
+            tls = writer.get_extra_info("ssl_object")
+            return tls.selected_alpn_protocol() if isinstance(tls, ssl.SSLObject) else None
+        finally:
+            writer.transport.abort()  # no TLS close handshake to wait on: the server may never answer it
 
-    def run(self) -> Report:
+    async def run(self) -> Report:
         report = Report()
-        first = self.read_stream(0)
+        first = await self.read_stream(0)
         if first.status != 200:
+            raise DoctorError(_refusal(self.url, first))
+        if not any(frame.get("type") == "diagnostic" for _, frame in first.frames):
             raise DoctorError(
-                f"{self.url} answered HTTP {first.status} ({first.error_body.strip()[:200] or 'no body'}): "
-                "is a bali-zero-bridge with the diagnostic stream behind this URL, routed like "
-                f"{STREAM_PATH}? (401: pass --token)"
+                f"{self.url} answered 200 but sent no diagnostic frame ({len(first.frames)} other frames): "
+                f"is a bali-zero-bridge with the diagnostic stream behind this URL, routed like {STREAM_PATH}?"
             )
         check_content_type(first, report)
         check_compression(first, report)
         check_buffering(first, report)
         check_last_event_id(first, self.event_id, report)
         if self.origin:
-            check_cors(first, self.preflight(), self.origin, report)
+            check_cors(first, await self.preflight(), self.origin, report)
         if urllib.parse.urlsplit(self.url).scheme != "https":
             check_plain_http(report)
         else:
-            check_alpn(self.alpn(), report)
-        self.idle_check(first, report)
+            check_alpn(await self.alpn(), report)
+        await self.idle_check(first, report)
         return report
+
+
+async def _read_frames(
+    response: httpx.Response,
+    decoder: BoundedDecoder,
+    frames: list[tuple[float, dict[str, Any]]],
+    seen: _Seen,
+    what: str,
+) -> bool:
+    """Frames into ``frames`` as they arrive, until done (True) or a cut connection (False)."""
+    parser = sse.Parser()
+    try:
+        async for chunk in response.aiter_raw():  # as received: at most one network read
+            now = time.monotonic()
+            seen.wire_bytes += len(chunk)
+            try:
+                text = decoder.decode(chunk)
+            except zlib.error as exc:
+                raise DoctorError(f"{what} could not be decoded ({seen}): {exc}") from None
+            if seen.wire_bytes > MAX_STREAM_BYTES or decoder.exceeded:
+                raise DoctorError(f"{what} sent more than {MAX_STREAM_BYTES} bytes without its done frame ({seen})")
+            for event in parser.feed(text):
+                frame = _json_object(event.data)
+                frames.append((now, frame))
+                seen.frames += 1
+                if frame.get("type") == "done":
+                    return True
+    except (httpx.RemoteProtocolError, httpx.ReadError):
+        pass
+    return False
+
+
+async def _error_body(response: httpx.Response, deadline: float) -> str:
+    """The start of a non-200 body, to quote: at most ERROR_BODY_BYTES, read for at most
+    ERROR_BODY_S, whatever ``Content-Length`` promised (a body read whole is a server's to size)."""
+    loop = asyncio.get_running_loop()
+    sample = bytearray()
+    with contextlib.suppress(TimeoutError, httpx.HTTPError):
+        async with asyncio.timeout_at(min(deadline, loop.time() + ERROR_BODY_S)):
+            async for chunk in response.aiter_raw():
+                sample += chunk
+                if len(sample) >= ERROR_BODY_BYTES:
+                    break
+    raw = bytes(sample[:ERROR_BODY_BYTES])
+    decoder = decoder_for(response.headers.get("content-encoding"), ERROR_BODY_BYTES)
+    try:
+        body = raw if decoder is None else decoder.decode(raw)
+    except zlib.error:
+        body = raw
+    return printable(body.decode("utf-8", "replace").strip())
+
+
+def _refusal(url: str, read: StreamRead) -> str:
+    if 300 <= read.status < 400:
+        location = printable(read.headers.get("location", "nowhere"))
+        return (
+            f"{url} answered HTTP {read.status} redirecting to {location}: the doctor does not follow "
+            "redirects (one would take --token and the checks to another host); run it against the "
+            "URL the clients use"
+        )
+    return (
+        f"{url} answered HTTP {read.status} ({read.error_body or 'no body'}): is a bali-zero-bridge "
+        f"with the diagnostic stream behind this URL, routed like {STREAM_PATH}? (401: pass --token)"
+    )
 
 
 def _json_object(data: str) -> dict[str, Any]:
     try:
         value = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a frame of "[[[[..." nested past the stack
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -246,21 +375,42 @@ def add_doctor_command(sub: Any) -> None:
         default=60.0,
         help="longest silence the read-timeout check waits (default 60; it needs > HEARTBEAT_INTERVAL_S)",
     )
+    p.add_argument(
+        "--timeout-s",
+        type=float,
+        default=REQUEST_TIMEOUT_S,
+        help=f"longest any one request may take, body included, beyond the idle check's silence "
+        f"(default {REQUEST_TIMEOUT_S:g}, at most {MAX_TIMEOUT_S:g})",
+    )
+
+
+def _say(line: str) -> None:
+    print(printable(line, LINE_CHARS), flush=True)
 
 
 def run_doctor(args: argparse.Namespace) -> int:
     verify: bool | str = False if args.insecure else (args.cacert or True)
     if not 0 < args.max_idle_s <= 600:
-        print("bali-zero-bridge doctor: --max-idle-s must be within 0..600", flush=True)
+        _say("bali-zero-bridge doctor: --max-idle-s must be within 0..600")
+        return 2
+    if not 0 < args.timeout_s <= MAX_TIMEOUT_S:
+        _say(f"bali-zero-bridge doctor: --timeout-s must be within 0..{MAX_TIMEOUT_S:g}")
         return 2
     try:
-        doctor = Doctor(args.url, origin=args.origin, token=args.token, verify=verify, max_idle_s=args.max_idle_s)
-        report = doctor.run()
+        doctor = Doctor(
+            args.url,
+            origin=args.origin,
+            token=args.token,
+            verify=verify,
+            max_idle_s=args.max_idle_s,
+            timeout_s=args.timeout_s,
+        )
+        report = asyncio.run(doctor.run())
     except DoctorError as exc:
-        print(f"ERROR {exc}", flush=True)
+        _say(f"ERROR {exc}")
         return 2
     for note in report.notes:
-        print(note, flush=True)
+        _say(note)
     for problem in report.problems:
-        print(problem.line(), flush=True)
+        _say(problem.line())
     return 1 if report.problems else 0

@@ -9,6 +9,7 @@ that outlives the run's deadline).
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
@@ -167,11 +168,17 @@ def check_alpn(protocol: str | None, report: Report) -> None:
 
 def idle_plan(headers: httpx.Headers, max_idle_s: float) -> tuple[float, float]:
     """(heartbeat interval the bridge announced, silence to test); the check is skipped when the
-    silence does not exceed the heartbeat (then it could not tell a cut from a heartbeat)."""
+    silence does not exceed the heartbeat (then it could not tell a cut from a heartbeat).
+
+    The header is the server's: anything but a positive finite number counts as absent (a "nan"
+    would become the idle stream's deadline, a negative one a request for no silence).
+    """
     raw = headers.get("x-heartbeat-interval")
     try:
         heartbeat = float(raw) if raw else DEFAULT_HEARTBEAT_S
     except ValueError:
+        heartbeat = DEFAULT_HEARTBEAT_S
+    if not (math.isfinite(heartbeat) and heartbeat > 0):
         heartbeat = DEFAULT_HEARTBEAT_S
     return heartbeat, min(heartbeat + IDLE_BEYOND_HEARTBEAT_S, max_idle_s)
 

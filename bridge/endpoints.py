@@ -21,6 +21,7 @@ from bridge.resume.client import ResumeStore
 from bridge.resume.remote import NothingLeft, open_remote
 from bridge.rollout import in_rollout
 from bridge.state import BridgeState
+from bridge.stream.frames import sources
 from bridge.stream.ids import resume_point
 from bridge.stream.opener import StreamOpener
 from bridge.stream.response import ErrorFrameResponse, EventStreamResponse
@@ -86,10 +87,11 @@ class Endpoints:
         return response
 
     async def _resume(self, request: Request, stream_id: str, after_seq: int) -> Response:
-        """A reconnect with ``Last-Event-ID``. See :func:`_expired_stream` for the one answer given
-        for an id that is unknown, over, or someone else's."""
+        """A reconnect with ``Last-Event-ID``, within CONTROL_RATE_LIMIT (it may cost a store round
+        trip). See :func:`_expired_stream` for the one answer given for an id that is unknown, over,
+        or someone else's."""
         state = self.state
-        identity = await state.gate.identify(request)
+        identity = await state.gate.control(request)
         session = state.registry.get(stream_id)
         store = state.resume_store
         if session is not None and session.owner != identity.key:
@@ -152,10 +154,10 @@ class Endpoints:
         )
 
     async def cancel_stream(self, request: Request) -> Response:
-        """Explicit stop. Someone else's stream takes the unknown-id path (same store round trip,
-        same 404), so the answer never tells which ids are live."""
+        """Explicit stop, within CONTROL_RATE_LIMIT. Someone else's stream takes the unknown-id path
+        (same store round trip, same 404), so the answer never tells which ids are live."""
         state = self.state
-        identity = await state.gate.identify(request)
+        identity = await state.gate.control(request)
         stream_id = request.path_params["stream_id"]
         session = state.registry.get(stream_id)
         if session is not None and session.owner == identity.key:
@@ -213,7 +215,7 @@ class Endpoints:
         )
         body = {
             "answer": reply.answer,
-            "sources": [{"title": s.title, "uri": s.uri, "score": s.score} for s in reply.metadata.sources],
+            "sources": sources(reply.metadata),
             "model": reply.metadata.model,
             "request_id": request_id,
             "finish_reason": "length" if reply.completion.finish_reason == rag_pb2.FINISH_REASON_LENGTH else "stop",

@@ -1,8 +1,18 @@
 """Admission: who the caller is and whether they may make this request now.
 
-Both chat endpoints pass through the same gate, in this order: shutting down (503), identity
-(401), rate limit (429 + Retry-After). The rate-limit headers of the decision are returned so
-every response, successful or not, carries them.
+Both chat endpoints pass through ``admit``, in this order: shutting down (503), identity (401),
+rate limit (429 + Retry-After). The rate-limit headers of the decision are returned so every
+response, successful or not, carries them. Resumes, cancels and admin reads pass through
+``control``: identity, then CONTROL_RATE_LIMIT per caller (429 + Retry-After). It is a budget of
+its own, so a client's reconnects never spend its chat limit, yet a flood of them (a resume of an
+unknown id costs a Redis round trip) is refused.
+
+A refused credential is charged to the client's address block (``address_block``: the address
+as ``client_ip`` resolved it, an IPv6 /64) under AUTH_FAILURE_RATE_LIMIT *before* it is reported
+for the audit trail; past that budget the answer is 429 TOO_MANY_AUTH_FAILURES instead of 401.
+Only failures are counted: a valid credential from the same address is still served. Each
+limiter has its own key space, so failures never spend the anonymous caller's request limit at
+that address, and with Redis storage every instance counts against the same windows.
 
 A header that names the caller is read only when it is unambiguous. Starlette's
 ``headers.get`` returns the first of several copies, so an empty ``Authorization`` followed by a
@@ -19,13 +29,13 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from bridge.auth import Authenticator
-from bridge.clientip import client_ip
+from bridge.clientip import address_block, client_ip, counting_key
 from bridge.config import Settings
-from bridge.errors import BadRequest, BridgeError, Rejected, ServiceUnavailable, Unauthorized
+from bridge.errors import BadRequest, BridgeError, Rejected, ServiceUnavailable, TooManyRequests, Unauthorized
 from bridge.ratelimit import RateDecision, RateLimiter
 from bridge.types import Identity
 
-AuthFailureHook = Callable[[Request, str, BridgeError], None]
+AuthFailureHook = Callable[[Request, Identity, BridgeError], None]
 RejectionHook = Callable[[Request, Identity, BridgeError], None]
 
 
@@ -41,12 +51,17 @@ class Gate:
         settings: Settings,
         authenticator: Authenticator,
         limiter: RateLimiter,
+        *,
+        auth_failures: RateLimiter,
+        control: RateLimiter,
         on_auth_failure: AuthFailureHook | None = None,
         on_rejected: RejectionHook | None = None,
     ) -> None:
         self.settings = settings
         self.authenticator = authenticator
         self.limiter = limiter
+        self.auth_failures = auth_failures
+        self.control_limiter = control
         self.on_auth_failure = on_auth_failure
         self.on_rejected = on_rejected
         self.draining = False
@@ -63,9 +78,41 @@ class Gate:
             x_user_id = _single(request, "x-user-id") if trusted else None
             return await self.authenticator.authenticate(authorization, x_user_id, ip, trusted)
         except (Unauthorized, BadRequest) as exc:
-            if self.on_auth_failure is not None:
-                self.on_auth_failure(request, ip, exc)
-            raise
+            raise await self.refuse(request, Identity(client_ip=ip), exc) from None
+
+    async def refuse(self, request: Request, identity: Identity, error: BridgeError) -> BridgeError:
+        """The answer to a refused credential: ``error``, or 429 once the address is over its budget.
+
+        The address is charged first, then the refusal is reported (``on_auth_failure``), so
+        nothing is written for a failure that was not counted. A limiter whose store is down
+        leaves ``error`` as the answer: the request is refused either way.
+        """
+        decision = await self.auth_failures.hit(address_block(identity.client_ip))
+        if self.on_auth_failure is not None:
+            self.on_auth_failure(request, identity, error)
+        if decision.allowed or decision.storage_error:
+            return error
+        return TooManyRequests(
+            "too many failed authentication attempts from this address; try again later",
+            code="TOO_MANY_AUTH_FAILURES",
+            retryable=True,
+            retry_after_s=decision.retry_after_s,
+        )
+
+    async def control(self, request: Request) -> Identity:
+        """The identity of a resume, cancel or admin read, within CONTROL_RATE_LIMIT (else 429).
+
+        Counted per ``counting_key``: an anonymous caller per address block, so cycling the
+        addresses of an IPv6 /64 buys no further probes.
+        """
+        identity = await self.identify(request)
+        decision = await self.control_limiter.hit(counting_key(identity))
+        error = decision.error()
+        if error is not None:
+            if self.on_rejected is not None:
+                self.on_rejected(request, identity, error)
+            raise error
+        return identity
 
     async def admit(self, request: Request) -> Admission:
         if self.draining:
@@ -81,6 +128,11 @@ class Gate:
                 self.on_rejected(request, identity, error)
             raise Rejected(error, headers, identity)
         return Admission(identity, headers)
+
+    async def aclose(self) -> None:
+        """Release every limiter's storage."""
+        for limiter in (self.limiter, self.auth_failures, self.control_limiter):
+            await limiter.aclose()
 
 
 def _single(request: Request, name: str) -> str | None:

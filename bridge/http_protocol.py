@@ -18,6 +18,7 @@ This protocol
 - closes a connection idle ``keepalive_timeout_s`` between requests (uvicorn's own timer);
 - parses no further than ``MAX_PIPELINED_REQUESTS`` requests queued behind the response under
   way, and reads nothing more until the queue shrinks (the rest of the read is held);
+- never lets a chunked body's trailer fields into the request's headers (``on_header``);
 
 and reports each close by reason. An open response (an SSE stream) is never idle: no timer runs
 while a request is being answered and its head is complete.
@@ -118,6 +119,7 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         # not closing; None: close without an answer).
         self._closing_with: BridgeError | Literal[False] | None = False
         self._linger = Linger(LINGER_BYTES, LINGER_S)
+        self._in_trailers = False  # the head of the request being parsed is complete
 
     # ------------------------------------------------------------------ asyncio.Protocol
 
@@ -173,9 +175,24 @@ class HeadLimitedProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         self._budget.message_begun()
         self._head_deadline.arm()
+        self._in_trailers = False
         super().on_message_begin()
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """A field of the request head; a field of a chunked body's trailer section is dropped.
+
+        llhttp reports trailer fields through this same callback and uvicorn appended them to the
+        list the app reads as the request's headers (RFC 9110 6.5.1 forbids that merge). A proxy
+        that forwards trailers (Go's ReverseProxy does) rewrites the head, not the trailer: a
+        client's ``X-Forwarded-For: 6.6.6.6`` trailer became the right-most hop the bridge
+        believes, and an ``x-user-id`` trailer the identity the proxy had cleared from the head.
+        The bridge reads nothing from a trailer, so it keeps none.
+        """
+        if not self._in_trailers:
+            super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
+        self._in_trailers = True
         self._head_deadline.cancel()
         self._budget.headers_complete(content_length(self.headers))
         super().on_headers_complete()

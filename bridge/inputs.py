@@ -13,8 +13,10 @@ from starlette.requests import ClientDisconnect, Request
 from bridge.errors import BadRequest, ClientDisconnected, PayloadTooLarge, UnsupportedMediaType
 
 ROLES = ("user", "assistant", "system")
-_EMAIL = re.compile(r"^[^@\s\x00-\x1f]{1,64}@[^@\s\x00-\x1f]{1,190}$")
-_FIELD = re.compile(r"^[A-Za-z0-9_.\-]{1,32}$")
+# Matched with ``fullmatch``: ``re.match`` with ``$`` also accepts the text followed by one "\n",
+# so "a@b\n" passed as an address and reached the RAG service with its line break.
+_EMAIL = re.compile(r"[^@\s\x00-\x1f]{1,64}@[^@\s\x00-\x1f]{1,190}")
+_FIELD = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,10 +95,10 @@ def validate(data: Mapping[str, Any], limits: Limits) -> ChatInput:
         raise BadRequest(f"query must be at most {limits.max_query_bytes} bytes", code="QUERY_TOO_LONG")
     check_text(query, "query")
     email = _optional_str(data, "user_email")
-    if email is not None and not _EMAIL.match(email):
+    if email is not None and not _EMAIL.fullmatch(email):
         raise BadRequest("user_email is not an email address")
     role = _optional_str(data, "user_role")
-    if role is not None and not _FIELD.match(role):
+    if role is not None and not _FIELD.fullmatch(role):
         raise BadRequest("user_role must be a short word such as member")
     return ChatInput(query, email, role, _history(data.get("conversation_history"), limits))
 

@@ -99,6 +99,10 @@ class _Window(Protocol):
 class RateLimiter:
     """``hit(key)`` counts one request for ``key`` and says whether it may proceed.
 
+    ``rate`` is (requests, window seconds), RATE_LIMIT's by default; ``key_space`` prefixes every
+    key (``<key_space>:<key>``), so limiters sharing one store never count in each other's windows:
+    without it the failed-credential counter for an address and the request limit of the
+    anonymous caller at that address, or a user's resumes and their chats, would be one budget.
     ``clock`` is only accepted with ``memory://`` storage (see the module docstring);
     ``storage_timeout_s`` bounds one Redis round trip so a hung Redis cannot hang requests;
     ``storage_retry_after_s`` is the hint sent when failing closed.
@@ -109,12 +113,15 @@ class RateLimiter:
         settings: Settings,
         clock: Clock | None = None,
         *,
+        rate: tuple[int, int] | None = None,
+        key_space: str = "",
         on_violation: Callable[[str, RateDecision], None] | None = None,
         on_storage_error: Callable[[BaseException], None] | None = None,
         storage_timeout_s: float = 0.5,
         storage_retry_after_s: int = 5,
     ) -> None:
-        self.limit, self.window_s = settings.rate_limit_per_window
+        self.limit, self.window_s = rate or settings.rate_limit_per_window
+        self._prefix = f"{key_space}:" if key_space else ""
         self.fail_open = settings.rate_limit_fail_open
         self.on_violation = on_violation
         self.on_storage_error = on_storage_error
@@ -137,6 +144,7 @@ class RateLimiter:
 
     async def hit(self, key: str) -> RateDecision:
         """Count a request for ``key``; never raises for a storage failure (see fail_open)."""
+        key = self._prefix + key
         try:
             if self._in_memory:
                 # Nothing to wait for: a timeout (a timer armed and cancelled per request) would

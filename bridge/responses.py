@@ -12,10 +12,13 @@ from bridge.errors import BridgeError
 
 
 class JSONResponse(Response):
+    """UTF-8 JSON. A lone surrogate in a string (legal JSON, read back from a stored record) is
+    written as its ``\\uXXXX`` escape: strict UTF-8 encoding would raise, turning the answer into a 500."""
+
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "backslashreplace")
 
 
 def error_response(error: BridgeError, headers: Mapping[str, str] | None = None) -> JSONResponse:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
 from bridge.audit import AuditTrail
+from bridge.audit.events import SecurityKind
+from bridge.audit.refusals import RefusalLedger
 from bridge.auth import Authenticator
 from bridge.config import Settings
 from bridge.errors import BridgeError, ServiceUnavailable
@@ -41,6 +44,7 @@ class BridgeState:
     stats: StreamStats
     observer: FanOut
     audit: AuditTrail
+    refusals: RefusalLedger
     registry: SessionRegistry = field(default_factory=SessionRegistry)
     upstream: Upstream | None = None  # opened in the lifespan (a channel is bound to its loop)
     resume_store: ResumeStore | None = None  # likewise; None without RESUME_STORE or a grace window
@@ -52,35 +56,44 @@ class BridgeState:
         metrics = BridgeMetrics()
         stats = StreamStats(settings.stats_window_s)
         audit = AuditTrail.from_settings(settings, on_drop=lambda reason, count: metrics.audit_dropped(count))
-        limiter = RateLimiter(
+        refusals = RefusalLedger(audit, settings.audit_refusal_window_s)
+
+        def limiter(reason: str, rate: tuple[int, int] | None = None, key_space: str = "") -> RateLimiter:
+            return RateLimiter(
+                settings,
+                rate=rate,
+                key_space=key_space,
+                on_violation=lambda key, decision: metrics.rate_limited(reason),
+                on_storage_error=lambda exc: metrics.rate_limit_storage_failed(),
+            )
+
+        def recorder(kind: SecurityKind) -> Callable[[Request, Identity, BridgeError], None]:
+            def record(request: Request, identity: Identity, error: BridgeError) -> None:
+                request_id, trace_id = request_ids(request)
+                path = request.url.path
+                refusals.refused(kind, identity, request_id=request_id, trace_id=trace_id, path=path, reason=error.code)
+
+            return record
+
+        gate = Gate(
             settings,
-            on_violation=lambda key, decision: metrics.rate_limited("rate"),
-            on_storage_error=lambda exc: metrics.rate_limit_storage_failed(),
+            Authenticator(settings),
+            limiter("rate"),
+            auth_failures=limiter("auth_failures", settings.auth_failure_rate_per_window, "auth-failures"),
+            control=limiter("control", settings.control_rate_per_window, "control"),
+            on_auth_failure=recorder("auth_failed"),
+            on_rejected=recorder("rate_limited"),
         )
-
-        def auth_failed(request: Request, ip: str, error: BridgeError) -> None:
-            request_id, trace_id = request_ids(request)
-            audit.record(
-                audit.events.auth_failed(
-                    Identity(client_ip=ip), request_id, trace_id, path=request.url.path, reason=error.code
-                )
-            )
-
-        def rejected(request: Request, identity: Identity, error: BridgeError) -> None:
-            request_id, trace_id = request_ids(request)
-            audit.record(
-                audit.events.rate_limited(identity, request_id, trace_id, path=request.url.path, reason=error.code)
-            )
-
         return cls(
             settings=settings,
-            gate=Gate(settings, Authenticator(settings), limiter, on_auth_failure=auth_failed, on_rejected=rejected),
+            gate=gate,
             caps=StreamCaps(settings.max_streams_per_user, settings.max_streams_total),
             telemetry=telemetry or Telemetry.from_settings(settings),
             metrics=metrics,
             stats=stats,
             observer=FanOut(metrics, stats),
             audit=audit,
+            refusals=refusals,
             policy=StreamPolicy(
                 heartbeat_interval_s=settings.heartbeat_interval_s,
                 send_timeout_s=settings.send_timeout_s,

@@ -11,7 +11,7 @@ import pytest
 
 from bridge.audit.chain import Chain, verify
 from bridge.audit.retention import purge
-from bridge.audit.store import SQLiteStore
+from bridge.audit.store import Link, QueryFilters, SQLiteStore, canonical_json, storable
 
 KEY = b"c" * 32
 N = 6
@@ -134,3 +134,79 @@ def test_deleting_records_after_a_purge_is_still_detected(store: SQLiteStore) ->
     result = verify(store, KEY)
     assert (result.ok, result.first_bad_id) == (False, 5)
     assert "checkpoint" in result.reason
+
+
+# -- strings SQLite cannot give back ---------------------------------------------------------------
+
+UNSTORABLE = {"a\ud800": "a\\ud800", "\udfff\ud800": "\\udfff\\ud800", "alice\x00x": "alice\\u0000x"}
+
+
+def test_storable_escapes_surrogates_and_nul_in_every_string() -> None:
+    body = {"user_id": "a\ud800", "filters": {"k\x00": ["\udfff", 3, None]}, "ok": "zoë 用户", "n": 1.5}
+    assert storable(body) == {
+        "user_id": "a\\ud800",
+        "filters": {"k\\u0000": ["\\udfff", 3, None]},
+        "ok": "zoë 用户",
+        "n": 1.5,
+    }
+
+
+@pytest.mark.parametrize(("sent", "stored"), UNSTORABLE.items())
+def test_every_string_is_stored_so_sql_reads_it_back(store: SQLiteStore, sent: str, stored: str) -> None:
+    body = {"ts": "2025-01-09T00:00:00.000000Z", "event_type": "chat", "user_id": sent, "filters": {"user_id": sent}}
+    store.append_batch([body], Chain(KEY))
+    with sqlite3.connect(store.path) as conn:  # a plain reader: strict UTF-8, no help from the store
+        assert conn.execute("SELECT user_id FROM audit_records WHERE id = ?", (N + 1,)).fetchone() == (stored,)
+    (rec,) = store.query(QueryFilters(user_id=stored), 10)
+    assert rec.body["user_id"] == rec.body["filters"]["user_id"] == stored
+    assert verify(store, KEY).ok
+
+
+def seal_unescaped(store: SQLiteStore, body: dict[str, object]) -> int:
+    """Append ``body`` sealed as it is, bypassing ``storable``: a genuine record from a store
+    written without it. Returns its id."""
+    chain = Chain(KEY)
+    with sqlite3.connect(store.path) as conn:
+        last_id, last_hash = conn.execute("SELECT last_id, last_hash FROM audit_chain_head").fetchone()
+        new = Link(last_id + 1, chain.seal(last_hash, last_id + 1, body))
+        conn.execute(
+            "INSERT INTO audit_records (id, body, prev_hash, hash) VALUES (?, ?, ?, ?)",
+            (new.id, canonical_json(body), last_hash, new.hash),
+        )
+        conn.execute(
+            "UPDATE audit_chain_head SET last_id = ?, last_hash = ?, mac = ?", (new.id, new.hash, chain.seal_head(new))
+        )
+    return new.id
+
+
+@pytest.mark.parametrize("user_id", UNSTORABLE)
+def test_genuine_record_with_an_unstorable_user_id_still_verifies_and_reads(store: SQLiteStore, user_id: str) -> None:
+    """Such a record is not tampering: verify must pass it (or retention would refuse to purge forever)."""
+    record_id = seal_unescaped(store, {"ts": "2025-01-09T00:00:00.000000Z", "event_type": "chat", "user_id": user_id})
+    store.append_batch([{"ts": "2025-01-10T00:00:00.000000Z", "event_type": "chat"}], Chain(KEY))
+    result = verify(store, KEY)
+    assert (result.ok, result.checked) == (True, N + 2), result
+    assert [r.id for r in store.query(QueryFilters(), 100)][:2] == [record_id + 1, record_id]
+    assert store.query(QueryFilters(), 100)[1].body["user_id"] == user_id
+
+
+def test_undecodable_rows_are_named_and_every_record_is_read(store: SQLiteStore) -> None:
+    """Edits of the file that leave text SQLite hands back as non-UTF-8: verify names the first and
+    still reads all N records; queries return every row."""
+    tamper(
+        store,
+        ("UPDATE audit_records SET body = replace(body, '\"chat\"', '\"chat\\ud800\"') WHERE id = 3", ()),
+        (
+            "UPDATE audit_records SET body = CAST(? AS TEXT) WHERE id = 5",
+            (row(store, 5)[0].encode().replace(b'"chat"', b'"chat\xff"'),),
+        ),
+    )
+    with sqlite3.connect(store.path) as conn, pytest.raises(sqlite3.OperationalError, match="decode"):
+        conn.execute("SELECT event_type FROM audit_records").fetchall()
+    result = verify(store, KEY)
+    assert (result.ok, result.checked, result.first_bad_id) == (False, N, 3), result
+    assert "hash mismatch" in result.reason
+    assert [r.id for r in store.query(QueryFilters(), 100)] == list(range(N, 0, -1))
+    tamper(store, ("UPDATE audit_records SET body = replace(body, '\\ud800', '') WHERE id = 3", ()))
+    result = verify(store, KEY)
+    assert (result.ok, result.first_bad_id) == (False, 5) and "canonical" in result.reason, result

@@ -9,6 +9,8 @@ import sqlite3
 import stat
 from pathlib import Path
 
+import pytest
+
 from bridge.audit.cli import add_audit_commands, run_backup, run_export, run_purge, run_verify
 from bridge.audit.events import EventFactory
 from bridge.audit.keys import key_path
@@ -69,6 +71,25 @@ async def test_purge_and_export(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in lines.getvalue().splitlines()]
     assert [r["event_type"] for r in rows] == ["retention_checkpoint"]
     assert rows[0]["purged_count"] == 5 and len(rows[0]["hash"]) == 64
+
+
+async def test_purge_older_than_beyond_the_calendar_keeps_everything_and_negative_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cutoff before year 1 overflowed into a traceback; a negative one lies in the future and
+    would purge every record, even those written while the purge runs."""
+    settings = await filled(tmp_path)
+    out = io.StringIO()
+    assert run_purge(settings, 10**9, out) == 0
+    assert out.getvalue() == "purged 0 audit records older than 0001-01-01T00:00:00.000000Z\n"
+    parser = argparse.ArgumentParser()
+    add_audit_commands(parser.add_subparsers(dest="command"), lambda args: settings)
+    for days in ("-1", "soon"):
+        with pytest.raises(SystemExit) as exited:
+            parser.parse_args(["audit", "purge", "--older-than-days", days])
+        assert exited.value.code == 2
+        assert f"expected a whole number of days >= 0, got {days!r}" in capsys.readouterr().err
+    assert run_verify(settings, io.StringIO()) == 0
 
 
 async def test_backup_copies_key_and_refuses_to_overwrite(tmp_path: Path) -> None:

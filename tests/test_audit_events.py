@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import re
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from bridge.audit.events import EventFactory, parse_ts
+from bridge.audit.events import (
+    EARLIEST_TS,
+    LATEST_TS,
+    EventFactory,
+    SecurityKind,
+    format_ts,
+    parse_ts,
+    retention_cutoff,
+)
 from bridge.audit.keys import derive_keys
 from bridge.types import Identity, StreamResult
 
@@ -23,8 +34,8 @@ EXPECTED = {
     "stream_cancelled": END,
     "stream_failed": END | {"error_code"},
     "chat": BASE | {"query_hmac", "tokens", "duration_ms", "outcome", "error_code"},
-    "rate_limited": BASE | {"client_ip", "path", "reason"},
-    "auth_failed": BASE | {"client_ip", "path", "reason"},
+    "rate_limited": BASE | {"client_ip", "path", "reason", "count", "first_ts"},
+    "auth_failed": BASE | {"client_ip", "path", "reason", "count", "first_ts"},
     "admin_read": BASE | {"filters", "returned"},
 }
 
@@ -105,3 +116,89 @@ def test_parse_ts_normalises_offsets() -> None:
     assert parse_ts("2025-03-01T14:00:00+02:00") == "2025-03-01T12:00:00.000000Z"
     assert parse_ts("2025-03-01T12:00:00Z") == "2025-03-01T12:00:00.000000Z"
     assert parse_ts("2025-03-01") == "2025-03-01T00:00:00.000000Z"
+
+
+# -- timestamps over the whole range of datetime ---------------------------------------------------
+
+MICROSECOND = timedelta(microseconds=1)
+LAST_MICROSECOND = (datetime.max - datetime.min) // MICROSECOND
+OFFSETS = st.integers(-(24 * 60 - 1), 24 * 60 - 1).map(lambda m: timezone(timedelta(minutes=m)))  # ISO 8601: ±hh:mm
+INSTANTS = st.one_of(  # the whole range, and the two days at each end where an offset overflows UTC
+    st.datetimes(min_value=datetime.min, max_value=datetime.max, timezones=OFFSETS),
+    st.datetimes(min_value=datetime.min, max_value=datetime.min + timedelta(days=2), timezones=OFFSETS),
+    st.datetimes(min_value=datetime.max - timedelta(days=2), max_value=datetime.max, timezones=OFFSETS),
+)
+UTC_INSTANTS = st.datetimes(min_value=datetime.min, max_value=datetime.max, timezones=st.just(UTC))
+PROPERTY = settings(max_examples=300, deadline=None, database=None)
+
+
+def utc_microseconds(moment: datetime) -> int:
+    """Microseconds since 0001-01-01T00:00:00Z, in exact integers (may lie outside datetime's range)."""
+    offset = moment.utcoffset() or timedelta(0)
+    return (moment.replace(tzinfo=None) - datetime.min) // MICROSECOND - offset // MICROSECOND
+
+
+@PROPERTY
+@given(INSTANTS)
+def test_parse_ts_is_the_utc_instant_or_a_value_error(moment: datetime) -> None:
+    """Every ISO 8601 instant with any offset: its fixed-width UTC form, or ValueError (a 400) when
+    UTC cannot hold it; never OverflowError (a 500 that dropped the connection)."""
+    micros = utc_microseconds(moment)
+    if not 0 <= micros <= LAST_MICROSECOND:
+        with pytest.raises(ValueError, match="outside"):
+            parse_ts(moment.isoformat())
+        return
+    stored = parse_ts(moment.isoformat())
+    assert len(stored) == len(EARLIEST_TS) and stored.endswith("Z") and EARLIEST_TS <= stored <= LATEST_TS
+    assert utc_microseconds(datetime.fromisoformat(stored)) == micros
+
+
+@PROPERTY
+@given(INSTANTS, INSTANTS)
+def test_parsed_bounds_sort_as_text_in_time_order(a: datetime, b: datetime) -> None:
+    """What SQL compares: ``since``/``until`` against stored ``ts`` as text, for years 1..9999."""
+    ma, mb = utc_microseconds(a), utc_microseconds(b)
+    if 0 <= ma <= LAST_MICROSECOND and 0 <= mb <= LAST_MICROSECOND:
+        ta, tb = parse_ts(a.isoformat()), parse_ts(b.isoformat())
+        assert (ta < tb, ta == tb) == (ma < mb, ma == mb)
+
+
+@PROPERTY
+@given(UTC_INSTANTS, UTC_INSTANTS)
+def test_format_ts_has_four_digit_years_and_sorts_in_time_order(a: datetime, b: datetime) -> None:
+    ta, tb = format_ts(a), format_ts(b)
+    assert len(ta) == len(tb) == len(EARLIEST_TS)
+    assert ta[:4] == f"{a.year:04d}" and parse_ts(ta) == ta
+    assert (ta < tb) == (a < b)
+
+
+def test_years_before_1000_are_zero_padded() -> None:
+    assert format_ts(datetime(999, 1, 1, tzinfo=UTC)) == "0999-01-01T00:00:00.000000Z"
+    assert format_ts(datetime(1, 1, 1, tzinfo=UTC)) == EARLIEST_TS
+    assert parse_ts("0999-01-01T00:00:00Z") < parse_ts("2025-01-01T00:00:00Z")
+
+
+@pytest.mark.parametrize("text", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_instants_outside_utc_are_a_value_error(text: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"outside {EARLIEST_TS}..{LATEST_TS}")):
+        parse_ts(text)
+
+
+def test_retention_cutoff_never_overflows_and_refuses_negative_days() -> None:
+    now = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+    assert retention_cutoff(now, 0) == "2025-03-01T12:00:00.000000Z"
+    assert retention_cutoff(now, 90) == "2024-12-01T12:00:00.000000Z"
+    assert retention_cutoff(now, 10**6) == EARLIEST_TS  # keeps everything
+    assert retention_cutoff(now, 10**12) == EARLIEST_TS  # beyond what timedelta holds
+    with pytest.raises(ValueError, match="negative"):
+        retention_cutoff(now, -1)
+
+
+@pytest.mark.parametrize("kind", ["rate_limited", "auth_failed"])
+def test_security_event_states_how_many_refusals_it_stands_for(kind: SecurityKind) -> None:
+    single = build(kind, ANON)
+    assert single["count"] == 1 and single["first_ts"] == single["ts"]
+    folded = FACTORY.security(kind, ANON, "r1", None, "/p", "RATE_LIMITED", 41, "2030-01-01T00:00:00.000000Z")
+    assert folded.body["count"] == 41 and folded.body["first_ts"] == "2030-01-01T00:00:00.000000Z"
+    with pytest.raises(ValueError, match="at least one"):
+        FACTORY.security(kind, ANON, "r1", None, "/p", "RATE_LIMITED", 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,9 +14,11 @@ from starlette.routing import Route
 
 from bridge.audit.http import admin_audit_endpoint
 from bridge.audit.keys import derive_keys
+from bridge.audit.refusals import RefusalLedger
 from bridge.audit.store import QueryFilters, SQLiteStore
 from bridge.audit.trail import AuditTrail
-from bridge.errors import Unauthorized
+from bridge.errors import BridgeError, Unauthorized
+from bridge.responses import JSONResponse
 from bridge.types import Identity
 
 
@@ -41,7 +44,14 @@ async def setup(tmp_path: Path) -> AsyncIterator[tuple[AuditTrail, httpx.AsyncCl
     for i in range(7):
         trail.record(trail.events.rate_limited(anon, f"rl{i}", None, path="/x", reason="RATE_LIMITED"))
     await trail.flush()
-    app = Starlette(routes=[Route("/api/admin/audit", admin_audit_endpoint(trail, authenticate))])
+    ledger = RefusalLedger(trail, 60)
+
+    async def refuse(request: Request, identity: Identity, error: BridgeError) -> BridgeError:
+        """Standing in for the gate's address budget: every refusal goes to a real ledger."""
+        ledger.refused("auth_failed", identity, request_id="r", trace_id=None, path=request.url.path, reason=error.code)
+        return error
+
+    app = Starlette(routes=[Route("/api/admin/audit", admin_audit_endpoint(trail, authenticate, refuse))])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         yield trail, client
     await trail.aclose()
@@ -107,6 +117,8 @@ async def test_bad_token_and_bad_parameters(setup: tuple[AuditTrail, httpx.Async
         {"limit": "0"},
         {"limit": "abc"},
         {"since": "yesterday"},
+        {"since": "0001-01-01T00:00:00+01:00"},  # before the first instant UTC can hold
+        {"until": "9999-12-31T23:59:59-01:00"},
         {"event_type": "nope"},
         {"ip": "1.2.3.4", "user_id": "x"},
         {"cursor": "-1"},
@@ -128,3 +140,10 @@ async def test_tampering_shows_in_chain_status(setup: tuple[AuditTrail, httpx.As
     response = await client.get("/api/admin/audit", params={"verify": "1"}, headers={"x-test-who": "admin"})
     data = response.json()
     assert data["chain"]["ok"] is False and data["chain"]["first_bad_id"] == 4
+
+
+def test_a_lone_surrogate_in_a_response_is_escaped_not_a_500() -> None:
+    """A stored record may hold one (legal JSON); strict UTF-8 encoding of the answer would raise."""
+    body = bytes(JSONResponse({"user_id": "a\ud800", "name": "zoë"}).body)
+    assert body == '{"user_id":"a\\ud800","name":"zoë"}'.encode()
+    assert json.loads(body) == {"user_id": "a\ud800", "name": "zoë"}

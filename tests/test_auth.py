@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from bridge.auth import MAX_TOKEN_BYTES, Authenticator, effective_role
+from bridge.auth import MAX_TOKEN_BYTES, Authenticator, effective_role, valid_user_id
 from bridge.config import Settings
 from bridge.errors import ServiceUnavailable, Unauthorized
 from bridge.types import Identity
@@ -218,6 +218,49 @@ async def test_role_and_email_only_from_verified_well_formed_claims() -> None:
     token = hs(claims(role="Member", roles=["external"]))
     ident = await auth.authenticate(f"Bearer {token}", None, IP, False)
     assert ident.role == "member"
+
+
+POISONED_USER_IDS = [
+    "a\ud800",  # lone surrogate: legal JSON, not UTF-8
+    "\udfff\ud800",
+    "alice\x00x",  # NUL: SQLite's JSON functions end the string there
+    "a\nb",
+    "tab\tid",
+    "\u202eevil",  # right-to-left override
+    "zero\u200bwidth",
+    "x" * 129,
+]
+
+
+@pytest.mark.parametrize("sub", [*POISONED_USER_IDS, " alice", "alice ", "   ", ""])
+async def test_token_subject_is_held_to_the_user_id_rule(sub: str) -> None:
+    auth = Authenticator(replace(BASE, jwt_secret=SECRET))
+    err = await reject(auth, hs(claims(sub=sub)))
+    assert err.code == "INVALID_TOKEN"
+    assert err.message == "token subject must be 1 to 128 printable characters without surrounding spaces"
+    assert not valid_user_id(sub)
+
+
+@pytest.mark.parametrize("user_id", POISONED_USER_IDS)
+async def test_proxy_user_id_is_held_to_the_same_rule(user_id: str) -> None:
+    auth = Authenticator(replace(BASE, jwt_secret=SECRET))
+    assert (await auth.authenticate(None, user_id, IP, True)).user_id is None
+    assert (await auth.authenticate(None, f"  {user_id} ", IP, True)).user_id is None
+
+
+@pytest.mark.parametrize("sub", ["user-1", "zoë", "auth0|5f3c9a", "Alice Smith", "用户", "a@b.example", "x" * 128])
+async def test_printable_subjects_of_any_script_are_accepted(sub: str) -> None:
+    auth = Authenticator(replace(BASE, jwt_secret=SECRET))
+    assert valid_user_id(sub)
+    assert (await auth.authenticate(f"Bearer {hs(claims(sub=sub))}", None, IP, False)).user_id == sub
+    assert (await auth.authenticate(None, f" {sub}  ", IP, True)).user_id == sub  # a header's spaces are trimmed
+
+
+@pytest.mark.parametrize("email", ["a\ud800@example.com", "a\x00@example.com", "a\n@example.com"])
+async def test_unprintable_email_claim_is_dropped_not_stored(email: str) -> None:
+    auth = Authenticator(replace(BASE, jwt_secret=SECRET))
+    ident = await auth.authenticate(f"Bearer {hs(claims(email=email))}", None, IP, False)
+    assert (ident.user_id, ident.email) == ("user-1", None)
 
 
 def test_effective_role_narrows_never_raises() -> None:

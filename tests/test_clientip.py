@@ -6,8 +6,9 @@ import ipaddress
 
 import pytest
 
-from bridge.clientip import client_ip, parse_ip
+from bridge.clientip import address_block, client_ip, counting_key, parse_ip
 from bridge.config import IPNetwork
+from bridge.types import Identity
 
 TRUSTED: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("10.0.0.0/8"),
@@ -80,3 +81,26 @@ def test_the_decision_cache_stays_bounded_whatever_headers_a_client_sends() -> N
     assert client_ip("10.0.0.2", "1.2.3.4, 198.51.100.9", TRUSTED) == clientip._client_ip(
         "10.0.0.2", "1.2.3.4, 198.51.100.9", TRUSTED
     )
+
+
+@pytest.mark.parametrize(
+    ("address", "block"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("::ffff:203.0.113.7", "203.0.113.7"),
+        ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+        ("[2001:db8:1:3::1]:443", "2001:db8:1:3::/64"),
+        ("unknown", "unknown"),
+        ("x" * 1000, "x" * 64),
+    ],
+)
+def test_address_block_is_the_ipv4_address_or_the_ipv6_64(address: str, block: str) -> None:
+    assert address_block(address) == block
+
+
+def test_counting_key_is_the_identity_key_or_the_anonymous_callers_block() -> None:
+    assert counting_key(Identity(client_ip="2001:db8::1", user_id="alice", authenticated=True)) == "user:alice"
+    assert counting_key(Identity(client_ip="2001:db8::1", user_id="alice")) == "proxy:alice"
+    assert counting_key(Identity(client_ip="2001:db8::1")) == "net:2001:db8::/64"
+    assert counting_key(Identity(client_ip="203.0.113.7")) == "net:203.0.113.7"

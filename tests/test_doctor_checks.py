@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import httpx
 
+from bridge.doctor import _json_object
 from bridge.doctor_checks import (
     Report,
     StreamRead,
@@ -17,6 +19,7 @@ from bridge.doctor_checks import (
     check_last_event_id,
     idle_plan,
 )
+from bridge.doctor_limits import decoder_for, printable
 
 
 def read(headers: dict[str, str] | None = None, frames: list[tuple[float, dict[str, Any]]] | None = None) -> StreamRead:
@@ -83,3 +86,53 @@ def test_a_stream_cut_during_the_silence_is_a_read_timeout_problem() -> None:
     report = Report()
     check_idle(StreamRead(200, httpx.Headers(), [], False, 4.2), 7.0, 5.0, report)
     assert names(report) == ["read-timeout"] and "about 4 s" in report.problems[0].what
+
+
+def test_a_hostile_heartbeat_header_counts_as_absent() -> None:
+    for raw in ("nan", "-5", "0", "inf", "-inf"):
+        assert idle_plan(httpx.Headers({"x-heartbeat-interval": raw}), 60.0) == (30.0, 32.0), raw
+
+
+# -- the byte and text limits (bridge/doctor_limits.py) ------------------------------------------
+
+
+def test_a_gzip_bomb_inflates_only_to_the_cap() -> None:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    bomb = compressor.compress(bytes(64 * 1024 * 1024)) + compressor.flush()
+    assert len(bomb) < 128 * 1024
+    decoder = decoder_for("gzip", 1000)
+    assert decoder is not None
+    assert decoder.decode(bomb) == bytes(1000) and decoder.exceeded
+    assert decoder.decode(bomb) == b""  # nothing more once the cap is spent
+
+
+def test_a_body_of_exactly_the_cap_is_not_over_it() -> None:
+    for encoding, body in (("identity", b"a" * 10), ("deflate", zlib.compress(b"a" * 10))):
+        decoder = decoder_for(encoding, 10)
+        assert decoder is not None
+        assert b"".join(decoder.decode(body[i : i + 3]) for i in range(0, len(body), 3)) == b"a" * 10
+        assert not decoder.exceeded, encoding
+    identity = decoder_for("identity", 10)
+    assert identity is not None and identity.decode(b"a" * 11) == b"a" * 10 and identity.exceeded
+
+
+def test_encodings_the_doctor_cannot_bound_have_no_decoder() -> None:
+    for encoding in ("br", "zstd", "gzip, gzip", "compress"):
+        assert decoder_for(encoding, 10) is None, encoding
+    assert decoder_for(None, 10) is not None and decoder_for(" GZIP ", 10) is not None
+
+
+def test_server_text_is_printed_on_one_line_without_control_characters() -> None:
+    hostile = "a\nPROBLEM forged\r\x1b[2J\x9b31m\u202eb\x00"
+    shown = printable(hostile)
+    assert shown.isprintable() and "\n" not in shown and "\x1b" not in shown
+    assert shown == r"a\nPROBLEM forged\r\x1b[2J\x9b31m\u202eb\x00"
+    assert (
+        printable("é" * 500, 10) == "é" * 7 + "..."
+        and printable("\n" * 500, 10) == r"\n\n\n..."
+        and printable("ab", 2) == "ab"
+    )
+
+
+def test_a_frame_nested_past_the_stack_is_not_a_frame() -> None:
+    assert _json_object("[" * 100_000) == {} and _json_object('{"type":"done"}') == {"type": "done"}

@@ -108,6 +108,9 @@ def _module_bridge(stub: RecordingStub, audit: Path, **env: str) -> Bridge:
             "AUDIT_DB": str(audit),
             "LOG_LEVEL": "WARNING",
             "RATE_LIMIT": UNLIMITED,
+            # These bridges are shared by a module of forged tokens: the refusals are the point,
+            # not the per-address failure budget (tests/test_attacks_audit_flood.py tests that).
+            "AUTH_FAILURE_RATE_LIMIT": UNLIMITED,
             "MAX_STREAMS_PER_USER": "50",
             **env,
         }

@@ -146,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "TRUSTED_PROXIES": "127.0.0.1/32",
                 "MAX_STREAMS_PER_USER": "1000000",
                 "MAX_STREAMS_TOTAL": "1000000",
+                # A soak user holds far more streams than a real one may (the line above), so its
+                # resumes and stops would outrun a budget sized for MAX_STREAMS_PER_USER streams.
+                "CONTROL_RATE_LIMIT": "1000000/minute",
                 "LOG_LEVEL": "WARNING",
                 **opts.bridge_env,
             }

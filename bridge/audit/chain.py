@@ -31,6 +31,7 @@ from bridge.audit.store import (
     Link,
     StoredRecord,
     canonical_json,
+    read_text,
 )
 
 
@@ -90,16 +91,21 @@ def inspect(
     the cutoff), and only when everything verified: a backdated ``ts`` column, or a chain that
     does not verify, must never make retention delete records.
     """
+    walk = _Walk(Chain(chain_key), purge_cutoff)
     try:
         with store.snapshot() as snap:
-            walk = _Walk(Chain(chain_key), purge_cutoff)
             for rec in snap.records:
                 walk.add(rec)
             result = walk.result(snap.head)
             if result.ok:
                 result = _check_heads(walk, snap, heads)
     except sqlite3.DatabaseError as exc:  # a dropped or replaced table is tampering too, not a crash
-        return Inspection(VerifyResult(False, 0, None, f"the store cannot be read as an audit store: {exc}"))
+        if walk.failure is not None:  # a bad record was found before the read failed: name it
+            return Inspection(VerifyResult(False, walk.checked, *walk.failure))
+        where = f" after record {walk.last.id}" if walk.last is not None else ""
+        return Inspection(
+            VerifyResult(False, walk.checked, None, f"the store cannot be read as an audit store{where}: {exc}")
+        )
     return Inspection(result, walk.old_through if result.ok else None)
 
 
@@ -187,11 +193,26 @@ def _problem(chain: Chain, prev: StoredRecord | None, rec: StoredRecord) -> str 
             "(duplicate, reordered or extra keys, or not a JSON object): the record was edited"
         )
     for name, column in zip(INDEXED_FIELDS, rec.columns, strict=True):
-        if column != rec.body.get(name):
+        if not _indexes_as(rec.body.get(name), column):
             return f"the indexed column {name} disagrees with the chained body: the record was edited"
     if not digest_equal(chain.seal_text(rec.prev_hash, rec.id, rec.raw), rec.hash):  # raw is canonical here
         return "hash mismatch: the record was edited or moved"
     return None
+
+
+def _indexes_as(value: Any, column: Any) -> bool:
+    """Whether ``column`` is what SQLite's ``json_extract`` makes of the body value ``value``.
+
+    For a string that is the value itself, except where SQLite cannot hold it: a lone surrogate
+    escape becomes its three-byte encoding (``surrogatepass``), which the store reads back as three
+    escaped bytes (``read_text``); and the result of a string with NUL is undefined in SQLite, the
+    whole string or the part before the NUL. ``storable`` keeps both out of new records; records
+    sealed with them are genuine and must still verify, or retention would refuse to purge forever.
+    """
+    if column == value or not isinstance(value, str) or not isinstance(column, str):
+        return bool(column == value)
+    encoded = value.encode("utf-8", "surrogatepass")
+    return column in {read_text(encoded), read_text(encoded.split(b"\0", 1)[0])}
 
 
 def _check_head(chain: Chain, head: Head | None, last: StoredRecord | None, checked: int) -> VerifyResult:

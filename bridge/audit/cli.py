@@ -19,12 +19,11 @@ import os
 import sqlite3
 import sys
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from typing import Any, TextIO
 
 from bridge.audit.anchor import AnchoredHead, HeadSigner, SealedHeadFile, head_path, heads_from_log
 from bridge.audit.chain import VerifyResult, verify
-from bridge.audit.events import format_ts, utc_now
+from bridge.audit.events import format_ts, retention_cutoff, utc_now
 from bridge.audit.keys import AuditKeys, key_path, load_keys, load_master_key, write_key_file
 from bridge.audit.retention import purge, sealed_heads
 from bridge.audit.store import SQLiteStore
@@ -120,7 +119,7 @@ def run_purge(settings: Settings, older_than_days: int | None = None, out: TextI
         return 2
     store, keys = opened
     days = settings.audit_retention_days if older_than_days is None else older_than_days
-    cutoff = format_ts(utc_now() - timedelta(days=days))
+    cutoff = retention_cutoff(utc_now(), days)
     try:
         sealed = SealedHeadFile(head_path(settings.audit_db), HeadSigner(keys.head_key))
         count = purge(store, keys.chain_key, sealed_heads(sealed), cutoff, lambda: format_ts(utc_now()))
@@ -203,7 +202,7 @@ def add_audit_commands(
     )
     verify_cmd.set_defaults(func=lambda a: run_verify(settings_factory(a), heads_from=a.heads_from))
     purge = commands.add_parser("purge", help="delete records older than the retention", parents=shared)
-    purge.add_argument("--older-than-days", type=int, default=None)
+    purge.add_argument("--older-than-days", type=_days, default=None, metavar="DAYS")
     purge.set_defaults(func=lambda a: run_purge(settings_factory(a), a.older_than_days))
     export = commands.add_parser("export", help="write every record as JSON lines", parents=shared)
     export.add_argument("--output", "-o", default="-", help="file (default: stdout)")
@@ -211,6 +210,18 @@ def add_audit_commands(
     backup = commands.add_parser("backup", help="online copy of the store, verified", parents=shared)
     backup.add_argument("path")
     backup.set_defaults(func=lambda a: run_backup(settings_factory(a), a.path))
+
+
+def _days(text: str) -> int:
+    """``--older-than-days``: a whole number >= 0 (a negative one would purge everything, even
+    records written while the purge runs)."""
+    try:
+        days = int(text)
+    except ValueError:
+        days = -1
+    if days < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of days >= 0, got {text!r}")
+    return days
 
 
 EXIT_BROKEN_PIPE = 128 + 13

@@ -10,7 +10,10 @@ Rules (each enforced here, and asserted per event type by tests/test_audit_event
   without it a caller whose ``x-user-id: alice`` a proxy passed on was recorded exactly like the
   verified token user ``alice``;
 * ``email`` only when ``Identity.authenticated`` (an unverified email is neither needed nor trusted);
-* ``client_ip`` only on the security events ``rate_limited`` and ``auth_failed``.
+* ``client_ip`` only on the security events ``rate_limited`` and ``auth_failed``;
+* a security event stands for ``count`` refusals, the first at ``first_ts`` (a single refusal:
+  ``count`` 1, ``first_ts`` equal to ``ts``). One record per refused request let any client fill
+  the store; bridge/audit/refusals.py folds repeats into one record per window.
 
 Every record carries exactly the keys in ``ALLOWED_FIELDS[event_type]`` (``email`` being the
 one optional key), so a new field cannot leak into the store without editing that table.
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -28,9 +31,11 @@ from bridge.audit.keys import AuditKeys
 from bridge.types import Identity, StreamResult
 
 StreamKind = Literal["stream_started", "stream_completed", "stream_cancelled", "stream_failed"]
+SecurityKind = Literal["rate_limited", "auth_failed"]
 
 _BASE = frozenset({"ts", "event_type", "request_id", "trace_id", "user_id", "identity_kind"})
 _STREAM_END = _BASE | {"query_hmac", "tokens", "first_token_ms", "duration_ms", "outcome"}
+_SECURITY = _BASE | {"client_ip", "path", "reason", "count", "first_ts"}
 ALLOWED_FIELDS: Mapping[str, frozenset[str]] = MappingProxyType(
     {
         "stream_started": _BASE | {"query_hmac"},
@@ -38,8 +43,8 @@ ALLOWED_FIELDS: Mapping[str, frozenset[str]] = MappingProxyType(
         "stream_cancelled": _STREAM_END,
         "stream_failed": _STREAM_END | {"error_code"},
         "chat": _BASE | {"query_hmac", "tokens", "duration_ms", "outcome", "error_code"},
-        "rate_limited": _BASE | {"client_ip", "path", "reason"},
-        "auth_failed": _BASE | {"client_ip", "path", "reason"},
+        "rate_limited": _SECURITY,
+        "auth_failed": _SECURITY,
         "admin_read": _BASE | {"filters", "returned"},
         "retention_checkpoint": frozenset(
             {"ts", "event_type", "purged_count", "last_purged_id", "last_purged_hash", "purged_before"}
@@ -70,17 +75,50 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+EARLIEST_TS = "0001-01-01T00:00:00.000000Z"
+LATEST_TS = "9999-12-31T23:59:59.999999Z"
+"""The range of ``format_ts``: what a UTC ``datetime`` can hold."""
+
+
 def format_ts(moment: datetime) -> str:
-    """Fixed-width UTC ISO 8601 with microseconds, so text order is time order in SQL."""
+    """Fixed-width UTC ISO 8601 with microseconds, so text order is time order in SQL.
+
+    The year is always four digits: ``strftime("%Y")`` writes year 999 as ``999``, which sorts
+    after ``2025`` as text, so a ``since`` before year 1000 would match no record at all.
+    OverflowError if the instant, moved to UTC, falls outside ``EARLIEST_TS..LATEST_TS``.
+    """
     if moment.tzinfo is None:
         raise ValueError("audit timestamps must be timezone-aware")
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def parse_ts(text: str) -> str:
-    """Normalise an ISO 8601 instant (``Z`` or offset; naive means UTC) to ``format_ts`` form."""
+    """Normalise an ISO 8601 instant (``Z`` or offset; naive means UTC) to ``format_ts`` form.
+
+    ValueError for anything else, including an instant that is valid where it was written but
+    not in UTC (``0001-01-01T00:00:00+01:00`` is before the first representable UTC instant): the
+    overflow must be a bad value, not an error escaping to the caller.
+    """
     moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
-    return format_ts(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+    try:
+        return format_ts(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+    except OverflowError:
+        raise ValueError(f"{text!r} is outside {EARLIEST_TS}..{LATEST_TS}") from None
+
+
+def retention_cutoff(now: datetime, days: int) -> str:
+    """``format_ts(now - days)``: records older than this are past a retention of ``days`` days.
+
+    A retention reaching back before ``EARLIEST_TS`` keeps everything (the cutoff is
+    ``EARLIEST_TS``, older than any record) instead of overflowing in the purge. A negative
+    ``days`` is a ValueError: its cutoff lies in the future and would purge records not yet written.
+    """
+    if days < 0:
+        raise ValueError(f"a retention of {days} days is negative")
+    try:
+        return format_ts(now - timedelta(days=days))
+    except OverflowError:
+        return EARLIEST_TS
 
 
 def checkpoint_event(
@@ -161,16 +199,32 @@ class EventFactory:
         return _seal(body)
 
     def rate_limited(
-        self, identity: Identity, request_id: str, trace_id: str | None, *, path: str, reason: str
+        self,
+        identity: Identity,
+        request_id: str,
+        trace_id: str | None,
+        *,
+        path: str,
+        reason: str,
+        count: int = 1,
+        first_ts: str | None = None,
     ) -> AuditEvent:
-        """A request refused by a limit (``reason``: the error code, e.g. RATE_LIMITED)."""
-        return self._security("rate_limited", identity, request_id, trace_id, path, reason)
+        """``count`` requests refused by a limit (``reason``: the error code, e.g. RATE_LIMITED)."""
+        return self.security("rate_limited", identity, request_id, trace_id, path, reason, count, first_ts)
 
     def auth_failed(
-        self, identity: Identity, request_id: str, trace_id: str | None, *, path: str, reason: str
+        self,
+        identity: Identity,
+        request_id: str,
+        trace_id: str | None,
+        *,
+        path: str,
+        reason: str,
+        count: int = 1,
+        first_ts: str | None = None,
     ) -> AuditEvent:
-        """A request refused for its credentials (``reason``: the error code, e.g. TOKEN_EXPIRED)."""
-        return self._security("auth_failed", identity, request_id, trace_id, path, reason)
+        """``count`` requests refused for their credentials (``reason``: the error code, e.g. TOKEN_EXPIRED)."""
+        return self.security("auth_failed", identity, request_id, trace_id, path, reason, count, first_ts)
 
     def admin_read(
         self, identity: Identity, request_id: str, trace_id: str | None, *, filters: Mapping[str, str], returned: int
@@ -180,12 +234,30 @@ class EventFactory:
         body.update(filters=dict(filters), returned=returned)
         return _seal(body)
 
-    def _security(
-        self, kind: str, identity: Identity, request_id: str, trace_id: str | None, path: str, reason: str
+    def security(
+        self,
+        kind: SecurityKind,
+        identity: Identity,
+        request_id: str,
+        trace_id: str | None,
+        path: str,
+        reason: str,
+        count: int = 1,
+        first_ts: str | None = None,
     ) -> AuditEvent:
+        """A security event standing for ``count`` refusals (>= 1), the first at ``first_ts``
+        (``format_ts`` text; None: now, for a single refusal)."""
+        if count < 1:
+            raise ValueError("a security event stands for at least one refusal")
         body = self._base(kind, identity, request_id, trace_id)
-        body.update(client_ip=identity.client_ip, path=path, reason=reason)
+        body.update(
+            client_ip=identity.client_ip, path=path, reason=reason, count=count, first_ts=first_ts or body["ts"]
+        )
         return _seal(body)
+
+    def now(self) -> str:
+        """The current time as a record's ``ts`` would state it."""
+        return format_ts(self._clock())
 
     def _base(self, kind: str, identity: Identity, request_id: str, trace_id: str | None) -> dict[str, Any]:
         body: dict[str, Any] = {

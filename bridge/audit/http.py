@@ -3,8 +3,10 @@
 Only an authenticated ``admin`` may read: a caller without a verified token gets 401 (with
 ``WWW-Authenticate``: authenticate, then retry), a verified non-admin 403 (no token of theirs will
 do). A refused attempt is itself a security event (``auth_failed``, reason UNAUTHORIZED or
-FORBIDDEN) and every successful read is audited (``admin_read``), so
-reading personal data always leaves a trace. The ``ip`` filter is turned into the pseudonymous
+FORBIDDEN), handed to ``refuse``, which charges the caller's address and folds repeats into one
+record per window (recording each one let an anonymous client fill the store through this
+endpoint), and every successful read is audited (``admin_read``), so reading personal data
+always leaves a trace. The ``ip`` filter is turned into the pseudonymous
 user id before it is used or logged: the admin_read record must not reintroduce a raw IP.
 """
 
@@ -16,7 +18,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bridge.audit.events import ALLOWED_FIELDS, parse_ts
+from bridge.audit.events import ALLOWED_FIELDS, EARLIEST_TS, LATEST_TS, parse_ts
 from bridge.audit.store import QueryFilters
 from bridge.audit.trail import AuditTrail
 from bridge.errors import BadRequest, BridgeError, Forbidden, Unauthorized
@@ -25,6 +27,7 @@ from bridge.responses import JSONResponse, error_response
 from bridge.types import Identity
 
 Authenticate = Callable[[Request], Awaitable[Identity]]
+Refuse = Callable[[Request, Identity, BridgeError], Awaitable[BridgeError]]
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 _TRUE = {"1", "true", "yes"}
@@ -37,12 +40,14 @@ _SQLITE_MAX_INT = 2**63 - 1
 def admin_audit_endpoint(
     trail: AuditTrail,
     authenticate: Authenticate,
+    refuse: Refuse,
     *,
     max_limit: int = 1000,
     status_max_age_s: float = 60.0,
     admin_role: str = "admin",
 ) -> Endpoint:
-    """The endpoint; ``authenticate`` resolves the caller and raises ``BridgeError`` (401) itself."""
+    """The endpoint; ``authenticate`` resolves the caller and raises ``BridgeError`` (401, 429)
+    itself; ``refuse`` reports a refused caller and returns the error to answer with."""
 
     async def endpoint(request: Request) -> Response:
         request_id, trace_id = request_ids(request)
@@ -55,10 +60,7 @@ def admin_audit_endpoint(
             else:
                 denied = None
             if denied is not None:
-                trail.record(
-                    trail.events.auth_failed(identity, request_id, trace_id, path=request.url.path, reason=denied.code)
-                )
-                raise denied
+                raise await refuse(request, identity, denied)
             filters, limit, offset, shown = _parse(request, trail, max_limit)
         except BridgeError as exc:
             return error_response(exc)
@@ -111,12 +113,13 @@ def _parse(request: Request, trail: AuditTrail, max_limit: int) -> tuple[QueryFi
 
 
 def _ts(value: str | None, name: str) -> str | None:
+    """A ``since``/``until`` bound in stored form; BadRequest for text that is not an instant in range."""
     if not value:
         return None
     try:
         return parse_ts(value)
     except ValueError:
-        raise BadRequest(f"{name} must be an ISO 8601 timestamp") from None
+        raise BadRequest(f"{name} must be an ISO 8601 timestamp within {EARLIEST_TS}..{LATEST_TS}") from None
 
 
 def _int(value: str | None, name: str, low: int, high: int | None) -> int | None:

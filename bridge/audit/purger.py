@@ -12,11 +12,11 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from bridge.audit.anchor import SealedHeadFile
 from bridge.audit.chain import Chain
-from bridge.audit.events import format_ts
+from bridge.audit.events import format_ts, retention_cutoff
 from bridge.audit.inbox import Inbox, Task
 from bridge.audit.retention import checkpoint_builder, plan_purge, sealed_heads
 from bridge.audit.store import AuditStore
@@ -68,7 +68,7 @@ class RetentionPurger:
 
     def now(self, days: int) -> int:
         """Verify on a read snapshot (this thread), then delete on the writer thread."""
-        cutoff = format_ts(self._clock() - timedelta(days=days))
+        cutoff = retention_cutoff(self._clock(), days)
         last = plan_purge(self._store, self._chain_key, sealed_heads(self._sealed), cutoff)
         if last is None:
             return 0

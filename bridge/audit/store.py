@@ -12,7 +12,10 @@ implementing it. What an implementation must guarantee (the SQLite one does):
   a crash between delete and checkpoint would leave a chain that can never verify again;
 * ``snapshot`` reads the head and all records in one read transaction, so a verify racing a writer
   does not see a head newer than the records (a false "tampered" alarm); ``hash_at`` answers
-  point lookups inside that same transaction (to check anchored heads).
+  point lookups inside that same transaction (to check anchored heads);
+* every string is stored so that SQL gives it back unchanged (``storable``), and reads never
+  fail on text that is not UTF-8 (a hostile edit): one bad row must not make the whole trail
+  unreadable, to the admin API and to verify alike.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -160,10 +164,44 @@ CREATE TABLE IF NOT EXISTS audit_chain_head (
 def canonical_json(body: Mapping[str, Any]) -> str:
     """The one serialisation used both to store and to hash a record (sorted keys, no spaces).
 
-    ASCII-only: a lone surrogate in, say, a path would otherwise fail UTF-8 encoding inside SQLite
-    and lose the whole batch; escaped, it round-trips and hashes the same on verify.
+    ASCII-only, so the body column itself is always valid UTF-8 whatever its strings hold. That
+    is not enough for the indexed columns, which SQLite decodes out of the escapes: see ``storable``.
     """
     return json.dumps(dict(body), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def storable(value: Any) -> Any:
+    """``value`` with every string one that SQLite's JSON functions give back unchanged.
+
+    Two kinds of character do not survive ``json_extract``, which computes the indexed columns:
+    a lone surrogate (``"a\\ud800"`` is legal JSON and a legal Python str, but not UTF-8: the
+    column would hold bytes no reader can decode, failing every read of the trail) and NUL (it
+    ends the string: ``"alice\\u0000x"`` would be indexed as the user ``alice``). Each is written
+    as the six visible characters ``\\uXXXX``, so the record is kept and still shows what was sent.
+    Keys, nested objects and lists are cleaned alike; other values are returned as they are.
+    """
+    if isinstance(value, str):
+        return _UNSTORABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", value)
+    if isinstance(value, Mapping):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable(v) for v in value]
+    return value
+
+
+def read_text(data: bytes) -> str:
+    """How every connection of the store decodes TEXT: bytes that are not UTF-8 become lone surrogates.
+
+    Strict decoding raises on every read that touches such a value (an edit of the file, or a
+    column SQLite computed from a lone surrogate escape), so one record would make the admin API
+    answer 500 and verify give up on the whole store. Decoded with ``surrogateescape`` the row is
+    read like any other, verify names it, and ``encode("utf-8", "surrogateescape")`` gives the
+    original bytes back.
+    """
+    return data.decode("utf-8", "surrogateescape")
 
 
 class SQLiteStore:
@@ -190,6 +228,7 @@ class SQLiteStore:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(store_uri(self.path), uri=True, isolation_level=None, check_same_thread=False)
+        conn.text_factory = read_text
         conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA secure_delete=ON")
@@ -236,7 +275,8 @@ class SQLiteStore:
             max_id = conn.execute("SELECT coalesce(max(id), 0) FROM audit_records").fetchone()[0]
             prev = Link(int(max_id), GENESIS)
         rows = []
-        for body in bodies:
+        for original in bodies:
+            body = storable(original)
             record_id = prev.id + 1
             digest = sealer.seal(prev.hash, record_id, body)
             rows.append((record_id, canonical_json(body), prev.hash, digest))

@@ -224,7 +224,10 @@ class ResumeStore:
             raise ResumeStoreUnavailable(
                 "the resume store is unavailable; retry", retryable=True, retry_after_s=1
             ) from None
-        return StoredStream.parse(stream_id, raw)
+        meta = StoredStream.parse(stream_id, raw)
+        if StoredStream.unreadable(raw, meta):
+            log.warning("stream %s: its resume record cannot be read; answered as expired", stream_id)
+        return meta
 
     async def hold_reader(self, stream_id: str, seconds: float, *, strict: bool = False) -> None:
         """(Re)set the reader key: a reader elsewhere holds the stream for ``seconds`` more."""

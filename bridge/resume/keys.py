@@ -54,16 +54,30 @@ class StoredStream:
 
     @classmethod
     def parse(cls, stream_id: str, raw: dict[bytes, bytes]) -> StoredStream | None:
+        """The record, or None when there is none or it cannot be read (``unreadable`` tells which).
+
+        A damaged record (bytes that are not UTF-8, a seq that is not an integer) reads as no
+        record: the stream is answered as expired. Raised instead, it answered the reconnect and
+        the cancel of that id with a 500 and a traceback.
+        """
         if not raw or b"owner" not in raw:
             return None
-        text = {k.decode(): v.decode() for k, v in raw.items()}
-        final = text.get("final_seq")
-        return cls(
-            stream_id=stream_id,
-            owner=text["owner"],
-            instance=text.get("instance", ""),
-            request_id=text.get("request_id", ""),
-            last_seq=int(text.get("last_seq", "0")),
-            final_seq=int(final) if final else None,
-            end=text.get("end") or None,
-        )
+        try:
+            text = {k.decode(): v.decode() for k, v in raw.items()}
+            final = text.get("final_seq")
+            return cls(
+                stream_id=stream_id,
+                owner=text["owner"],
+                instance=text.get("instance", ""),
+                request_id=text.get("request_id", ""),
+                last_seq=int(text.get("last_seq", "0")),
+                final_seq=int(final) if final else None,
+                end=text.get("end") or None,
+            )
+        except ValueError:  # UnicodeDecodeError is one
+            return None
+
+    @staticmethod
+    def unreadable(raw: dict[bytes, bytes], parsed: StoredStream | None) -> bool:
+        """A record was there but ``parse`` could not read it."""
+        return parsed is None and bool(raw) and b"owner" in raw

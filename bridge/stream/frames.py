@@ -6,6 +6,8 @@ shape of a ``metadata``, ``token``, ``done`` or ``error`` frame has one home.
 
 from __future__ import annotations
 
+import math
+import sys
 from typing import Any
 
 from bali_zero.rag.v1 import rag_pb2
@@ -18,6 +20,33 @@ FINISH_REASONS = {
     rag_pb2.FINISH_REASON_LENGTH: "length",
     rag_pb2.FINISH_REASON_UNSPECIFIED: "stop",
 }
+
+
+# Sources a client is shown at most, best first (the RAG service lists them best first).
+MAX_SOURCES = 100
+
+
+def sources(meta: rag_pb2.Metadata) -> list[dict[str, Any]]:
+    """The retrieved documents as the client reads them (the metadata frame, the unary answer):
+    the first ``MAX_SOURCES``.
+
+    The cap bounds what one upstream message can cost. An empty ``Source`` is 2 bytes of
+    protobuf and a dict plus 34 bytes of JSON here, so one 4 MiB metadata message of 1.5 million
+    of them built a 51 MB frame on the event loop: every other stream and request stalled for
+    about 4 s and the process grew by 650 MB, per such answer.
+
+    A score that is not a finite number, which a ``double`` can carry and JSON cannot, is sent as
+    a number that sorts the same way: NaN as 0, an infinity as the largest finite double of its
+    sign. ``json.dumps`` wrote them as ``NaN``/``Infinity``, which ``JSON.parse`` refuses, so a
+    RAG service scoring one document NaN failed every answer in the browser (``bad_frame``).
+    """
+    return [{"title": s.title, "uri": s.uri, "score": _json_number(s.score)} for s in meta.sources[:MAX_SOURCES]]
+
+
+def _json_number(value: float) -> float:
+    if math.isfinite(value):
+        return value
+    return 0.0 if math.isnan(value) else math.copysign(sys.float_info.max, value)
 
 
 def finish_reason(completion: rag_pb2.Completion) -> str:
@@ -48,8 +77,15 @@ class FrameEncoder:
     def event_id(self, seq: int) -> str:
         return f"{self._prefix}{seq}"
 
-    def token(self, seq: int, token: rag_pb2.Token) -> bytes:
-        return sse.token_frame(f"{self._prefix}{seq}", token.index, token.text)
+    def token(self, seq: int, index: int, token: rag_pb2.Token) -> bytes:
+        """A ``token`` frame; ``index`` is the token's position among this stream's tokens.
+
+        Counted by the bridge, not copied from ``Token.index``: proto3 cannot tell an index of 0
+        from one never set, and the browser client drops a token whose index it has already seen
+        (its dedupe after a resume), so a RAG service that leaves the field unset showed only the
+        first token of every answer, and one that skips or repeats an index lost text silently.
+        """
+        return sse.token_frame(f"{self._prefix}{seq}", index, token.text)
 
     def metadata(self, seq: int, meta: rag_pb2.Metadata) -> bytes:
         payload: dict[str, Any] = {
@@ -57,7 +93,7 @@ class FrameEncoder:
             "stream_id": self.stream_id,
             "request_id": self.request_id,
             "model": meta.model,
-            "sources": [{"title": s.title, "uri": s.uri, "score": s.score} for s in meta.sources],
+            "sources": sources(meta),
         }
         return sse.json_frame(self.event_id(seq), payload)
 

@@ -185,7 +185,7 @@ class StreamSession:
         kind = message.WhichOneof("event")
         if kind == "token":
             first_s = self.clock.token()
-            self._append(self.encoder.token(self.log.last_seq + 1, message.token))
+            self._append(self.encoder.token(self.log.last_seq + 1, self.clock.tokens - 1, message.token))
             if first_s is not None:
                 self.audience.first_token_measured(first_s)
             return None

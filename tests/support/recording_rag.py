@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import sys
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from tests.support.processes import _STUB_READY, ROOT, Process, base_env
+from tests.support.rag_server import serve_until_signalled
 
 
 def _record(rpc: str, request: Any) -> None:
@@ -36,10 +36,7 @@ def _record(rpc: str, request: Any) -> None:
 
 
 async def _serve(argv: list[str]) -> None:
-    import grpc
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-    from bali_zero.rag.v1 import rag_pb2, rag_pb2_grpc
+    from bali_zero.rag.v1 import rag_pb2
     from rag_stub.cli import parse_args
     from rag_stub.server import RagStub
 
@@ -53,21 +50,7 @@ async def _serve(argv: list[str]) -> None:
             return await super().Chat(request, context)
 
     args, config = parse_args(argv)
-    server = grpc.aio.server()
-    rag_pb2_grpc.add_RagServiceServicer_to_server(Recording(config), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
-    await server.start()
-    for name in ("", rag_pb2.DESCRIPTOR.services_by_name["RagService"].full_name):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"rag-stub listening on {args.host}:{port}", flush=True)
-    await stop.wait()
-    await server.stop(1)
+    await serve_until_signalled(Recording(config), args.host, args.port)
 
 
 class RecordingStub(Process):
