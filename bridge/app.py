@@ -61,6 +61,7 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
             state.telemetry.client_interceptors(),
             settings.upstream_ejection_interval_s,
             timeout_s=settings.upstream_timeout_s,
+            keepalive_s=settings.upstream_keepalive_s,
             stream_tracing=state.telemetry.stream_tracing(),
         )
         await state.audit.start()

@@ -5,10 +5,17 @@ The environment is read here, once, into a Settings object that everything else 
 
 from __future__ import annotations
 
+# ruff: noqa: E402 (the imports below come after gRPC's log default is set)
+import os
+
+from bridge.logs import quiet_grpc_core_logs
+
+# Before anything imports grpc: its C core reads GRPC_VERBOSITY once, at import.
+quiet_grpc_core_logs(os.environ)
+
 import argparse
 import asyncio
 import contextlib
-import os
 import signal
 import socket
 import sqlite3

@@ -14,6 +14,7 @@ ever sent as a frame (``StreamExpired``) still has the status it would have over
     ├── NotFound              404 NOT_FOUND / STREAMING_DISABLED / STREAM_NOT_FOUND
     ├── MethodNotAllowed      405 METHOD_NOT_ALLOWED
     ├── RequestHeadTimeout    408 HEADER_TIMEOUT (written by the connection, bridge/http_protocol.py)
+    ├── RequestBodyTimeout    408 BODY_TIMEOUT (likewise)
     ├── StreamExpired         410 STREAM_EXPIRED (sent as an ``error`` frame: a late or invalid resume)
     ├── PayloadTooLarge       413 PAYLOAD_TOO_LARGE
     ├── UnsupportedMediaType  415 UNSUPPORTED_MEDIA_TYPE
@@ -62,6 +63,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "Rejected",
+    "RequestBodyTimeout",
     "RequestHeadTimeout",
     "RequestHeadTooLarge",
     "ResumeStoreUnavailable",
@@ -158,6 +160,18 @@ class RequestHeadTimeout(BridgeError):
 
     status = 408
     default_code = "HEADER_TIMEOUT"
+
+
+class RequestBodyTimeout(BridgeError):
+    """The request body (a chunked body's trailers included) did not arrive within BODY_TIMEOUT_S.
+
+    Counted from the end of the head: without it a client trickling its body a byte at a time
+    (slowloris on the body) holds its connection, and the handler waiting for the body, for as
+    long as it likes.
+    """
+
+    status = 408
+    default_code = "BODY_TIMEOUT"
 
 
 class ClientDisconnected(BridgeError):

@@ -99,12 +99,13 @@ REQUIRED: tuple[Uses, ...] = (
         ),
         parameters=(("__init__", ("config", "server_state", "app_state", "_loop")),),
     ),
-    # bridge/http_protocol.py (the request under way) and bridge/headwrite.py (its transport swap)
+    # bridge/http_protocol.py (the request under way; a body past its deadline wakes the app's
+    # receive as a disconnect) and bridge/headwrite.py (its transport swap)
     Uses(
         HTTPTOOLS_IMPL,
         "RequestResponseCycle",
         methods=("send",),
-        attributes=("transport", "response_started", "response_complete"),
+        attributes=("transport", "response_started", "response_complete", "disconnected", "message_event"),
     ),
     # bridge/http_budget.py: HoldableFlow
     Uses(

@@ -189,14 +189,12 @@ def _bytes(value: str) -> int:
     return int(match.group(1)) * {None: 1, "k": 1024, "m": 1024 * 1024}[match.group(2)]
 
 
-def test_template_bounds_request_heads_and_bodies_at_the_edge() -> None:
-    """nginx bounds a head's time and size and a body's stalls itself, with the bridge's own limits:
-    each directive once (a second one, e.g. from a merge, would also fail ``nginx -t``)."""
+def test_template_bounds_request_heads_at_the_edge() -> None:
+    """nginx bounds a head's time and size itself, with the bridge's own limits: each directive once
+    (a second one, e.g. from a merge, would also fail ``nginx -t``)."""
     conf = _without_comments(TEMPLATE.read_text(encoding="utf-8"))
     settings = Settings()
     assert _seconds(_directive(conf, "client_header_timeout")) == settings.header_timeout_s
-    # The bridge has no body-stall setting: a body stalls no longer than a head may take.
-    assert _seconds(_directive(conf, "client_body_timeout")) == settings.header_timeout_s
     count, size = _directive(conf, "large_client_header_buffers").split()
     line_bytes = _bytes(size)
     # A GET whose URL fills MAX_HEADER_BYTES is served by the bridge: its request line fits here too.
@@ -204,6 +202,14 @@ def test_template_bounds_request_heads_and_bodies_at_the_edge() -> None:
     # And no line is longer than the most the bridge reads of a head.
     assert line_bytes <= settings.max_header_bytes + WIRE_ALLOWANCE_BYTES
     assert int(count) <= 4
+
+
+def test_template_bounds_request_bodies_and_buffers_them_before_the_bridge() -> None:
+    """A trickled body must stop at nginx: it reads whole bodies before forwarding them (request
+    buffering is never turned off) and gives up on a silent client no later than the bridge would."""
+    conf = _without_comments(TEMPLATE.read_text(encoding="utf-8"))
+    assert _seconds(_directive(conf, "client_body_timeout")) <= Settings().body_timeout_s
+    assert not re.search(r"^\s*proxy_request_buffering\s+off;", conf, re.MULTILINE)
 
 
 # -- delivery through nginx ---------------------------------------------------------------------

@@ -9,6 +9,7 @@ each test); tests/test_uvicorn_range.py runs real releases at both ends of the r
 from __future__ import annotations
 
 import ast
+import asyncio
 import inspect
 import re
 import subprocess
@@ -122,6 +123,8 @@ def test_uvicorn_whose_cycle_no_longer_sets_an_attribute_the_bridge_reads_is_ref
         def __init__(self, transport: Any) -> None:
             self.transport = transport
             self.response_complete = False
+            self.disconnected = False
+            self.message_event = asyncio.Event()
 
         async def send(self, message: Any) -> None: ...
 
