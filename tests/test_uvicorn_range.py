@@ -5,7 +5,8 @@ suite runs the version constraints.txt pins. Here each end of the range is insta
 (``--no-deps --target``, cached under the gitignored build/uvicorn-range/), put first on a real
 bridge's PYTHONPATH, and the attacks of tests/test_attacks_header.py that go through the protocol's
 coupling to uvicorn (its callbacks, timers, pipeline and flow control) are collected again in this
-module, with a ``bridge_factory`` that starts such bridges. A release below the range is refused by
+module, with a ``bridge_factory`` that starts such bridges; so is a body-deadline attack, whose 408
+wakes the app through the request cycle's attributes. A release below the range is refused by
 the CLI with one line and exit 2. No pip or no package index: a skip locally, a failure when CI=true.
 """
 
@@ -24,6 +25,7 @@ import pytest
 from bridge.uvicorn_fence import FIRST_UNSUPPORTED, LOWEST_SUPPORTED, SUPPORTED_RANGE, minor_version
 from tests.conftest import BridgeFactory, missing_prerequisite
 from tests.support.processes import ROOT, Bridge, Stub, base_env
+from tests.test_attacks_body import test_chunked_body_or_trailers_trickled_get_408_at_body_timeout
 from tests.test_attacks_header import (
     test_200_slowloris_connections_are_closed_after_header_timeout_while_healthz_stays_fast,
     test_200mib_header_flood_is_cut_off_at_the_limit_without_buffering,
@@ -39,6 +41,7 @@ from tests.test_attacks_header import (
 __all__ = [
     "test_200_slowloris_connections_are_closed_after_header_timeout_while_healthz_stays_fast",
     "test_200mib_header_flood_is_cut_off_at_the_limit_without_buffering",
+    "test_chunked_body_or_trailers_trickled_get_408_at_body_timeout",
     "test_chunked_body_then_endless_trailer_is_cut_off_at_the_header_limit",
     "test_head_just_over_the_limit_gets_431_json_and_close",
     "test_idle_keepalive_connection_is_closed_after_keepalive_timeout",
