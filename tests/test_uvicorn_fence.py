@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import hashlib
 import inspect
 import re
 import subprocess
@@ -182,6 +183,23 @@ def test_importing_the_protocol_module_on_an_unsupported_uvicorn_raises_the_type
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert last == f"bridge.errors.UnsupportedUvicorn: {refusal('0.56.0', 'outside the supported range')}"
+
+
+# ---------------------------------------------------------------------------- the replaced method
+
+
+# uvicorn's ``HttpToolsProtocol.data_received`` (its source, dedented), as HeadLimitedProtocol's
+# ``data_received``, ``_parse`` and ``_feed`` reproduce it slice by slice. The same at both ends of
+# the supported range and in the pinned version.
+REVIEWED_DATA_RECEIVED_SHA256 = "02c2572f1df559070eba7f206a3f7e251782f5af4aaae194fc1ffb67f24c3873"
+
+
+def test_uvicorn_data_received_is_the_one_the_protocol_replaces() -> None:
+    """The protocol never calls uvicorn's ``data_received``: a fix uvicorn makes there (a parser
+    error answered differently, an upgrade check) would never reach the bridge. A changed one must be
+    read and carried into HeadLimitedProtocol before this digest is updated."""
+    source = textwrap.dedent(inspect.getsource(HttpToolsProtocol.data_received))
+    assert hashlib.sha256(source.encode()).hexdigest() == REVIEWED_DATA_RECEIVED_SHA256, source
 
 
 # ---------------------------------------------------------------------------- the list is complete
