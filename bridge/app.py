@@ -72,7 +72,12 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
         try:
             yield
         finally:
-            await state.registry.wait_all(0)
+            # Every stream ended (the grace, then SHUTTING_DOWN), its end mirrored to the store
+            # and reported to the audit trail, before anything those need is closed.
+            try:
+                await state.drained()
+            except Exception:  # a bug in the drain must not skip the audit flush below
+                log.exception("shutdown: the drain failed; closing anyway")
             if state.resume_store is not None:  # flush its writes, stop its cancel subscriber
                 await state.resume_store.aclose()
             await state.gate.aclose()

@@ -27,7 +27,7 @@ import uvicorn
 
 from bridge.audit.cli import add_audit_commands
 from bridge.config import Settings, variables_help
-from bridge.doctor import add_doctor_command, run_doctor
+from bridge.doctor.probe import add_doctor_command, run_doctor
 from bridge.errors import ConfigError, UnsupportedUvicorn
 from bridge.netsock import HalfOpenDetection
 

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from bali_zero.rag.v1 import rag_pb2
-from bridge.diagnostics import DiagnosticStream, parse_idle
+from bridge.doctor.stream import DiagnosticStream, parse_idle
 from bridge.errors import BridgeError, NotFound, Rejected, StreamExpired
 from bridge.gate import Admission
 from bridge.inputs import read_input
@@ -128,10 +128,11 @@ class Endpoints:
         if isinstance(remote, NothingLeft):
             return Response(status_code=204)  # the client has everything; 204 stops EventSource
         self.state.observer.reconnected()
+        self.state.registry.serve_from_store(remote)  # a drain ends it too
         return EventStreamResponse(remote, after_seq, connections=self.state.metrics)
 
     async def diagnostic_stream(self, request: Request) -> Response:
-        """The stream ``bali-zero-bridge doctor`` reads (bridge/diagnostics.py); no upstream call."""
+        """The stream ``bali-zero-bridge doctor`` reads (bridge/doctor/stream.py); no upstream call."""
         state = self.state
         try:
             idle_s = parse_idle(request.query_params.get("idle_s"), state.settings.heartbeat_interval_s)

@@ -33,6 +33,7 @@ ever sent as a frame (``StreamExpired``) still has the status it would have over
                                    the connection protocol uses (bridge/uvicorn_fence.py)
     FrameError (ValueError)        a field value that would corrupt an event stream
     AuditChainBroken               the audit chain does not verify: retention refuses to purge
+    DoctorError                    ``bali-zero-bridge doctor`` could not run its check (exit 2)
     TelemetryConfigError           an unusable OTEL_* value; defined in ``bzb_shared.otel``
                                    because the stub raises it too, re-exported here
 
@@ -57,6 +58,7 @@ __all__ = [
     "BridgeError",
     "ClientGone",
     "ConfigError",
+    "DoctorError",
     "Forbidden",
     "FrameError",
     "MethodNotAllowed",
@@ -351,3 +353,7 @@ class AuditChainBroken(Exception):
         super().__init__(f"the audit chain does not verify at record {first_bad_id}: {reason}")
         self.first_bad_id = first_bad_id
         self.reason = reason
+
+
+class DoctorError(Exception):
+    """``bali-zero-bridge doctor`` could not run its check (exit 2): the message says what to look at."""

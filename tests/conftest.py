@@ -58,6 +58,9 @@ def bridge_factory(tmp_path: Path) -> Iterator[BridgeFactory]:
             "ENABLE_SSE_STREAMING": "true",
             "AUDIT_DB": str(tmp_path / f"audit-{len(started)}.sqlite3"),
             "LOG_LEVEL": "WARNING",
+            # A stream a test leaves in its resume window (with RESUME_STORE) holds the drain for
+            # the whole grace: short, so the stop() below ends the bridge cleanly, not by SIGKILL.
+            "SHUTDOWN_GRACE_S": "2",
         }
         if stub is not None:
             full["RAG_TARGET"] = stub.target

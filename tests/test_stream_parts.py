@@ -1,10 +1,12 @@
-"""The session's collaborators, in-process: resume rules, audience, first-answer wait, back-pressure."""
+"""The session's collaborators, in-process: resume rules (local and in the shared store's meta
+record), audience, first-answer wait, back-pressure."""
 
 from __future__ import annotations
 
 import asyncio
 
 from bridge.errors import StreamExpired
+from bridge.resume.keys import LOST, StoredStream
 from bridge.stream.answer import FirstAnswer
 from bridge.stream.backpressure import Room
 from bridge.stream.framelog import FrameLog
@@ -42,6 +44,21 @@ def test_an_expired_or_cancelled_stream_is_never_resumed() -> None:
     refused = refusal(log_of(3, sent=3), 1, over=True)
     assert isinstance(refused, StreamExpired) and refused.retryable is False
     assert refusal(log_of(3, sent=3), 1, over=False) is None
+
+
+def stored(**fields: bytes) -> StoredStream:
+    record = StoredStream.parse("s", {b"owner": b"o", **{k.encode(): v for k, v in fields.items()}})
+    assert record is not None
+    return record
+
+
+def test_a_stored_stream_is_over_once_its_owner_stored_its_end_but_not_when_mirroring_was_lost() -> None:
+    """A stop of a stream that is over needs no owner to hear it; a stream whose mirror gave up
+    (``LOST``) may still run on its owner, so a stop must still reach the owner."""
+    assert not stored().over
+    assert not stored(last_seq=b"4").over
+    assert all(stored(end=outcome.encode()).over for outcome in ("completed", "cancelled", "error"))
+    assert not stored(end=LOST.encode()).over
 
 
 class Recording(NoHooks):

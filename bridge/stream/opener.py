@@ -2,12 +2,14 @@
 
 Opening is ordered so that a refusal costs nothing and leaks nothing: the stream slot (caps)
 first, then the trace span, the upstream call, and once its request is out the session that
-pumps it, known to nobody but the registry yet, and its response. The response settles the open
+pumps it, known to nobody but the registry yet, and its response. With a resume store, the
+stream's meta record is stored before the response exists (``OpenStream.claim``), so no client
+learns a stream id another instance could not yet find. The response settles the open
 (``OpenStream``): its HTTP status waits for the RAG service's first message, or a refusal
 (answered as an HTTP error while no frame has been sent), or the accept wait; only then is the
 session announced to its hooks, observers and the resume store's mirror. A refused or interrupted
-open gives the slot back, ends the span and leaves the registry; an opened stream gives them back
-through its hooks when it ends.
+open gives the slot back, ends the span, leaves the registry and forgets the meta record; an
+opened stream gives them back through its hooks when it ends.
 """
 
 from __future__ import annotations
@@ -105,7 +107,9 @@ class StreamOpener:
         # Known from now on (a DELETE right after the first frame must find it); forgotten
         # again if the RAG service refuses the call.
         state.registry.add(session)
-        return respond(session, OpenStream(state, session, lease, span, identity, chat.query))
+        opening = OpenStream(state, session, lease, span, identity, chat.query)
+        await opening.claim()  # while the RAG service works on its first message
+        return respond(session, opening)
 
 
 class OpenStream:
@@ -130,15 +134,40 @@ class OpenStream:
         self.identity = identity
         self.query = query
 
+    @property
+    def accept_wait_s(self) -> float:
+        """How long the status line may wait for the RAG service; then it goes out, and heartbeats
+        cover the rest of the wait."""
+        settings = self.state.settings
+        return min(settings.upstream_connect_timeout_s, settings.heartbeat_interval_s)
+
+    async def claim(self) -> None:
+        """With a resume store: store the stream's meta record before the response can tell anyone
+        the stream id (``ResumeStore.claim``). Awaited while the RAG service works on the first
+        message, so it costs the first byte only a Redis round trip longer than that work.
+
+        Skipped while the store is known to be down, where each attempt would hold the status line
+        for a whole Redis timeout; the stream then runs under single-instance rules until its mirror
+        reaches Redis.
+        """
+        store = self.state.resume_store
+        if store is None or store.down:
+            return
+        session = self.session
+        try:
+            await store.claim(session.stream_id, owner_tag(self.identity.key), session.request_id, self.accept_wait_s)
+        except BaseException:  # the request task was cancelled (server shutdown, client gone)
+            self.interrupted()
+            raise
+
     async def answered(self) -> BridgeError | None:
         """Wait until the stream ended, ``release`` or the accept wait; the refusal, if refused.
 
-        The accept wait bounds how long the status line may wait for the RAG service; once it
-        passed, the status goes out and heartbeats cover the rest of the wait.
+        Frames that arrived during ``claim`` end the wait at once: the pump had no writer to hand
+        them to, so the response writes them now instead of at the next message.
         """
-        settings = self.state.settings
-        accept_wait_s = min(settings.upstream_connect_timeout_s, settings.heartbeat_interval_s)
-        return await self.session.answered(accept_wait_s, on_frame=False)
+        session = self.session
+        return await session.answered(self.accept_wait_s, on_frame=session.last_seq > 0)
 
     def release(self) -> None:
         self.session.release_answer()
@@ -171,6 +200,8 @@ class OpenStream:
     def _close(self, code: str) -> StreamResult:
         state, session = self.state, self.session
         state.registry.discard(session)
+        if state.resume_store is not None:  # its id never reached a client: nothing may resume it
+            state.resume_store.spawn(state.resume_store.unclaim(session.stream_id))
         self.lease.release()
         elapsed = round((time.monotonic() - session.clock.started) * 1000, 3)
         result = StreamResult("", session.request_id, "error", 0, elapsed, None, code, trace_id=session.trace_id)

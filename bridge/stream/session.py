@@ -89,6 +89,7 @@ class StreamSession:
         self._pump: UpstreamPump | None = None
         self._answer = FirstAnswer()
         self.handover: Callable[[], Awaitable[None]] | None = None  # see park()
+        self._unreadable_end: BridgeError | None = None  # see refuse_reconnects()
 
     # -- read by the response and the endpoints -------------------------------------------------
 
@@ -112,6 +113,12 @@ class StreamSession:
     @property
     def token_sent(self) -> bool:
         return self.clock.tokens > 0
+
+    @property
+    def readable(self) -> bool:
+        """A client can still read what this stream produces: its reader is attached here, or its
+        frames reach the shared resume store, where a reconnect to another instance reads them."""
+        return self.lifecycle.attached or (self.sink is not None and self.sink.healthy)
 
     @property
     def upstream_open(self) -> bool:
@@ -248,6 +255,13 @@ class StreamSession:
         if self._pump is not None:
             self._pump.abort(error)
 
+    def refuse_reconnects(self, error: BridgeError) -> None:
+        """This instance takes no reconnect any more (it drains): once no client can read the
+        stream (``readable``), end it with ``error`` instead of keeping it for a resume window."""
+        self._unreadable_end = error
+        if not self.finished and not self.readable:
+            self.abort(error)
+
     def stop(self) -> None:
         """An explicit stop (DELETE): cancel upstream, and tell a reader still attached why.
 
@@ -298,13 +312,16 @@ class StreamSession:
         if not self.lifecycle.detach(generation):
             return
         self._room.freed()
+        self._reader_left()
         if self.finished:
             self._settle()
-            self._reader_left_ended()
             if not self.log.has_unsent:
                 return
         if self.policy.resume_grace_s <= 0:
             self.abort()
+            return
+        if self._unreadable_end is not None and not self.readable:
+            self.abort(self._unreadable_end)  # no reconnect can reach it: no window to wait out
             return
         self.lifecycle.start_grace(self)
 
@@ -312,11 +329,16 @@ class StreamSession:
         """The reader of ``generation`` wrote the final frame and closed normally."""
         if self.lifecycle.release(generation):
             self._settle()
-            self._reader_left_ended()
+            self._reader_left()
 
-    def _reader_left_ended(self) -> None:
-        """The reader of the ended stream left: the sink holds its frames a window from now too, as
-        the registry does here, so the client's reconnect may land on any instance."""
+    def _reader_left(self) -> None:
+        """The reader here left: the sink holds an ended stream's frames a window from now too, as
+        the registry does here, so the client's reconnect may land on any instance.
+
+        Told while the stream still runs as well: a sink still counting a reader here once the
+        stream ended held its keys for as long as that reader was attached, i.e. up to their
+        ceiling (four windows) after an end nobody was reading.
+        """
         if self.sink is not None:
             self.sink.reader_left()
 

@@ -127,8 +127,8 @@ class FrameSink(Protocol):
         ...
 
     def reader_left(self) -> None:
-        """This instance's reader of the ended stream left: hold the stored frames a resume
-        window from now (bounded; never awaited)."""
+        """This instance's reader left: once the stream ended, hold the stored frames a resume
+        window from now (bounded; never awaited); before that, only note that nobody reads here."""
         ...
 
     async def reader_hold_s(self) -> float:
