@@ -28,7 +28,9 @@ ever sent as a frame (``StreamExpired``) still has the status it would have over
     Rejected                       a gate refusal: a BridgeError plus the headers and identity
     ClientGone                     the HTTP client left or stopped reading (never answered)
     ConfigError (ValueError)       a setting the bridge cannot start with; names the variable
-    └── UnsafeFile                 a file it trusts (key, store, head, log) others could choose
+    ├── UnsafeFile                 a file it trusts (key, store, head, log) others could choose
+    └── UnsupportedUvicorn         an installed uvicorn outside the tested range, or lacking a name
+                                   the connection protocol uses (bridge/uvicorn_fence.py)
     FrameError (ValueError)        a field value that would corrupt an event stream
     AuditChainBroken               the audit chain does not verify: retention refuses to purge
     DoctorError                    ``bali-zero-bridge doctor`` could not run its check (exit 2)
@@ -73,6 +75,7 @@ __all__ = [
     "TooManyRequests",
     "UnsafeFile",
     "UnsupportedMediaType",
+    "UnsupportedUvicorn",
     "UpstreamError",
     "from_grpc_status",
 ]
@@ -258,6 +261,15 @@ class UnsafeFile(ConfigError):
     A symlink, not a regular file, owned by another user, or in a directory others can write
     (bridge/safefiles.py). The message names the path and the fix; like any ConfigError it stops
     the bridge and the ``audit`` commands with one line and exit 2.
+    """
+
+
+class UnsupportedUvicorn(ConfigError):
+    """The installed uvicorn is not one the bridge's connection protocol was tested with.
+
+    Its version is outside the supported range, or a private name the bridge overrides, calls or
+    reads is gone: serving anyway would fail mid-request with an AttributeError, or run without the
+    head limits. The message (one line) names the version, the range and the missing names.
     """
 
 

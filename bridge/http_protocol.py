@@ -36,9 +36,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
 import httptools
-from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.server import ServerState
 
 from bridge.config import Settings
 from bridge.errors import BridgeError, RequestBodyTimeout, RequestHeadTimeout, RequestHeadTooLarge
@@ -52,6 +49,7 @@ from bridge.http_budget import (
     error_response,
 )
 from bridge.types import ConnectionCloseReason
+from bridge.uvicorn_fence import Config, HttpToolsProtocol, ServerState
 
 # What the wire count sees and the app-level count (URL + headers) does not: method, the URL's
 # scheme and host in absolute form, " HTTP/1.1", the blank line; plus one slice of over-charge.
