@@ -358,6 +358,7 @@ async def test_abort_cancels_the_upstream_call_at_once(stub_factory: StubFactory
         call = upstream.chat_stream(request)
         session = StreamSession(stream_id="s1", request_id="abort-at-once", owner="o", policy=NO_RESUME)
         session.start(call)
+        session.announce(NoHooks())
         while session.last_seq < 2:  # the metadata frame and the first token: the call is streaming
             await session.changed()
         session.abort()
@@ -382,8 +383,9 @@ async def test_abort_before_the_pump_first_runs_still_ends_the_session(stub_fact
             def ended(self, result: StreamResult) -> None:
                 ended.append(result.outcome)
 
-        session = StreamSession(stream_id="s2", request_id="abort-early", owner="o", policy=NO_RESUME, hooks=Hooks())
+        session = StreamSession(stream_id="s2", request_id="abort-early", owner="o", policy=NO_RESUME)
         session.start(call)
+        session.announce(Hooks())
         session.abort()  # same turn as start(): the pump task has not run yet
         await session.wait_closed()
         assert ended == ["cancelled"]
@@ -436,16 +438,29 @@ async def test_an_opening_session_answers_on_the_first_message_and_tells_nobody_
     stub_factory: StubFactory,
 ) -> None:
     """The HTTP status waits on the first message, not the initial metadata; while it waits, a
-    stream the upstream may still refuse must not show up in stats, metrics, hooks or the store."""
+    stream the upstream may still refuse must not show up in stats, metrics, hooks or the store,
+    and what was written meanwhile still reaches the store once it is announced."""
     stub = stub_factory("--mode", "echo", "--first-token-delay-ms", "30000")
     upstream = Upstream(stub.target, timeout_s=30)
     observer, sink = RecordingObserver(), RecordingSink()
     try:
         call = upstream.chat_stream(rag_pb2.StreamChatRequest(query="a b", request_id="opening"))
         session = StreamSession(stream_id="s3", request_id="opening", owner="o", policy=NO_RESUME, observer=observer)
-        session.start(call, announce=False)
+        session.start(call)
+        generation = session.attach(0)
+        assert isinstance(generation, int)
+        written: list[bytes] = []
+
+        async def write_opening() -> None:  # what the new stream's response has the pump do
+            body, last = session.take()
+            written.append(body)
+            session.acknowledge(last, generation)
+            session.release_answer()
+
+        session.park(write_opening)
         assert await asyncio.wait_for(session.answered(10), 10) is None
-        assert session.last_seq == 1 and b'"type":"metadata"' in session.take()[0]  # the first message
+        session.park(None)
+        assert len(written) == 1 and b'"type":"metadata"' in written[0]  # the first message, at once
         assert observer.events == []
         ended: list[str] = []
 
@@ -454,7 +469,7 @@ async def test_an_opening_session_answers_on_the_first_message_and_tells_nobody_
                 ended.append(result.outcome)
 
         session.announce(Hooks(), sink)
-        assert observer.events == ["opened"] and sink.offered == [1]  # what it held is mirrored too
+        assert observer.events == ["opened"] and sink.offered == [1]  # written before, mirrored still
         session.abort()
         await session.wait_closed()
         assert observer.events == ["opened", "closed:cancelled"] and ended == ["cancelled"]
@@ -470,7 +485,7 @@ async def test_a_refusal_before_any_frame_is_returned_and_never_announced(stub_f
     try:
         call = upstream.chat_stream(rag_pb2.StreamChatRequest(query=" ", request_id="refused"))
         session = StreamSession(stream_id="s4", request_id="refused", owner="o", policy=NO_RESUME, observer=observer)
-        session.start(call, announce=False)
+        session.start(call)
         refusal = await asyncio.wait_for(session.answered(10), 10)
         assert isinstance(refusal, BadRequest) and refusal.status == 400
         assert observer.events == []
@@ -488,7 +503,7 @@ async def test_answered_gives_up_after_the_wait_and_the_read_goes_on() -> None:
     try:
         call = upstream.chat_stream(rag_pb2.StreamChatRequest(query="a", request_id="silent"))
         session = StreamSession(stream_id="s5", request_id="silent", owner="o", policy=NO_RESUME)
-        session.start(call, announce=False)
+        session.start(call)
         started = time.monotonic()
         assert await session.answered(0.2) is None
         assert 0.15 < time.monotonic() - started < 5

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from opentelemetry.context import Context
@@ -59,8 +59,7 @@ class StreamOpener:
         """The response of a started stream (``respond(session, pending)``), or raises the
         ``BridgeError`` to answer instead (429 and the like).
 
-        The response does not wait for the RAG service here: it settles the open itself
-        (``OpenStream``), so the pump can write the first frames without waking this task.
+        The RAG service is not waited for here: the response settles the open (``OpenStream``).
         """
         state = self.state
         try:
@@ -101,7 +100,7 @@ class StreamOpener:
             trace_id=trace_id_of(span),
             started=started,
         )
-        session.start(call, announce=False)
+        session.start(call)
         # Known from now on (a DELETE right after the first frame must find it); forgotten
         # again if the RAG service refuses the call.
         state.registry.add(session)
@@ -130,15 +129,18 @@ class OpenStream:
         self.identity = identity
         self.query = query
 
+    def park(self, handover: Callable[[], Awaitable[None]] | None) -> None:
+        self.session.park(handover)
+
     async def answered(self) -> BridgeError | None:
-        """Wait until the stream ended, ``release`` or the accept wait; the refusal, if refused.
+        """Wait until ``release``, the end of the stream or the accept wait; the refusal, if refused.
 
         The accept wait bounds how long the status line may wait for the RAG service; once it
         passed, the status goes out and heartbeats cover the rest of the wait.
         """
         settings = self.state.settings
         accept_wait_s = min(settings.upstream_connect_timeout_s, settings.heartbeat_interval_s)
-        return await self.session.answered(accept_wait_s, on_frame=False)
+        return await self.session.answered(accept_wait_s)
 
     def release(self) -> None:
         self.session.release_answer()
