@@ -127,7 +127,7 @@ class EventStreamResponse(Response):
         generation = session.attach(self.after_seq)
         if isinstance(generation, BridgeError):  # expired between the resume check and now
             event_id = f"{session.stream_id}:{self.after_seq}"
-            await ErrorFrameResponse(event_id, generation)(scope, receive, send)
+            await ErrorFrameResponse(event_id, generation, session.policy.heartbeat_interval_s)(scope, receive, send)
             return
         if self.opening is not None and not await self._open(scope, receive, send, self.opening, generation):
             return
@@ -285,24 +285,20 @@ class EventStreamResponse(Response):
 
 
 class ErrorFrameResponse(Response):
-    """A whole event stream made of one ``error`` frame: the answer to a late or invalid resume.
+    """A whole event stream made of one ``error`` frame: the answer to a late or invalid resume."""
 
-    Sent as raw ASGI messages like every other event stream (a Starlette ``Response`` would add a
-    Content-Length, which an event stream never carries).
-    """
+    media_type = sse.MEDIA_TYPE
 
-    def __init__(self, event_id: str, error: BridgeError) -> None:
+    def __init__(self, event_id: str, error: BridgeError, heartbeat_interval_s: float) -> None:
         self.event_id = event_id
         self.error = error
         self.status_code = 200
         self.background = None
+        self.raw_headers = sse.response_headers(heartbeat_interval_s, {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = [
-            (b"content-type", EventStreamResponse.media_type.encode()),
-            (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no"),
-        ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         body = sse.json_frame(self.event_id, self.error.frame())
         await send({"type": "http.response.body", "body": body, "more_body": False})
+        if self.background is not None:
+            await self.background()
