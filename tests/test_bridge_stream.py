@@ -10,15 +10,18 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
+from starlette.types import Message
 
 from bali_zero.rag.v1 import rag_pb2
-from bridge.errors import BadRequest
+from bridge.errors import BadRequest, BridgeError
+from bridge.stream import response as response_module
+from bridge.stream.response import EventStreamResponse
 from bridge.stream.session import NoHooks, StreamSession
 from bridge.types import NullObserver, Outcome, StreamResult
 from bridge.upstream import Upstream
@@ -515,3 +518,71 @@ async def test_answered_gives_up_after_the_wait_and_the_read_goes_on() -> None:
     finally:
         await upstream.close()
         silent.close()
+
+
+class SessionOpening:
+    """The opener's side of a new stream (``OpenStream``) over a bare session, noting its steps."""
+
+    def __init__(self, session: StreamSession, steps: list[str]) -> None:
+        self.session = session
+        self.steps = steps
+
+    def park(self, handover: Callable[[], Awaitable[None]] | None) -> None:
+        self.session.park(handover)
+
+    async def answered(self) -> BridgeError | None:
+        return await self.session.answered(10)
+
+    def release(self) -> None:
+        self.session.release_answer()
+
+    @property
+    def token_sent(self) -> bool:
+        return self.session.token_sent
+
+    def accepted(self) -> None:
+        self.steps.append("accepted")
+        self.session.announce(NoHooks())
+
+    def refused(self, error: BridgeError) -> None:
+        self.steps.append("refused")
+
+    def interrupted(self) -> None:
+        self.session.abort()
+
+
+async def test_a_new_stream_is_written_by_its_pump_until_the_first_token_is_out(
+    stub_factory: StubFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The status line and the frames up to the first token leave from the pump, in the turn each
+    message arrived; the request task's work (accepting the stream, starting the writer) comes
+    after, not between the metadata frame and the first token."""
+    monkeypatch.setattr(response_module, "OPENING_HANDOFF_S", 30.0)  # a slow host cannot take over early
+    stub = stub_factory("--mode", "echo")
+    upstream = Upstream(stub.target, timeout_s=30)
+    steps: list[str] = []
+    try:
+        call = upstream.chat_stream(rag_pb2.StreamChatRequest(query="a b", request_id="opening-writes"))
+        session = StreamSession(stream_id="s6", request_id="opening-writes", owner="o", policy=NO_RESUME)
+        session.start(call)
+        pump = session._pump.task if session._pump is not None else None
+
+        async def send(message: Message) -> None:
+            by = "pump" if asyncio.current_task() is pump else "response"
+            if message["type"] == "http.response.start":
+                steps.append(f"status by {by}")
+            elif b'"type":"metadata"' in message.get("body", b""):
+                steps.append(f"metadata by {by}")
+            if b'"type":"token","index":0' in message.get("body", b""):
+                steps.append(f"first token by {by}")
+
+        async def receive() -> Message:
+            await asyncio.Event().wait()  # the client never hangs up
+            raise AssertionError
+
+        response = EventStreamResponse(session, opening=SessionOpening(session, steps))
+        await asyncio.wait_for(response({"type": "http"}, receive, send), 10)
+        assert steps[:4] == ["status by pump", "metadata by pump", "first token by pump", "accepted"], steps
+        assert session.result is not None and session.result.outcome == "completed"
+    finally:
+        await upstream.close()

@@ -17,7 +17,7 @@ out, its frames are written by the pump, in the turn each message arrived (``_wr
 while the request task sleeps; the request task starts the three parts afterwards. Woken at the
 first message instead, its work (accepting the stream, starting the parts, the writer's first
 hop) sat between the metadata frame and the first token, on a core it shares with gRPC's poller
-thread: the first token left a quarter of a millisecond later.
+thread, and delayed the first token.
 """
 
 from __future__ import annotations
