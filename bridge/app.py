@@ -29,7 +29,6 @@ from bridge.pageheaders import with_security_headers
 from bridge.responses import error_response
 from bridge.resume.client import ResumeStore
 from bridge.state import BridgeState
-from bridge.stream.response import RAW_SEND_KEY
 from bridge.upstream import Upstream
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -37,14 +36,10 @@ log = logging.getLogger("bridge")
 
 
 class BridgeApp(Starlette):
-    """Starlette, plus the server's unwrapped ``send`` in the scope for the event-stream writer.
-
-    Everything else goes out through ``with_security_headers``, outside every middleware, so even
-    the outermost error handler's responses carry them.
-    """
+    """Starlette, with every response sent through ``with_security_headers``, outside every
+    middleware, so even the outermost error handler's responses carry them."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope[RAW_SEND_KEY] = send
         if scope["type"] == "http":
             send = with_security_headers(send)
         await super().__call__(scope, receive, send)

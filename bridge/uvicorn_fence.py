@@ -2,7 +2,7 @@
 
 The connection protocol (bridge/http_protocol.py, bridge/http_budget.py) subclasses uvicorn's
 ``HttpToolsProtocol``, replaces its ``data_received``, overrides its callbacks and reads its
-attributes; bridge/headwrite.py swaps a ``RequestResponseCycle``'s transport; the CLI subclasses
+attributes, and reads and sets a ``RequestResponseCycle``'s state; the CLI subclasses
 ``uvicorn.Server``. None of these names is uvicorn's public API. Had a release renamed one, the
 bridge would start, then fail with an AttributeError in the middle of a request, or an override
 would simply stop being called (a head limit that no longer runs); and a fix uvicorn makes to the
@@ -100,12 +100,11 @@ REQUIRED: tuple[Uses, ...] = (
         parameters=(("__init__", ("config", "server_state", "app_state", "_loop")),),
     ),
     # bridge/http_protocol.py (the request under way; a body past its deadline wakes the app's
-    # receive as a disconnect) and bridge/headwrite.py (its transport swap)
+    # receive as a disconnect)
     Uses(
         HTTPTOOLS_IMPL,
         "RequestResponseCycle",
-        methods=("send",),
-        attributes=("transport", "response_started", "response_complete", "disconnected", "message_event"),
+        attributes=("response_started", "response_complete", "disconnected", "message_event"),
     ),
     # bridge/http_budget.py: HoldableFlow
     Uses(

@@ -77,7 +77,8 @@ class Recording(NoHooks):
 
 def test_audience_settles_once_and_then_drops_its_hooks() -> None:
     hooks = Recording()
-    audience = Audience(NullObserver(), hooks)
+    audience = Audience(NullObserver())
+    assert audience.accept(hooks) is True
     audience.settle(RESULT)
     audience.settle(RESULT)
     assert hooks.calls == ["settled"]
@@ -86,8 +87,7 @@ def test_audience_settles_once_and_then_drops_its_hooks() -> None:
 
 async def test_a_stream_being_opened_reports_its_first_token_only_once_accepted() -> None:
     hooks = Recording()
-    audience = Audience(NullObserver(), NoHooks())
-    audience.open(announce=False)
+    audience = Audience(NullObserver())
     audience.first_token_measured(0.01)
     await asyncio.sleep(0)  # let the scheduled report run: it must hold back
     assert audience.accept(hooks) is True
@@ -96,21 +96,9 @@ async def test_a_stream_being_opened_reports_its_first_token_only_once_accepted(
     assert audience.accept(hooks) is False
 
 
-async def test_the_first_answer_wait_ends_at_the_first_frame() -> None:
+async def test_the_first_answer_wait_ends_when_released() -> None:
     answer = FirstAnswer()
     waiting = asyncio.ensure_future(answer.wait(30.0))
-    await asyncio.sleep(0)
-    answer.frame_added()
-    await asyncio.wait_for(waiting, 5.0)
-
-
-async def test_a_wait_past_the_first_frames_ends_only_when_released() -> None:
-    """A new stream's request task sleeps through the frames its pump writes (up to the first
-    token); a frame waking it put its bookkeeping between the metadata frame and the token."""
-    answer = FirstAnswer()
-    waiting = asyncio.ensure_future(answer.wait(30.0, on_frame=False))
-    await asyncio.sleep(0)
-    answer.frame_added()
     await asyncio.sleep(0)
     assert not waiting.done()
     answer.release()
@@ -119,7 +107,7 @@ async def test_a_wait_past_the_first_frames_ends_only_when_released() -> None:
 
 async def test_the_first_answer_wait_ends_at_its_timer_without_a_wake() -> None:
     answer = FirstAnswer()
-    await asyncio.wait_for(answer.wait(0.01, on_frame=False), 5.0)  # a timer that never fired would fail here
+    await asyncio.wait_for(answer.wait(0.01), 5.0)  # a timer that never fired would fail here
     answer.release()  # after the wait: nothing pending, nothing to resolve
     assert answer.refused is None
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bridge.errors import BridgeError, NotFound, ResumeStoreUnavailable, StreamExpired
@@ -176,9 +175,6 @@ class RemoteStream:
 
     def wake(self) -> None:
         self._changed.notify()
-
-    def park(self, handover: Callable[[], Awaitable[None]] | None) -> None:
-        """Nothing to hand over: the store's frames are read by the writer itself."""
 
     def _push(self, seq: int, data: bytes, final: bool = False) -> None:
         self._log.append(data, seq)

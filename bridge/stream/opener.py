@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from opentelemetry.context import Context
@@ -61,8 +61,7 @@ class StreamOpener:
         """The response of a started stream (``respond(session, pending)``), or raises the
         ``BridgeError`` to answer instead (429 and the like).
 
-        The response does not wait for the RAG service here: it settles the open itself
-        (``OpenStream``), so the pump can write the first frames without waking this task.
+        The RAG service is not waited for here: the response settles the open (``OpenStream``).
         """
         state = self.state
         try:
@@ -103,7 +102,7 @@ class StreamOpener:
             trace_id=trace_id_of(span),
             started=started,
         )
-        session.start(call, announce=False)
+        session.start(call)
         # Known from now on (a DELETE right after the first frame must find it); forgotten
         # again if the RAG service refuses the call.
         state.registry.add(session)
@@ -160,14 +159,19 @@ class OpenStream:
             self.interrupted()
             raise
 
+    def park(self, handover: Callable[[], Awaitable[None]] | None) -> None:
+        self.session.park(handover)
+
     async def answered(self) -> BridgeError | None:
-        """Wait until the stream ended, ``release`` or the accept wait; the refusal, if refused.
+        """Wait until ``release``, the end of the stream or the accept wait; the refusal, if refused.
 
         Frames that arrived during ``claim`` end the wait at once: the pump had no writer to hand
         them to, so the response writes them now instead of at the next message.
         """
         session = self.session
-        return await session.answered(self.accept_wait_s, on_frame=session.last_seq > 0)
+        if session.last_seq > 0:  # no handover was parked yet to write them: the writer does
+            return None  # a refusal is a status before any frame, so there is none
+        return await session.answered(self.accept_wait_s)
 
     def release(self) -> None:
         self.session.release_answer()

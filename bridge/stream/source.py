@@ -8,7 +8,6 @@ store's ``FrameMirror``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from bridge.errors import BridgeError
@@ -85,19 +84,6 @@ class FrameSource(Protocol):
         ...
 
     def wake(self) -> None: ...
-
-    def park(self, handover: Callable[[], Awaitable[None]] | None) -> None:
-        """The writer waits in ``changed``; a producer may write new frames with ``handover``.
-
-        The pump awaits ``handover`` right after appending a frame, so that frame goes to the
-        socket in the turn its message arrived, instead of one event-loop hop later when the
-        writer task wakes (the hop cost ~0.25 ms on the first token: gRPC's poller thread takes
-        the GIL in between). The writer offers it while a new stream opens (the status line and
-        every frame up to the first token) and for the first token: later frames keep the
-        writer's coalescing and send timeout. ``None`` withdraws the offer, so only one write is
-        ever in flight.
-        """
-        ...
 
 
 class FrameSink(Protocol):
