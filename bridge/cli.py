@@ -8,7 +8,7 @@ from __future__ import annotations
 # ruff: noqa: E402 (the imports below come after gRPC's log default is set)
 import os
 
-from bridge.logs import quiet_grpc_core_logs
+from bridge.grpc_logs import quiet_grpc_core_logs
 
 # Before anything imports grpc: its C core reads GRPC_VERBOSITY once, at import.
 quiet_grpc_core_logs(os.environ)

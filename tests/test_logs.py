@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from bridge.config import Settings
-from bridge.logs import configure_logging, log_stream_end, quiet_grpc_core_logs
+from bridge.grpc_logs import quiet_grpc_core_logs
+from bridge.logs import configure_logging, log_stream_end
 from bridge.types import StreamResult
 from tests.support.processes import ROOT
 
