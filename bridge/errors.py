@@ -13,7 +13,7 @@ ever sent as a frame (``StreamExpired``) still has the status it would have over
     ├── Forbidden             403 FORBIDDEN
     ├── NotFound              404 NOT_FOUND / STREAMING_DISABLED / STREAM_NOT_FOUND
     ├── MethodNotAllowed      405 METHOD_NOT_ALLOWED
-    ├── RequestHeadTimeout    408 HEADER_TIMEOUT (written by the connection, bridge/http_protocol.py)
+    ├── RequestHeadTimeout    408 HEADER_TIMEOUT (written by the connection, bridge/server/protocol.py)
     ├── RequestBodyTimeout    408 BODY_TIMEOUT (likewise)
     ├── StreamExpired         410 STREAM_EXPIRED (sent as an ``error`` frame: a late or invalid resume)
     ├── PayloadTooLarge       413 PAYLOAD_TOO_LARGE
@@ -30,7 +30,7 @@ ever sent as a frame (``StreamExpired``) still has the status it would have over
     ConfigError (ValueError)       a setting the bridge cannot start with; names the variable
     ├── UnsafeFile                 a file it trusts (key, store, head, log) others could choose
     └── UnsupportedUvicorn         an installed uvicorn outside the tested range, or lacking a name
-                                   the connection protocol uses (bridge/uvicorn_fence.py)
+                                   the connection protocol uses (bridge/server/uvicorn_fence.py)
     FrameError (ValueError)        a field value that would corrupt an event stream
     AuditChainBroken               the audit chain does not verify: retention refuses to purge
     DoctorError                    ``bali-zero-bridge doctor`` could not run its check (exit 2)

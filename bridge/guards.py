@@ -17,7 +17,7 @@ class HeaderSizeLimit:
     """Answer 431 when the request's headers and URL exceed ``max_bytes`` in total.
 
     The exact, per-request check. Memory is bounded earlier, as bytes arrive, by the connection
-    protocol (bridge/http_protocol.py), which allows the request line's framing on top; this guard
+    protocol (bridge/server/protocol.py), which allows the request line's framing on top; this guard
     is what keeps a head just under that wire bound from reaching JWT parsing and logging.
     """
 
