@@ -236,7 +236,7 @@ def error_response(error: BridgeError, default_headers: Iterable[tuple[bytes, by
     lines += [name + b": " + value for name, value in default_headers]
     lines += [
         b"content-type: application/json",
-        b"x-content-type-options: nosniff",  # as every response of the app (bridge/pageheaders.py)
+        b"x-content-type-options: nosniff",  # as every response of the app (bridge/middleware.py)
         b"content-length: " + str(len(body)).encode(),
         b"connection: close",
     ]

@@ -2,7 +2,7 @@
 
 httptools (llhttp) has no header size limit: it keeps a header value across reads until the value
 ends, and uvicorn hands the app the headers only once the whole head is in. A limit checked by the
-app (bridge/guards.py) therefore came after the buffering: one connection sending a 200 MiB header
+app (bridge/middleware.py) therefore came after the buffering: one connection sending a 200 MiB header
 took the process from 79 to 302 MiB. Nor did anything bound how long a head may take: uvicorn's
 keep-alive timer is cancelled by the first byte of the next request and a fresh connection has
 none, so a client trickling a byte at a time (slowloris), or sending nothing, held its connection
