@@ -17,11 +17,10 @@ from bridge.inputs import read_input
 from bridge.resume.client import ResumeStore
 from bridge.resume.remote import NothingLeft, open_remote
 from bridge.state import BridgeState
-from bridge.stream.frames import sources
-from bridge.stream.ids import resume_point
+from bridge.stream.frames import resume_point, sources
 from bridge.stream.opener import StreamOpener
+from bridge.stream.replay import Resume
 from bridge.stream.response import ErrorFrameResponse, EventStreamResponse
-from bridge.stream.session import Resume
 from bridge.telemetry import Telemetry, request_ids
 from bridge.upstream import chat_request
 

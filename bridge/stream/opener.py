@@ -27,7 +27,7 @@ from bridge.inputs import ChatInput
 from bridge.logs import log_stream_end
 from bridge.resume.keys import owner_tag
 from bridge.resume.mirror import FrameMirror
-from bridge.stream.ids import new_stream_id
+from bridge.stream.frames import new_stream_id
 from bridge.stream.session import StreamSession
 from bridge.streamcap import Lease
 from bridge.telemetry import trace_id_of
