@@ -18,15 +18,12 @@ from starlette.routing import Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
+from bridge.apidocs import docs_routes, openapi_endpoint
 from bridge.audit.http import admin_audit_endpoint
 from bridge.config import Settings
-from bridge.docs import docs_routes
 from bridge.endpoints import Endpoints
-from bridge.errors import BridgeError, MethodNotAllowed, NotFound
-from bridge.guards import HeaderSizeLimit
-from bridge.openapi import openapi_endpoint
-from bridge.pageheaders import with_security_headers
-from bridge.responses import error_response
+from bridge.errors import BridgeError, MethodNotAllowed, NotFound, error_response
+from bridge.middleware import HeaderSizeLimit, with_security_headers
 from bridge.resume.client import ResumeStore
 from bridge.state import BridgeState
 from bridge.upstream import Upstream

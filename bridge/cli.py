@@ -29,7 +29,7 @@ from bridge.audit.cli import add_audit_commands
 from bridge.config import Settings, variables_help
 from bridge.doctor.probe import add_doctor_command, run_doctor
 from bridge.errors import ConfigError, UnsupportedUvicorn
-from bridge.netsock import HalfOpenDetection
+from bridge.server.netsock import HalfOpenDetection
 
 PATH_VARIABLES = ("AUDIT_DB", "LOG_FILE", "ERROR_LOG_FILE", "JWT_PUBLIC_KEY_FILE")
 """Settings naming files: a relative one in an env file is relative to that file, not to the cwd,
@@ -108,15 +108,15 @@ def serve(settings: Settings, host: str, port: int) -> int:
     try:
         # Before anything that serves is imported: a uvicorn the connection protocol was not
         # tested with, or one lacking a name it uses, is one line here, not an error mid-request.
-        from bridge.uvicorn_fence import require_supported_uvicorn
+        from bridge.server.uvicorn_fence import require_supported_uvicorn
 
         require_supported_uvicorn()
     except UnsupportedUvicorn as exc:
         print(f"bali-zero-bridge: cannot start: {exc}", file=sys.stderr)
         return 2
     from bridge.app import create_app
-    from bridge.http_protocol import ConnectionLimits, protocol_class
     from bridge.logs import configure_logging
+    from bridge.server.protocol import ConnectionLimits, protocol_class
     from bridge.state import BridgeState
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)

@@ -11,22 +11,18 @@ from starlette.responses import Response
 
 from bali_zero.rag.v1 import rag_pb2
 from bridge.doctor.stream import DiagnosticStream, parse_idle
-from bridge.errors import BridgeError, NotFound, Rejected, StreamExpired
-from bridge.gate import Admission
+from bridge.errors import BridgeError, JSONResponse, NotFound, Rejected, StreamExpired, error_response
+from bridge.gate import Admission, in_rollout
 from bridge.inputs import read_input
-from bridge.rag_request import chat_request
-from bridge.request_ids import request_ids
-from bridge.responses import JSONResponse, error_response
 from bridge.resume.client import ResumeStore
 from bridge.resume.remote import NothingLeft, open_remote
-from bridge.rollout import in_rollout
 from bridge.state import BridgeState
-from bridge.stream.frames import sources
-from bridge.stream.ids import resume_point
+from bridge.stream.frames import resume_point, sources
 from bridge.stream.opener import StreamOpener
+from bridge.stream.replay import Resume
 from bridge.stream.response import ErrorFrameResponse, EventStreamResponse
-from bridge.stream.session import Resume
-from bridge.telemetry import Telemetry
+from bridge.telemetry import Telemetry, request_ids
+from bridge.upstream import chat_request
 
 
 class Endpoints:

@@ -13,7 +13,7 @@ ever sent as a frame (``StreamExpired``) still has the status it would have over
     ├── Forbidden             403 FORBIDDEN
     ├── NotFound              404 NOT_FOUND / STREAMING_DISABLED / STREAM_NOT_FOUND
     ├── MethodNotAllowed      405 METHOD_NOT_ALLOWED
-    ├── RequestHeadTimeout    408 HEADER_TIMEOUT (written by the connection, bridge/http_protocol.py)
+    ├── RequestHeadTimeout    408 HEADER_TIMEOUT (written by the connection, bridge/server/protocol.py)
     ├── RequestBodyTimeout    408 BODY_TIMEOUT (likewise)
     ├── StreamExpired         410 STREAM_EXPIRED (sent as an ``error`` frame: a late or invalid resume)
     ├── PayloadTooLarge       413 PAYLOAD_TOO_LARGE
@@ -30,12 +30,16 @@ ever sent as a frame (``StreamExpired``) still has the status it would have over
     ConfigError (ValueError)       a setting the bridge cannot start with; names the variable
     ├── UnsafeFile                 a file it trusts (key, store, head, log) others could choose
     └── UnsupportedUvicorn         an installed uvicorn outside the tested range, or lacking a name
-                                   the connection protocol uses (bridge/uvicorn_fence.py)
+                                   the connection protocol uses (bridge/server/uvicorn_fence.py)
     FrameError (ValueError)        a field value that would corrupt an event stream
     AuditChainBroken               the audit chain does not verify: retention refuses to purge
     DoctorError                    ``bali-zero-bridge doctor`` could not run its check (exit 2)
     TelemetryConfigError           an unusable OTEL_* value; defined in ``bzb_shared.otel``
                                    because the stub raises it too, re-exported here
+
+Over HTTP an error is written by ``error_response``, as a ``JSONResponse``: UTF-8 JSON that never
+fails to encode (a lone surrogate is escaped), so no answer turns into a 500 or carries a traceback.
+``JSONResponse`` writes the bridge's JSON answers too.
 
 Outcomes that are expected answers rather than failures (a resume finding its frames trimmed, a
 stream already over) are return values of the functions that find them, not exceptions.
@@ -43,11 +47,14 @@ stream already over) are return values of the functions that find them, not exce
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import grpc
+from starlette.responses import Response
 
 from bridge.types import Identity
 from bzb_shared.otel import TelemetryConfigError
@@ -357,3 +364,19 @@ class AuditChainBroken(Exception):
 
 class DoctorError(Exception):
     """``bali-zero-bridge doctor`` could not run its check (exit 2): the message says what to look at."""
+
+
+# ------------------------------------------------------------------------------- as HTTP responses
+class JSONResponse(Response):
+    """UTF-8 JSON. A lone surrogate in a string (legal JSON, read back from a stored record) is
+    written as its ``\\uXXXX`` escape: strict UTF-8 encoding would raise, turning the answer into a 500."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "backslashreplace")
+
+
+def error_response(error: BridgeError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    merged = {**(headers or {}), **error.headers()}
+    return JSONResponse(error.body(), status_code=error.status, headers=merged)

@@ -19,13 +19,12 @@ from bridge.gate import Gate
 from bridge.inputs import Limits
 from bridge.metrics import BridgeMetrics
 from bridge.ratelimit import RateLimiter
-from bridge.request_ids import request_ids
 from bridge.resume.client import ResumeStore
 from bridge.stats import FanOut, StreamStats
-from bridge.stream.policy import StreamPolicy
 from bridge.stream.registry import SessionRegistry
+from bridge.stream.source import StreamPolicy
 from bridge.streamcap import StreamCaps
-from bridge.telemetry import Telemetry
+from bridge.telemetry import Telemetry, request_ids
 from bridge.types import Identity
 from bridge.upstream import Upstream
 

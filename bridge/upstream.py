@@ -9,6 +9,9 @@ import time is bound to another loop and fails with "attached to a different loo
     A streaming call that fails with UNAVAILABLE before its first token is opened again, once
     (a replica was down or died after accepting; round robin picks another). Never after a
     token: the client would see it twice.
+
+The request messages are built here too (``stream_chat_request``, ``chat_request``), from a
+validated input and the caller's identity: a verified email wins over the one in the body.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bali_zero.rag.v1 import rag_pb2, rag_pb2_grpc
+from bridge.auth import effective_role
 from bridge.errors import from_grpc_status
+from bridge.inputs import ChatInput
 from bridge.telemetry import StreamTracing
+from bridge.types import Identity
 
 SERVICE_NAME: str = rag_pb2.DESCRIPTOR.services_by_name["RagService"].full_name
 STREAM_METHOD = f"/{SERVICE_NAME}/StreamChat"
@@ -244,3 +250,26 @@ class Upstream:
 def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
     """The request id travels as metadata too, for proxies and interceptors that never parse the body."""
     return (("x-request-id", request_id),)
+
+
+# ------------------------------------------------------------------------ the RAG request messages
+_ROLES = {"user": rag_pb2.CHAT_ROLE_USER, "assistant": rag_pb2.CHAT_ROLE_ASSISTANT, "system": rag_pb2.CHAT_ROLE_SYSTEM}
+
+
+def _fields(chat: ChatInput, identity: Identity, request_id: str) -> dict[str, Any]:
+    return {
+        "query": chat.query,
+        # A verified email wins; an anonymous caller's email is a personalisation hint only.
+        "user_email": identity.email or chat.user_email or "",
+        "user_role": effective_role(identity, chat.user_role) or "",
+        "conversation_history": [rag_pb2.ChatMessage(role=_ROLES[r], content=c) for r, c in chat.history],
+        "request_id": request_id,
+    }
+
+
+def stream_chat_request(chat: ChatInput, identity: Identity, request_id: str) -> rag_pb2.StreamChatRequest:
+    return rag_pb2.StreamChatRequest(**_fields(chat, identity, request_id))
+
+
+def chat_request(chat: ChatInput, identity: Identity, request_id: str) -> rag_pb2.ChatRequest:
+    return rag_pb2.ChatRequest(**_fields(chat, identity, request_id))

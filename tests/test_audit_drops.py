@@ -1,4 +1,4 @@
-"""Drop accounting of the audit trail, in-process (bridge/audit/drops.py)."""
+"""Drop accounting of the audit trail, in-process (bridge/audit/trail.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from bridge.audit.drops import DropCounter
+from bridge.audit.trail import DropCounter
 
 
 def test_every_drop_reaches_the_hook_but_the_log_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:

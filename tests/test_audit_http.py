@@ -17,8 +17,7 @@ from bridge.audit.keys import derive_keys
 from bridge.audit.refusals import RefusalLedger
 from bridge.audit.store import QueryFilters, SQLiteStore
 from bridge.audit.trail import AuditTrail
-from bridge.errors import BridgeError, Unauthorized
-from bridge.responses import JSONResponse
+from bridge.errors import BridgeError, JSONResponse, Unauthorized
 from bridge.types import Identity
 
 

@@ -17,7 +17,7 @@ import httpx
 import jwt
 import pytest
 
-from bridge.rollout import in_rollout
+from bridge.gate import in_rollout
 from tests.support.browser import console_collector, launch_chromium
 from tests.support.processes import Bridge, Stub
 

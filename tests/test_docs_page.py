@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bridge.openapi import load_openapi
+from bridge.apidocs import load_openapi
 from tests.conftest import BridgeFactory, StubFactory
 from tests.support.browser import console_collector, launch_chromium
 from tests.support.processes import Bridge

@@ -1,4 +1,4 @@
-"""The replay buffer and write coalescing, in-process (bridge/stream/framelog.py)."""
+"""The replay buffer and write coalescing, in-process (bridge/stream/replay.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections import deque
 
 import pytest
 
-from bridge.stream.framelog import COALESCE_BYTES, FrameLog, Replay, coalesce
+from bridge.stream.replay import COALESCE_BYTES, FrameLog, Replay, coalesce
 
 
 def frame(seq: int, size: int = 10) -> bytes:

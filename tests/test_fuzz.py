@@ -36,7 +36,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from bridge import sse
-from bridge.openapi import load_openapi
+from bridge.apidocs import load_openapi
 from tests.conftest import BridgeFactory, StubFactory
 from tests.support.processes import Bridge, Stub
 from tests.test_openapi import loaded_operations

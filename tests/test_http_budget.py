@@ -1,4 +1,4 @@
-"""The connection's pure pieces (bridge/http_budget.py), in process and fast.
+"""The connection's pure pieces (bridge/server/budget.py), in process and fast.
 
 The same invariants are driven over real sockets in tests/test_http_protocol.py and against the
 whole bridge in tests/test_attacks_header.py; these pin the arithmetic at its edges.
@@ -10,7 +10,7 @@ import asyncio
 import json
 
 from bridge.errors import RequestBodyTimeout, RequestHeadTooLarge
-from bridge.http_budget import SLICE_BYTES, Deadline, Linger, WireBudget, content_length, error_response
+from bridge.server.budget import SLICE_BYTES, Deadline, Linger, WireBudget, content_length, error_response
 
 LIMIT = 3 * SLICE_BYTES
 

@@ -16,8 +16,8 @@ import uvicorn
 from uvicorn.server import ServerState
 
 from bridge.config import ConfigError, Settings
-from bridge.http_budget import SLICE_BYTES
-from bridge.http_protocol import WIRE_ALLOWANCE_BYTES, ConnectionLimits, protocol_class
+from bridge.server.budget import SLICE_BYTES
+from bridge.server.protocol import WIRE_ALLOWANCE_BYTES, ConnectionLimits, protocol_class
 from bridge.types import ConnectionCloseReason
 
 LIMIT = 8 * 1024  # wire bytes of a request head

@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.metrics import LATENCY_BUCKETS, BridgeMetrics
 from bridge.stats import FanOut, StreamStats
-from bridge.stream.timing import GAP_BATCH
+from bridge.stream.session import GAP_BATCH
 from bridge.types import StreamResult
 
 

@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from bridge.config import ConfigError, Settings
-from bridge.netsock import KEEPALIVE_PROBES, HalfOpenDetection
+from bridge.server.netsock import KEEPALIVE_PROBES, HalfOpenDetection
 
 
 def _accepted(detection: HalfOpenDetection) -> tuple[socket.socket, socket.socket, socket.socket]:

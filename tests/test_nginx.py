@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from bridge.config import Settings
-from bridge.http_protocol import WIRE_ALLOWANCE_BYTES
+from bridge.server.protocol import WIRE_ALLOWANCE_BYTES
 from bridge.sse import Event, Parser
 from tests.conftest import BridgeFactory, StubFactory
 from tests.support.nginx import (

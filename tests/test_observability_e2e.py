@@ -24,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.sse import Parser
-from bridge.stream.timing import GAP_BATCH
+from bridge.stream.session import GAP_BATCH
 from tests.conftest import BridgeFactory, StubFactory
 from tests.support.otlp_trace import (
     SPAN_KIND_CLIENT,

@@ -23,9 +23,9 @@ from schemathesis.core.result import Ok
 from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
 from starlette.routing import Mount, Route
 
+from bridge.apidocs import OPENAPI_PATH, load_openapi, openapi_bytes, openapi_endpoint
 from bridge.app import create_app
 from bridge.config import Settings
-from bridge.openapi import OPENAPI_PATH, load_openapi, openapi_bytes, openapi_endpoint
 from tests.conftest import BridgeFactory
 from tests.support.processes import Stub
 

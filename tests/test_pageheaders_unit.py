@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from starlette.types import Message
 
-from bridge.pageheaders import CSP, with_security_headers
+from bridge.middleware import CSP, with_security_headers
 
 
 async def sent_headers(content_type: bytes | None, extra: list[tuple[bytes, bytes]] | None = None) -> dict[str, str]:

@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio
 
 from bridge.resume.client import ResumeStore, Timings
-from bridge.stream.policy import ENDED_HOLD_WINDOWS, StreamPolicy
+from bridge.stream.source import ENDED_HOLD_WINDOWS, StreamPolicy
 from tests.support.redis import redis_factory, redis_server  # noqa: F401  (fixtures)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bridge.rollout import BUCKETS, bucket, in_rollout
+from bridge.gate import BUCKETS, bucket, in_rollout
 
 KEYS = [f"user:{i}" for i in range(20_000)]
 

@@ -25,7 +25,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from bridge.rollout import in_rollout
+from bridge.gate import in_rollout
 from bridge.sse import Parser
 from tests.conftest import BridgeFactory, StubFactory
 from tests.support.processes import Bridge, Stub

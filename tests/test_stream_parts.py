@@ -7,13 +7,9 @@ import asyncio
 
 from bridge.errors import StreamExpired
 from bridge.resume.keys import LOST, StoredStream
-from bridge.stream.answer import FirstAnswer
-from bridge.stream.backpressure import Room
-from bridge.stream.framelog import FrameLog
-from bridge.stream.hooks import Audience, NoHooks
-from bridge.stream.lifecycle import Lifecycle
 from bridge.stream.registry import forget_at
-from bridge.stream.resumption import Resume, plan_resume, refusal
+from bridge.stream.replay import FrameLog, Resume, plan_resume, refusal
+from bridge.stream.session import Audience, FirstAnswer, Lifecycle, NoHooks, Room
 from bridge.types import NullObserver, StreamResult
 
 RESULT = StreamResult("s", "r", "completed", 1, 1.0, 1.0)

@@ -15,7 +15,7 @@ from bridge import errors
 from bridge.config import Settings
 from bridge.errors import BadRequest, BridgeError, ConfigError, PayloadTooLarge, UnsupportedMediaType, from_grpc_status
 from bridge.inputs import Limits, read_input, validate
-from bridge.stream.ids import parse_event_id, parse_seq, resume_point
+from bridge.stream.frames import parse_event_id, parse_seq, resume_point
 from bzb_shared.fit import least_squares_slope
 
 LIMITS = Limits(max_query_bytes=100, max_body_bytes=2048, max_history_messages=2)

@@ -1,4 +1,4 @@
-"""The uvicorn fence (bridge/uvicorn_fence.py), in process: a uvicorn the bridge was not tested with,
+"""The uvicorn fence (bridge/server/uvicorn_fence.py), in process: a uvicorn the bridge was not tested with,
 or one lacking a name the connection protocol uses, is one typed line, never an AttributeError
 mid-request.
 
@@ -26,9 +26,9 @@ import uvicorn
 import bridge.cli
 from bridge.cli import main
 from bridge.errors import ConfigError, UnsupportedUvicorn
-from bridge.http_budget import HoldableFlow
-from bridge.http_protocol import HeadLimitedProtocol
-from bridge.uvicorn_fence import (
+from bridge.server.budget import HoldableFlow
+from bridge.server.protocol import HeadLimitedProtocol
+from bridge.server.uvicorn_fence import (
     FIRST_UNSUPPORTED,
     LOWEST_SUPPORTED,
     REQUIRED,
@@ -176,7 +176,7 @@ def test_cli_prints_one_line_and_exits_2_before_serving(
 
 def test_importing_the_protocol_module_on_an_unsupported_uvicorn_raises_the_typed_error() -> None:
     """In a fresh interpreter: the check runs when the protocol module is first imported."""
-    code = "import uvicorn\nuvicorn.__version__ = '0.56.0'\nimport bridge.http_protocol\n"
+    code = "import uvicorn\nuvicorn.__version__ = '0.56.0'\nimport bridge.server.protocol\n"
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=60
     )
@@ -264,8 +264,8 @@ def test_every_uvicorn_name_a_bridge_subclass_touches_is_fenced(subclass: type, 
 
 
 def test_only_the_fence_imports_uvicorn_internals() -> None:
-    """Every other module gets them from bridge/uvicorn_fence.py, so the check runs before the import."""
-    allowed = {"bridge/uvicorn_fence.py"}
+    """Every other module gets them from bridge/server/uvicorn_fence.py, so the check runs before the import."""
+    allowed = {"bridge/server/uvicorn_fence.py"}
     offenders = set()
     for path in (ROOT / "bridge").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

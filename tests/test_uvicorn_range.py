@@ -1,6 +1,6 @@
 """The header attacks against bridges running the lowest and the highest uvicorn the bridge allows.
 
-pyproject.toml allows ``uvicorn[standard]>=0.35,<0.56`` (bridge/uvicorn_fence.py); the rest of the
+pyproject.toml allows ``uvicorn[standard]>=0.35,<0.56`` (bridge/server/uvicorn_fence.py); the rest of the
 suite runs the version constraints.txt pins. Here each end of the range is installed with pip
 (``--no-deps --target``, cached under the gitignored build/uvicorn-range/), put first on a real
 bridge's PYTHONPATH, and the attacks of tests/test_attacks_header.py that go through the protocol's
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.uvicorn_fence import FIRST_UNSUPPORTED, LOWEST_SUPPORTED, SUPPORTED_RANGE, minor_version
+from bridge.server.uvicorn_fence import FIRST_UNSUPPORTED, LOWEST_SUPPORTED, SUPPORTED_RANGE, minor_version
 from tests.conftest import BridgeFactory, missing_prerequisite
 from tests.support.processes import ROOT, Bridge, Stub, base_env
 from tests.test_attacks_body import test_chunked_body_or_trailers_trickled_get_408_at_body_timeout
@@ -134,7 +134,7 @@ def bridge_factory(bridge_factory: BridgeFactory, bound_uvicorn: Path) -> Bridge
 
 
 def test_the_releases_tested_are_the_ends_of_the_supported_range() -> None:
-    """Widening the range in bridge/uvicorn_fence.py (and pyproject.toml) means testing the new end."""
+    """Widening the range in bridge/server/uvicorn_fence.py (and pyproject.toml) means testing the new end."""
     assert minor_version(LOWEST_RELEASE) == LOWEST_SUPPORTED
     assert minor_version(HIGHEST_RELEASE) == (FIRST_UNSUPPORTED[0], FIRST_UNSUPPORTED[1] - 1)
     below = minor_version(BELOW_RANGE)

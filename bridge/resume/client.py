@@ -28,7 +28,7 @@ from bridge.resume.keys import (
     owner_tag,
     reader_key,
 )
-from bridge.stream.policy import ENDED_HOLD_WINDOWS, StreamPolicy
+from bridge.stream.source import ENDED_HOLD_WINDOWS, StreamPolicy
 
 log = logging.getLogger("bridge.resume")
 

@@ -15,8 +15,8 @@ from typing import Any
 from bridge.errors import BridgeError, NotFound, ResumeStoreUnavailable, StreamExpired
 from bridge.resume.client import STORE_ERRORS, ResumeStore
 from bridge.resume.keys import BATCH, StoredStream, frames_key, meta_key, owner_tag, seq_of
-from bridge.stream.framelog import FrameLog
 from bridge.stream.frames import error_frame
+from bridge.stream.replay import FrameLog
 from bridge.stream.source import Notifier
 
 log = logging.getLogger("bridge.resume")

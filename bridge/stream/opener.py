@@ -25,15 +25,14 @@ from opentelemetry.trace import Span
 from bridge.errors import BridgeError
 from bridge.inputs import ChatInput
 from bridge.logs import log_stream_end
-from bridge.rag_request import stream_chat_request
 from bridge.resume.keys import owner_tag
 from bridge.resume.mirror import FrameMirror
-from bridge.stream.ids import new_stream_id
+from bridge.stream.frames import new_stream_id
 from bridge.stream.session import StreamSession
 from bridge.streamcap import Lease
 from bridge.telemetry import trace_id_of
 from bridge.types import Identity, StreamResult
-from bridge.upstream import ChatStream
+from bridge.upstream import ChatStream, stream_chat_request
 
 if TYPE_CHECKING:
     from bridge.state import BridgeState

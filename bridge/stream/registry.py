@@ -15,8 +15,8 @@ import weakref
 from typing import Protocol
 
 from bridge.errors import BridgeError
-from bridge.stream.policy import ENDED_HOLD_WINDOWS
 from bridge.stream.session import StreamSession
+from bridge.stream.source import ENDED_HOLD_WINDOWS
 
 
 class StoreReader(Protocol):

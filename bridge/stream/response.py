@@ -32,8 +32,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from bridge import sse
-from bridge.errors import BridgeError, ClientGone
-from bridge.responses import error_response
+from bridge.errors import BridgeError, ClientGone, error_response
 from bridge.stream.frames import heartbeat_frame
 from bridge.stream.source import FrameSource
 

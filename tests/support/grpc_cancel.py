@@ -33,8 +33,8 @@ import uvloop
 from opentelemetry.sdk.trace import TracerProvider
 
 from bali_zero.rag.v1 import rag_pb2, rag_pb2_grpc
-from bridge.stream.policy import StreamPolicy
 from bridge.stream.session import NoHooks, StreamSession
+from bridge.stream.source import StreamPolicy
 from bridge.telemetry import StreamTracing, client_interceptors_for
 from bridge.upstream import Upstream
 from bzb_shared.fit import least_squares_slope

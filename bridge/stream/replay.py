@@ -1,4 +1,5 @@
-"""The replay buffer: a stream's encoded frames, unsent and (for resume) sent, with byte caps.
+"""The replay log: a stream's encoded frames, unsent and (for resume) sent, with byte caps, and
+whether a reconnect carrying ``Last-Event-ID`` can be served from it.
 
 Pure bookkeeping, no I/O and no event loop, so it is unit-tested in-process
 (tests/test_framelog.py). Used by the local session (frames the pump produced) and by the remote
@@ -12,6 +13,16 @@ Invariants, each preventing a known failure:
   answer read by a live client does not keep the whole answer in memory;
 - ``trimmed_through`` remembers frames dropped unread because the resume store holds them, so a
   resume from before that point is sent to the store instead of getting a gap.
+
+The resume decisions (``plan_resume``, ``refusal``) are pure functions over a session's
+``FrameLog``, so the rules read in one place:
+
+- a stream that expired or was cancelled is never resumed (its upstream call is gone, so a
+  "resumed" reader would wait for frames that never come);
+- an id the bridge never sent, or whose following frames are gone, is refused with
+  ``StreamExpired`` (never silently replayed from a later point: the client would miss text);
+- frames trimmed here only because the shared resume store holds them are served from the store,
+  so a detached session's local memory can stay bounded without losing a reader elsewhere.
 """
 
 from __future__ import annotations
@@ -19,6 +30,8 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Iterator
+
+from bridge.errors import StreamExpired
 
 # Frames ready together are written in one send, up to this many bytes (write coalescing).
 COALESCE_BYTES = 64 * 1024
@@ -179,3 +192,42 @@ class FrameLog:
             if self.keep_sent:
                 self._sent.append(item)
                 self._sent_bytes += len(item[1])
+
+
+# ---------------------------------------------------------------------------- the resume decisions
+class Resume(enum.Enum):
+    """How a reconnect to a local session can be served."""
+
+    HERE = "here"  # every frame after the id is held here
+    FROM_STORE = "from_store"  # dropped here once mirrored: the shared resume store holds them
+    NOTHING_LEFT = "nothing_left"  # the client already has the final frame
+
+
+_REFUSALS = {
+    Replay.NEVER_SENT: "this event id was never sent",
+    Replay.TRIMMED: "the frames after this event id are no longer held here",
+    Replay.GONE: "the frames after this event id are no longer held",
+}
+
+
+def refusal(log: FrameLog, after_seq: int, *, over: bool) -> StreamExpired | None:
+    """Why a reader may not take the stream after ``after_seq``; None when it may.
+
+    ``over``: the stream expired or was cancelled.
+    """
+    if over:
+        return StreamExpired("the stream expired before it was resumed", retryable=False)
+    why = _REFUSALS.get(log.replay(after_seq))
+    return None if why is None else StreamExpired(why, retryable=False)
+
+
+def plan_resume(log: FrameLog, after_seq: int, *, over: bool, finished: bool) -> Resume | StreamExpired:
+    """Can a reconnect after ``after_seq`` be served, and from where?"""
+    if log.replay(after_seq) is Replay.TRIMMED and not over:
+        return Resume.FROM_STORE
+    refused = refusal(log, after_seq, over=over)
+    if refused is not None:
+        return refused
+    if finished and log.sent_seq >= log.last_seq == after_seq:
+        return Resume.NOTHING_LEFT
+    return Resume.HERE

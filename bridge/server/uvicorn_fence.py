@@ -1,6 +1,6 @@
 """The uvicorn internals the bridge builds on, checked before the first of them is used.
 
-The connection protocol (bridge/http_protocol.py, bridge/http_budget.py) subclasses uvicorn's
+The connection protocol (bridge/server/protocol.py, bridge/server/budget.py) subclasses uvicorn's
 ``HttpToolsProtocol``, replaces its ``data_received``, overrides its callbacks and reads its
 attributes, and reads and sets a ``RequestResponseCycle``'s state; the CLI subclasses
 ``uvicorn.Server``. None of these names is uvicorn's public API. Had a release renamed one, the
@@ -61,7 +61,7 @@ class Uses:
 HTTPTOOLS_IMPL = "uvicorn.protocols.http.httptools_impl"
 
 REQUIRED: tuple[Uses, ...] = (
-    # bridge/http_protocol.py: HeadLimitedProtocol
+    # bridge/server/protocol.py: HeadLimitedProtocol
     Uses(
         HTTPTOOLS_IMPL,
         "HttpToolsProtocol",
@@ -99,14 +99,14 @@ REQUIRED: tuple[Uses, ...] = (
         ),
         parameters=(("__init__", ("config", "server_state", "app_state", "_loop")),),
     ),
-    # bridge/http_protocol.py (the request under way; a body past its deadline wakes the app's
+    # bridge/server/protocol.py (the request under way; a body past its deadline wakes the app's
     # receive as a disconnect)
     Uses(
         HTTPTOOLS_IMPL,
         "RequestResponseCycle",
         attributes=("response_started", "response_complete", "disconnected", "message_event"),
     ),
-    # bridge/http_budget.py: HoldableFlow
+    # bridge/server/budget.py: HoldableFlow
     Uses(
         "uvicorn.protocols.http.flow_control",
         "FlowControl",

@@ -1,4 +1,4 @@
-"""The pieces of the connection protocol (bridge/http_protocol.py) that need no uvicorn to reason about.
+"""The pieces of the connection protocol (bridge/server/protocol.py) that need no uvicorn to reason about.
 
 Each one holds one invariant of the HTTP/1.1 connection and names the attack it stops; the protocol
 class only wires them to uvicorn's callbacks.
@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from http import HTTPStatus
 
 from bridge.errors import BridgeError
-from bridge.uvicorn_fence import FlowControl
+from bridge.server.uvicorn_fence import FlowControl
 
 # Bytes fed to the parser at a time while a head may be open: the most a head beginning inside a
 # slice can be over-charged. Small enough to keep the wire bound close to MAX_HEADER_BYTES, large
@@ -236,7 +236,7 @@ def error_response(error: BridgeError, default_headers: Iterable[tuple[bytes, by
     lines += [name + b": " + value for name, value in default_headers]
     lines += [
         b"content-type: application/json",
-        b"x-content-type-options: nosniff",  # as every response of the app (bridge/pageheaders.py)
+        b"x-content-type-options: nosniff",  # as every response of the app (bridge/middleware.py)
         b"content-length: " + str(len(body)).encode(),
         b"connection: close",
     ]

@@ -2,7 +2,7 @@
 
 httptools (llhttp) has no header size limit: it keeps a header value across reads until the value
 ends, and uvicorn hands the app the headers only once the whole head is in. A limit checked by the
-app (bridge/guards.py) therefore came after the buffering: one connection sending a 200 MiB header
+app (bridge/middleware.py) therefore came after the buffering: one connection sending a 200 MiB header
 took the process from 79 to 302 MiB. Nor did anything bound how long a head may take: uvicorn's
 keep-alive timer is cancelled by the first byte of the next request and a fresh connection has
 none, so a client trickling a byte at a time (slowloris), or sending nothing, held its connection
@@ -25,7 +25,7 @@ This protocol
 and reports each close by reason. An open response (an SSE stream) is never idle: no timer runs
 while a request is being answered and its head is complete.
 
-The invariants live in small collaborators (bridge/http_budget.py: the byte budget, the deadline,
+The invariants live in small collaborators (bridge/server/budget.py: the byte budget, the deadline,
 the held pipeline, the linger); this class is the adapter that wires them to uvicorn's callbacks.
 """
 
@@ -39,7 +39,7 @@ import httptools
 
 from bridge.config import Settings
 from bridge.errors import BridgeError, RequestBodyTimeout, RequestHeadTimeout, RequestHeadTooLarge
-from bridge.http_budget import (
+from bridge.server.budget import (
     SLICE_BYTES,
     Deadline,
     HoldableFlow,
@@ -48,8 +48,8 @@ from bridge.http_budget import (
     content_length,
     error_response,
 )
+from bridge.server.uvicorn_fence import Config, HttpToolsProtocol, ServerState
 from bridge.types import ConnectionCloseReason
-from bridge.uvicorn_fence import Config, HttpToolsProtocol, ServerState
 
 # What the wire count sees and the app-level count (URL + headers) does not: method, the URL's
 # scheme and host in absolute form, " HTTP/1.1", the blank line; plus one slice of over-charge.
