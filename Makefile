@@ -58,7 +58,7 @@ bench: $(INSTALLED)
 	$(BIN)/python -m bench.run
 
 fuzz: $(INSTALLED)
-	FUZZ_EXAMPLES=5000 $(BIN)/pytest tests/test_fuzz.py tests/test_sse_properties.py -q
+	FUZZ_EXAMPLES=5000 $(BIN)/pytest tests/e2e/test_fuzz.py tests/unit/test_sse_properties.py -q
 
 # `make soak SOAK_DURATION=1800` is the long run that proves the RSS plateau (chart and JSON in
 # bench/results/soak-long.*); plain `make soak` is the one-minute accounting run.

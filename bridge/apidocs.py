@@ -1,9 +1,9 @@
 """The API described to its readers: ``GET /openapi.json`` and ``GET /docs``.
 
 ``GET /openapi.json`` serves the checked-in OpenAPI 3.1 description of the HTTP surface
-(``bridge/openapi.json``) as is. The file is the source of truth: ``tests/test_openapi.py``
+(``bridge/openapi.json``) as is. The file is the source of truth: ``tests/e2e/test_openapi.py``
 checks that it is valid OpenAPI 3.1 and that its paths and methods are exactly the app's routes,
-and ``tests/test_fuzz.py`` fuzzes a running bridge from it. The bytes are read once and served
+and ``tests/e2e/test_fuzz.py`` fuzzes a running bridge from it. The bytes are read once and served
 unchanged.
 
 ``GET /docs`` is Swagger UI over ``/openapi.json``, served from the installed package, never a

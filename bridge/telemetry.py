@@ -10,7 +10,7 @@ the response async generator, so after ``call.cancel()`` the span ends only if t
 iterating (and then with status UNSET), and when the caller uses ``call.read()`` it never ends at
 all. Ours ends the span from the call's done callback, which fires on completion, error and
 cancellation alike, and it hands back the real call object, so ``read()`` and ``cancel()`` keep
-working (see tests/test_telemetry_grpc.py). Streams are traced without any interceptor at all
+working (see tests/e2e/test_telemetry_grpc.py). Streams are traced without any interceptor at all
 (``StreamTracing``): cancelling an intercepted stream mid-read leaks native memory in grpcio.
 
 The provider itself is built from ``OTEL_*`` by ``bzb_shared.otel`` (shared with the stub, which must

@@ -1,6 +1,6 @@
 """Audit events, built only through ``EventFactory`` so the GDPR field rules live in one place.
 
-Rules (each enforced here, and asserted per event type by tests/test_audit_events.py):
+Rules (each enforced here, and asserted per event type by tests/unit/audit/test_events.py):
 
 * the query is stored only as ``query_hmac`` (keyed HMAC-SHA256), never raw: a plain SHA-256 of
   a short query is reversible by guessing, a keyed one is not without the key;

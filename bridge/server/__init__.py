@@ -9,7 +9,7 @@
 
 Apart from the app because it is coupled to uvicorn, not to Starlette: everything here runs below
 the ASGI interface, before a request reaches routing, and the app never imports it. Only the CLI
-wires it in; only the fence imports uvicorn's internals (tests/test_uvicorn_fence.py). This
+wires it in; only the fence imports uvicorn's internals (tests/unit/server/test_uvicorn_fence.py). This
 package's ``__init__`` imports nothing, so the CLI can take ``netsock`` without importing uvicorn's
 internals before the fence has checked them.
 """

@@ -11,7 +11,7 @@ cancels upstream (or starts the resume window) like any other.
 
 The options are set on the listening socket: Linux copies them to every accepted socket
 (``inet_csk_clone_lock`` keeps the keepalive flag, the keepalive timings and the user timeout),
-so no per-connection hook into the server is needed. ``tests/test_netsock.py`` checks the copy.
+so no per-connection hook into the server is needed. ``tests/unit/server/test_netsock.py`` checks the copy.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ would simply stop being called (a head limit that no longer runs); and a fix uvi
 ``data_received`` the bridge replaces never reaches the bridge.
 
 So the bridge runs only on the uvicorn minor versions it is tested with (``SUPPORTED_RANGE``:
-pyproject.toml declares the same range, and tests/test_uvicorn_range.py runs the header attacks
+pyproject.toml declares the same range, and tests/e2e/test_uvicorn_range.py runs the header attacks
 against its lowest and highest release), and only when every name in ``REQUIRED`` is there.
 Otherwise ``require_supported_uvicorn`` raises ``UnsupportedUvicorn``: one line naming the
 installed version, the supported range and what is missing, which the CLI prints before exit 2.
@@ -35,7 +35,7 @@ import uvicorn
 
 from bridge.errors import UnsupportedUvicorn
 
-# [lowest, below): whole minor versions, each tested (tests/test_uvicorn_range.py runs both ends).
+# [lowest, below): whole minor versions, each tested (tests/e2e/test_uvicorn_range.py runs both ends).
 LOWEST_SUPPORTED = (0, 35)
 FIRST_UNSUPPORTED = (0, 56)
 SUPPORTED_RANGE = f">={LOWEST_SUPPORTED[0]}.{LOWEST_SUPPORTED[1]},<{FIRST_UNSUPPORTED[0]}.{FIRST_UNSUPPORTED[1]}"

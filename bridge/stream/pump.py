@@ -182,6 +182,6 @@ class UpstreamPump:
             # may still be in flight. The task lives until it arrives (bounded by the call's
             # deadline), so whoever waits for the pump, such as the trace span of the stream,
             # ends after the gRPC call did: a span ended at the final frame closed ~0.5 ms before
-            # its own client span (CI failure in tests/test_observability_e2e.py).
+            # its own client span (CI failure in tests/e2e/test_observability.py).
             with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                 await call.closed()

@@ -2,7 +2,7 @@
 whether a reconnect carrying ``Last-Event-ID`` can be served from it.
 
 Pure bookkeeping, no I/O and no event loop, so it is unit-tested in-process
-(tests/test_framelog.py). Used by the local session (frames the pump produced) and by the remote
+(tests/unit/stream/test_replay.py). Used by the local session (frames the pump produced) and by the remote
 reader of the shared resume store (frames read from Redis): one implementation of "move frames
 from unsent to sent" instead of one per source.
 

@@ -23,7 +23,7 @@ of the stream and when (``Audience``), the opener's wait for the first answer (`
 back-pressure (``Room``), attach/detach/grace (``Lifecycle``), token timing (``TokenClock``). The
 gRPC read loop and its retry are the pump's (bridge/stream/pump.py), the resume rules the replay
 log's (bridge/stream/replay.py). No part holds a reference back to the session: a session ↔ part
-cycle would leave every ended session to the cyclic garbage collector (tests/test_memory_streams.py).
+cycle would leave every ended session to the cyclic garbage collector (tests/e2e/test_memory_streams.py).
 """
 
 from __future__ import annotations
@@ -572,7 +572,7 @@ class Lifecycle:
     The owner is passed to ``start_grace`` (and held by the timer only while it runs), never
     stored: a session ↔ lifecycle reference cycle would leave every ended session to the cyclic
     garbage collector, and the bridge's RSS then climbed by ~0.2 KiB per cancelled stream between
-    collections (tests/test_memory_cancel.py).
+    collections (tests/e2e/test_memory_cancel.py).
     """
 
     __slots__ = ("_grace", "_hold_check", "attached", "expired", "generation", "grace_s", "left_at")

@@ -1,4 +1,4 @@
-"""Probes for the connection attacks (tests/test_attacks_header.py, tests/test_attacks_body.py).
+"""Probes for the connection attacks (tests/adversarial/test_request_head.py, tests/adversarial/test_request_body.py).
 
 The bridge's own count of the connections it closed, /healthz latency sampled from another
 process while attackers hold connections, and the time until the bridge closes a connection.

@@ -5,7 +5,7 @@ one still costs what it costs, so the slope of VmRSS over streams started is wha
 from a slow host. Most streams are cut after their first token (the disconnect path: the bridge
 cancels the upstream call), the rest read to ``done``: both ends of a stream's life are covered.
 
-Used by tests/test_memory_streams.py; ``python -m tests.support.stream_rss URL PID`` prints the
+Used by tests/e2e/test_memory_streams.py; ``python -m tests.support.stream_rss URL PID`` prints the
 same figures for a bridge started by hand (elimination runs).
 """
 
