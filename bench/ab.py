@@ -7,9 +7,9 @@
 
 One stub, one bridge per source tree (each run from its own tree, pinned to core 1 like the bench's
 system under test) and direct gRPC as the floor; every round runs the same load against each, in
-turn, so a slow phase of the host hits all of them. Two ``make bench`` runs an hour apart differ by
-more than most single changes (per-token CPU moved by 25 % on the development VM); an interleaved
-A/B in one invocation does not.
+turn, so a slow phase of the host hits all of them. Two ``make bench`` runs an hour apart can differ
+by more than most single changes (bench/README.md says by how much); an interleaved A/B in one
+invocation cancels that drift out.
 """
 
 from __future__ import annotations

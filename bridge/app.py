@@ -180,8 +180,8 @@ def _without_head(route: Route) -> Route:
     """The route without the HEAD that Starlette adds to every GET route.
 
     A handler with side effects runs in full for HEAD, only the body is dropped: HEAD on the
-    stream endpoint took a rate-limit slot and, with a JSON body, opened a real upstream stream
-    (the stub sent 40 tokens nobody read). Such routes answer HEAD with 405 and ``Allow``.
+    stream endpoint would take a rate-limit slot and, with a JSON body, open a real upstream stream
+    whose tokens nobody reads. Such routes answer HEAD with 405 and ``Allow``.
     """
     assert route.methods is not None
     route.methods.discard("HEAD")

@@ -75,7 +75,7 @@ class Endpoints:
             request_id,
             trace_parent=_trace_parent(request),
             method=request.method,
-            path=request.scope["path"],  # request.url builds a whole URL object (~12 us)
+            path=request.scope["path"],  # request.url would build a whole URL object per request
             respond=lambda session, opening: EventStreamResponse(
                 session, 0, headers=admission.headers, connections=state.metrics, opening=opening
             ),
@@ -116,8 +116,8 @@ class Endpoints:
         """A late reconnect: one ``error`` frame, not retryable, so the client stops reconnecting.
 
         Without ``error`` this is also the answer for an unknown id and for another caller's live
-        one, byte for byte: answering those 404 while unknown ids got STREAM_EXPIRED told an
-        attacker which stream ids were live. The owner's own expired stream gets the same
+        one, byte for byte: answering those 404 while unknown ids get STREAM_EXPIRED would tell
+        an attacker which stream ids are live. The owner's own expired stream gets the same
         non-retryable STREAM_EXPIRED, so their browser client still stops reconnecting.
         """
         error = error or StreamExpired("the stream is no longer available; ask again", retryable=False)

@@ -186,8 +186,8 @@ class RequestBodyTimeout(BridgeError):
 class ClientDisconnected(BridgeError):
     """The client went away before its request body was complete; nobody reads the answer.
 
-    Typed so that it is not an "unhandled error": a client that closed mid-body (or was closed by
-    the connection's limits) logged a traceback at ERROR and a 500 was attempted.
+    Typed so that it is not an "unhandled error": without it, a client that closed mid-body (or
+    was closed by the connection's limits) would log a traceback at ERROR and a 500 be attempted.
     """
 
     status = 400
@@ -230,8 +230,8 @@ class ResumeStoreUnavailable(ServiceUnavailable):
 class OwnerUnreachable(ServiceUnavailable):
     """A cross-instance stop that no subscriber received (PUBLISH counted zero receivers).
 
-    Answered as a retryable 503 instead of 204: the owner's cancel subscriber was still in its
-    reconnect backoff after a Redis outage, and a 204 promised a stop that never happened.
+    Answered as a retryable 503 instead of 204: the owner's cancel subscriber may still be in its
+    reconnect backoff after a Redis outage, and a 204 would promise a stop that never happens.
     """
 
     default_code = "OWNER_UNREACHABLE"

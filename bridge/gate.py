@@ -16,7 +16,7 @@ that address, and with Redis storage every instance counts against the same wind
 
 A header that names the caller is read only when it is unambiguous. Starlette's
 ``headers.get`` returns the first of several copies, so an empty ``Authorization`` followed by a
-bad one was served as anonymous, and a proxy that appends its ``x-user-id`` after a client's
+bad one would be served as anonymous, and a proxy that appends its ``x-user-id`` after a client's
 would let the client's copy win. Several ``Authorization`` headers are a 401 and several
 ``x-user-id`` headers from a trusted proxy a 400: the bridge refuses rather than picks.
 

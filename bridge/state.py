@@ -135,8 +135,8 @@ class BridgeState:
         """A second Ctrl-C: cut the grace short and end the running streams with SHUTTING_DOWN now.
 
         uvicorn's own answer to a second Ctrl-C ("force quit") skips the lifespan shutdown, so
-        the audit queue was not flushed, and the open handlers were cancelled mid-stream, which
-        logged a CancelledError traceback for each.
+        the audit queue would not be flushed, and the open handlers would be cancelled mid-stream,
+        logging a CancelledError traceback for each.
         """
         self.begin_drain()
         self._grace_cut.set()
@@ -146,11 +146,11 @@ class BridgeState:
         its end, bounded by SHUTDOWN_GRACE_S plus ``ABORTED_STREAMS_WAIT_S``.
 
         The lifespan awaits this before it closes the resume store and the audit trail. Going on
-        as soon as no HTTP request is open, it cut short every detached stream (no connection,
-        inside its resume window): the upstream channel closed under it, the resume store closed
-        before its end was mirrored (a reader elsewhere got STREAM_EXPIRED instead of
-        SHUTTING_DOWN, and a stop sent there found no owner listening: 503), and its end record
-        reached an audit trail that had already closed (dropped).
+        as soon as no HTTP request is open would cut short every detached stream (no connection,
+        inside its resume window): the upstream channel would close under it, the resume store
+        close before its end is mirrored (a reader elsewhere would get STREAM_EXPIRED instead of
+        SHUTTING_DOWN, and a stop sent there find no owner listening: 503), and its end record
+        reach an audit trail already closed (dropped).
         """
         self.begin_drain()
         assert self._drain_task is not None

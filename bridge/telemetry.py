@@ -149,10 +149,10 @@ class StreamTracing(ClientCallTracer):
 
     Why: an intercepted unary-stream call is read through grpc.aio's async-generator wrapper
     (``InterceptedUnaryStreamCall.read``), and cancelling such a call while a read is pending
-    leaks native memory that closing the channel does not return: 0.2-0.7 KiB per cancelled
-    stream with grpcio 1.85, against a flat line for the same cancel on a plain call (measured by
-    tests/support/grpc_cancel.py; the same family as grpc/grpc#43360). With tracing on, every
-    disconnect would leak. ``bridge.upstream.Upstream`` opens its streams through ``open``.
+    leaks native memory that closing the channel does not return, where the same cancel on a plain
+    call leaks nothing (tests/support/grpc_cancel.py compares the two; the same family as
+    grpc/grpc#43360). With tracing on, every disconnect would leak. ``bridge.upstream.Upstream``
+    opens its streams through ``open``.
     """
 
     def open(self, multicallable: Any, request: Any, *, method: str, timeout: float, metadata: Any) -> Any:

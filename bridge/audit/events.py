@@ -7,7 +7,7 @@ Rules (each enforced here, and asserted per event type by tests/unit/audit/test_
 * ``user_id`` is pseudonymous: the verified (or trusted-proxy) user id when there is one, else
   ``anon:<HMAC of the IP>``, so anonymous callers are still correlatable without storing the IP;
 * ``identity_kind`` says how that id was established (``token``, ``proxy`` or ``anonymous``):
-  without it a caller whose ``x-user-id: alice`` a proxy passed on was recorded exactly like the
+  without it a caller whose ``x-user-id: alice`` a proxy passed on would be recorded exactly like the
   verified token user ``alice``;
 * ``email`` only when ``Identity.authenticated`` (an unverified email is neither needed nor trusted);
 * ``client_ip`` only on the security events ``rate_limited`` and ``auth_failed``;

@@ -246,8 +246,8 @@ class AuditTrail:
                 self._write(events)
             self._inflight = 0
             if task is None and 0 < len(events) < self._batch_size:
-                # Let a batch gather: one transaction and one wake-up per ~20 ms instead of one per
-                # event keeps the writer thread (and its GIL hand-offs) off the streams' core.
+                # Let a batch gather: one transaction and one wake-up per _LINGER_S instead of one
+                # per event keeps the writer thread (and its GIL hand-offs) off the streams' core.
                 time.sleep(_LINGER_S)
             if task is not None:
                 self._finish(task)
@@ -313,9 +313,9 @@ class Inbox:
     def offer(self, event: AuditEvent) -> bool:
         """Queue an event unless full or closed; O(1) and never waits beyond a short lock.
 
-        It does not wake the writer, which looks every few milliseconds instead: waking it made
-        the writer thread take the GIL (and the core) right after a stream's start was recorded,
-        in the very moments that stream's first token was being read and written. Tasks (flush,
+        It does not wake the writer, which looks every few milliseconds instead: waking it would
+        make the writer thread take the GIL (and the core) right after a stream's start is
+        recorded, in the very moments that stream's first token is being read and written. Tasks (flush,
         close) still wake it at once.
         """
         with self._cond:
@@ -421,8 +421,8 @@ class RetentionPurger:
     delete as one writer task; at most one background purge runs at a time.
 
     Retention verifies the whole chain before it purges (bridge/audit/retention.py), which is O(n).
-    Run on the writer thread, a purge of a large store would stall writing until the inbox filled
-    and events were dropped; so verification runs in a thread of its own and only the delete itself
+    Run on the writer thread, a purge of a large store would stall writing until the inbox fills
+    and events are dropped; so verification runs in a thread of its own and only the delete itself
     is queued for the writer, which keeps every write to the store on one thread.
     """
 

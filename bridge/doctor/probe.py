@@ -213,8 +213,8 @@ class Doctor:
                     f"{what} was still open {limit:g} s after the request, without its done frame "
                     f"({seen}): a server or proxy trickling or holding the stream; --timeout-s sets the limit"
                 ) from None
-            # Silence began when the last frame was sent, ~0.9 s after the request: measured
-            # from the request, since a buffering proxy delivers the frames only at the cut.
+            # Silence began when the last frame was sent, FRAMES - 1 intervals after the request:
+            # counted from the request, since a buffering proxy delivers the frames only at the cut.
             quiet = time.monotonic() - started - (FRAMES - 1) * FRAME_INTERVAL_S
             return StreamRead(200, response.headers, frames, False, max(0.0, quiet))
 

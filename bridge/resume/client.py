@@ -185,8 +185,8 @@ class ResumeStore:
         """Receive cancels addressed to this instance; reconnect with backoff forever.
 
         The backoff stays short (at most ``_SUBSCRIBE_BACKOFF_MAX_S``) and any other successful
-        Redis call ends it at once (``succeeded`` sets ``_reachable``): with a 5 s backoff the
-        subscriber slept through Redis's return, and the stops published meanwhile reached nobody.
+        Redis call ends it at once (``succeeded`` sets ``_reachable``): with a long backoff the
+        subscriber sleeps through Redis's return, and the stops published meanwhile reach nobody.
         """
         backoff = 0.2
         while True:
@@ -224,10 +224,10 @@ class ResumeStore:
     async def claim(self, stream_id: str, owner: str, request_id: str, opening_s: float) -> bool:
         """Store a new stream's meta record; True once Redis holds it.
 
-        Awaited before the stream's id leaves this instance (bridge.stream.opener): written only by
-        the first flush of the stream's mirror, off the token path, the record was not there yet
-        when a client that had read the first frame resumed on another instance at once, and that
-        instance answered the final, non-retryable STREAM_EXPIRED for a live stream. The TTL covers
+        Awaited before the stream's id leaves this instance (bridge.stream.opener): if it were
+        written only by the first flush of the stream's mirror, off the token path, a client that
+        had read the first frame and resumed on another instance at once could find no record, and
+        that instance would answer the final, non-retryable STREAM_EXPIRED for a live stream. The TTL covers
         the open (``opening_s``, the longest the response head may wait) plus the running TTL; the
         mirror refreshes it from then on. A failure is counted and answered False: the stream then
         runs under single-instance rules until the mirror reaches Redis.
@@ -279,9 +279,9 @@ class ResumeStore:
         """A reader of an ended stream left (or still reads): keep its frames and meta for a
         resume window (``end_ttl_s``) from now, never longer than ``end_hold_max_s`` after its end.
 
-        The owner sets those keys' TTL once, at the end; counted from there, a reader on another
-        instance that lagged behind a finished answer and then dropped found them gone within
-        its own window (STREAM_EXPIRED for a completed answer). Returns the milliseconds applied,
+        The owner sets those keys' TTL once, at the end; counted only from there, a reader on
+        another instance that lagged behind a finished answer and then dropped would find them gone
+        within its own window (STREAM_EXPIRED for a completed answer). Returns the milliseconds applied,
         0 when nothing was held (the stream has not ended, or its ceiling passed), None when Redis
         failed (counted).
         """
@@ -310,8 +310,8 @@ class ResumeStore:
             return False
         if meta.over:
             # Over already (completed, ended by its owner's shutdown, stopped, expired): there is
-            # nothing left to stop. Published, such a stop found no receiver once the owner had
-            # exited, and the caller got a retryable 503 for a stream that had stopped.
+            # nothing left to stop. Published, such a stop finds no receiver once the owner has
+            # exited, and the caller would get a retryable 503 for a stream that has stopped.
             return True
         try:
             pipe = self.client.pipeline(transaction=False)

@@ -24,9 +24,9 @@ class WireBudget:
     """The bytes charged to the request head being read, and to a chunked body's framing.
 
     httptools (llhttp) has no header size limit: it keeps a header value across reads until the
-    value ends, so a limit checked once the head is complete came after the buffering (one 200 MiB
-    header took the process from 79 to 302 MiB). Each slice is charged here before the parser sees
-    it, so the parser never buffers more than ``max_head_bytes``.
+    value ends, so a limit checked once the head is complete comes after the buffering (one endless
+    header would grow the process by every byte sent). Each slice is charged here before the parser
+    sees it, so the parser never buffers more than ``max_head_bytes``.
 
     Counting is exact at the start of a read and after a Content-Length body (the parser is fed up
     to the body's end, so the next head starts a fresh slice); a head that begins inside a slice (a
@@ -70,10 +70,10 @@ class WireBudget:
         """The next slice of a chunked body; 0 when its framing since the last body byte is over the limit.
 
         httptools keeps a trailer field's value across reads (concatenating bytes objects, so the
-        cost is quadratic) and nothing else counted those bytes: one connection sending a chunked
-        body followed by an endless trailer grew the process and pinned its CPU, and /healthz
-        timed out after 20 s. Framing that delivers no body byte is charged like a head; a head
-        pipelined after the body is over-charged at most a slice, as before.
+        cost is quadratic), so without this count one connection sending a chunked body followed
+        by an endless trailer grows the process and pins its CPU until /healthz stops answering.
+        Framing that delivers no body byte is charged like a head; a head pipelined after the body
+        is over-charged at most a slice, as for a head after a Content-Length body.
         """
         size = self._allowance(self._framing_bytes, available)
         self._framing_bytes += size
@@ -147,7 +147,7 @@ class HoldableFlow(FlowControl):
     """uvicorn's flow control, plus the bytes read but not parsed while the pipeline is full.
 
     uvicorn keeps reading while a streamed response watches for disconnects, and parses every
-    queued head into a request cycle: 2 MiB of pipelined GETs behind one stream held 15 MiB. While
+    queued head into a request cycle, so memory would grow with every pipelined GET. While
     bytes are held, reading stays paused even when a response's ``receive()`` resumes it: without
     this, a stream's own watcher let pipelined heads in without bound.
     """

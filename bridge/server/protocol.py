@@ -2,11 +2,11 @@
 
 httptools (llhttp) has no header size limit: it keeps a header value across reads until the value
 ends, and uvicorn hands the app the headers only once the whole head is in. A limit checked by the
-app (bridge/middleware.py) therefore came after the buffering: one connection sending a 200 MiB header
-took the process from 79 to 302 MiB. Nor did anything bound how long a head may take: uvicorn's
+app (bridge/middleware.py) alone comes after the buffering: one connection sending an endless header
+grows the process by every byte it sends. Nor does uvicorn bound how long a head may take: its
 keep-alive timer is cancelled by the first byte of the next request and a fresh connection has
-none, so a client trickling a byte at a time (slowloris), or sending nothing, held its connection
-and parser forever.
+none, so a client trickling a byte at a time (slowloris), or sending nothing, would hold its
+connection and parser forever.
 
 This protocol
 
@@ -61,7 +61,7 @@ LINGER_BYTES = 64 * 1024
 LINGER_S = 2.0
 # Requests a client may queue behind a response under way (HTTP/1.1 pipelining). uvicorn keeps
 # reading while a streamed response watches for disconnects, and parses every queued head into a
-# request cycle: 2 MiB of pipelined GETs behind one stream held 15 MiB, and nothing stopped more.
+# request cycle, so without this cap memory grows with every pipelined GET a client sends.
 MAX_PIPELINED_REQUESTS = 64
 
 

@@ -36,14 +36,15 @@ def sources(meta: rag_pb2.Metadata) -> list[dict[str, Any]]:
     the first ``MAX_SOURCES``.
 
     The cap bounds what one upstream message can cost. An empty ``Source`` is 2 bytes of
-    protobuf and a dict plus 34 bytes of JSON here, so one 4 MiB metadata message of 1.5 million
-    of them built a 51 MB frame on the event loop: every other stream and request stalled for
-    about 4 s and the process grew by 650 MB, per such answer.
+    protobuf but a dict and a JSON object here, so a metadata message packed with them up to
+    gRPC's receive limit would, without the cap, build a frame far larger than the message on the
+    event loop: every other stream and request would stall meanwhile, and the process grow by many
+    times the message's size, per such answer.
 
     A score that is not a finite number, which a ``double`` can carry and JSON cannot, is sent as
     a number that sorts the same way: NaN as 0, an infinity as the largest finite double of its
-    sign. ``json.dumps`` wrote them as ``NaN``/``Infinity``, which ``JSON.parse`` refuses, so a
-    RAG service scoring one document NaN failed every answer in the browser (``bad_frame``).
+    sign. ``json.dumps`` writes them as ``NaN``/``Infinity``, which ``JSON.parse`` refuses, so a
+    RAG service scoring one document NaN would fail every answer in the browser (``bad_frame``).
     """
     return [{"title": s.title, "uri": s.uri, "score": _json_number(s.score)} for s in meta.sources[:MAX_SOURCES]]
 
@@ -87,8 +88,8 @@ class FrameEncoder:
 
         Counted by the bridge, not copied from ``Token.index``: proto3 cannot tell an index of 0
         from one never set, and the browser client drops a token whose index it has already seen
-        (its dedupe after a resume), so a RAG service that leaves the field unset showed only the
-        first token of every answer, and one that skips or repeats an index lost text silently.
+        (its dedupe after a resume), so copied, a RAG service that leaves the field unset would show
+        only the first token of every answer, and one that skips or repeats an index lose text silently.
         """
         return sse.token_frame(f"{self._prefix}{seq}", index, token.text)
 

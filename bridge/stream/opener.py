@@ -80,7 +80,7 @@ class StreamOpener:
                 call = state.rag.chat_stream(stream_chat_request(chat, identity, request_id))
             # grpc.aio sends the request from a task of its own, queued by now: let it go out
             # first, then build the session while the RAG service works on the answer. Built
-            # before the call instead, it delayed the request: 20 paired rounds, ratio 0.86.
+            # before the call, the session would delay the request by its own construction time.
             await asyncio.sleep(0)
         except BaseException:
             if call is not None:  # no pump reads it yet: nothing awaits the call, cancel it directly
@@ -227,7 +227,7 @@ class OpenStream:
 
         Only now does the resume window start: counted from the upstream's end instead, a
         reader that lagged more than RESUME_GRACE_S behind a finished answer and then lost its
-        connection found the stream forgotten (STREAM_EXPIRED; the 7-minute soak found one).
+        connection would find the stream forgotten (STREAM_EXPIRED for a completed answer).
         """
         telemetry = self.state.telemetry
         if self.span.is_recording() and self.session.upstream_open:

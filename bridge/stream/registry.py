@@ -61,9 +61,9 @@ class SessionRegistry:
         """Forget the settled ``session`` once no reader has come back for ``delay_s``.
 
         The window restarts whenever a reader leaves: counted once from the settle, a client
-        that reconnected, caught up and cut again (RESUME_GRACE_S after each cut to come back)
-        found the ended stream forgotten on its next reconnect, STREAM_EXPIRED instead of the
-        rest of a completed answer (16 streams in the 30-minute soak).
+        that reconnects, catches up and is cut again (RESUME_GRACE_S after each cut to come back)
+        would find the ended stream forgotten on its next reconnect, STREAM_EXPIRED instead of
+        the rest of a completed answer.
         """
         if delay_s <= 0:
             self.discard(session)

@@ -40,7 +40,7 @@ Frame = tuple[int, bytes]
 
 
 def coalesce(frames: deque[Frame], total_bytes: int, sent_seq: int) -> tuple[bytes, int]:
-    """Queued frames joined for one write (at most ~64 KiB unless one frame is larger), and the
+    """Queued frames joined for one write (at most ``COALESCE_BYTES`` unless one frame is larger), and the
     last seq included; ``(b"", sent_seq)`` when nothing is queued."""
     if not frames:
         return b"", sent_seq

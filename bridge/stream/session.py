@@ -323,8 +323,8 @@ class StreamSession:
         the registry does here, so the client's reconnect may land on any instance.
 
         Told while the stream still runs as well: a sink still counting a reader here once the
-        stream ended held its keys for as long as that reader was attached, i.e. up to their
-        ceiling (four windows) after an end nobody was reading.
+        stream ended would hold its keys for as long as that reader is attached, i.e. up to their
+        ceiling (four windows) after an end nobody is reading.
         """
         if self.sink is not None:
             self.sink.reader_left()
@@ -571,7 +571,7 @@ class Lifecycle:
 
     The owner is passed to ``start_grace`` (and held by the timer only while it runs), never
     stored: a session ↔ lifecycle reference cycle would leave every ended session to the cyclic
-    garbage collector, and the bridge's RSS then climbed by ~0.2 KiB per cancelled stream between
+    garbage collector, and the bridge's RSS would climb with every cancelled stream between
     collections (tests/e2e/test_memory_cancel.py).
     """
 
@@ -686,7 +686,7 @@ class TokenClock:
         return None
 
     def flush(self) -> None:
-        """Hand the gaps collected so far to the observers in one call (one per token cost ~7 us)."""
+        """Hand the gaps collected so far to the observers in one call, so no observer runs once per token."""
         if self._gaps:
             self.observer.token_gaps(self._gaps)
             self._gaps = []

@@ -23,8 +23,8 @@ class Notifier:
     """A level-triggered wake-up: one future per wait, no timer.
 
     The writer waits here between frames; heartbeats and the send timeout come from one periodic
-    timer per stream instead of a timeout around every wait (``asyncio.timeout()`` there cost
-    several percent of a core at full token throughput).
+    timer per stream instead of a timeout around every wait (an ``asyncio.timeout()`` per wait
+    costs a visible share of a core at full token throughput).
     """
 
     __slots__ = ("_flag", "_waiter")

@@ -7,7 +7,7 @@ cancels after ``--warmup`` cancels, and the least-squares slope in bytes per can
 
 Patterns:
 - ``task``: cancel the call *and* the task awaiting ``call.read()`` (grpc/grpc#43360: the
-  cancelled awaiter of ``execute_batch`` drops its op array, ~0.3 KiB per cancel, forever);
+  cancelled awaiter of ``execute_batch`` drops its op array on every cancel, forever);
 - ``call``: ``call.cancel()`` only; the pending read finishes with CANCELLED by itself;
 - ``session``: the bridge's own path, ``StreamSession.abort()`` on a session pumping the call
   (what a disconnect, a DELETE or the end of the resume window does);

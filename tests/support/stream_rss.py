@@ -56,7 +56,7 @@ class Run:
 
         A leak costs the same in every stream, so it shows in both halves. A bounded cache that
         finishes filling, or one allocator arena step, lands in one half only: on a clean bridge
-        that alone pushed the whole-run slope from ~150 to 336 B per stream in one CI run.
+        that alone can push the whole-run slope past a leak's bound.
         """
         half = len(self.samples) // 2
         return min(_bytes_per_stream(self.samples[:half]), _bytes_per_stream(self.samples[half:]))
