@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -18,6 +18,7 @@ from starlette.routing import Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
+from bridge import openai_compat
 from bridge.audit.http import admin_audit_endpoint
 from bridge.config import Settings
 from bridge.docs import docs_routes
@@ -85,19 +86,20 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
 
     async def bridge_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, BridgeError)
-        return error_response(exc)
+        return _error_response_for(request)(exc, None)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
+        respond = _error_response_for(request)
         if exc.status_code == 404:
-            return error_response(NotFound("no such endpoint"))
+            return respond(NotFound("no such endpoint"), None)
         if exc.status_code == 405:  # keeps Starlette's Allow header, which RFC 9110 requires
-            return error_response(MethodNotAllowed("method not allowed for this endpoint"), exc.headers)
-        return error_response(BridgeError(str(exc.detail), code="HTTP_ERROR", status=exc.status_code))
+            return respond(MethodNotAllowed("method not allowed for this endpoint"), exc.headers)
+        return respond(BridgeError(str(exc.detail), code="HTTP_ERROR", status=exc.status_code), None)
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s", request.url.path)
-        return error_response(BridgeError("internal error", code="INTERNAL"))
+        return _error_response_for(request)(BridgeError("internal error", code="INTERNAL"), None)
 
     routes = [
         _without_head(Route("/api/v2/bali-zero/chat-stream", endpoints.chat_stream, methods=["GET", "POST"])),
@@ -106,6 +108,9 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
         Route("/api/v2/bali-zero/chat-stream/{stream_id}", endpoints.cancel_stream, methods=["DELETE"]),
         Route("/api/v2/bali-zero/chat-stream/{stream_id}/cancel", endpoints.cancel_stream, methods=["POST"]),
         Route("/api/v2/bali-zero/chat", endpoints.chat, methods=["POST"]),
+        # The OpenAI-compatible face of the same gate and stream (bridge/openai_compat.py).
+        Route(openai_compat.CHAT_COMPLETIONS_PATH, endpoints.openai_chat_completions, methods=["POST"]),
+        _without_head(Route(openai_compat.MODELS_PATH, endpoints.openai_models, methods=["GET"])),
         Route("/api/v2/bali-zero/stream-stats", endpoints.stream_stats, methods=["GET"]),
         Route("/metrics", endpoints.metrics, methods=["GET"]),
         _without_head(
@@ -160,6 +165,14 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
     _without_slash_redirects(app.router)
     app.state.bridge = state
     return app
+
+
+def _error_response_for(request: Request) -> Callable[[BridgeError, Mapping[str, str] | None], Response]:
+    """How an error the router or a handler raised is answered: in OpenAI's shape under ``/v1/``
+    (an OpenAI client parses no other), in the bridge's own everywhere else."""
+    if request.scope["path"].startswith(openai_compat.PATH_PREFIX):
+        return openai_compat.error_response
+    return error_response
 
 
 def _without_slash_redirects(router: Router) -> None:

@@ -8,11 +8,17 @@ pumps it, known to nobody but the registry yet, and its response. The response s
 session announced to its hooks, observers and the resume store's mirror. A refused or interrupted
 open gives the slot back, ends the span and leaves the registry; an opened stream gives them back
 through its hooks when it ends.
+
+Every face of the API opens its streams here (``face``, bridge/stream/face.py): the native event
+stream and the OpenAI-compatible one get the same caps, span, audit, session and drain, and differ
+only in the bytes of their frames. A face without resume gets no grace window and no mirror: its
+client cannot come back with ``Last-Event-ID``, so a disconnect cancels upstream at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
@@ -26,6 +32,7 @@ from bridge.logs import log_stream_end
 from bridge.rag_request import stream_chat_request
 from bridge.resume.keys import owner_tag
 from bridge.resume.mirror import FrameMirror
+from bridge.stream.face import NATIVE, StreamFace
 from bridge.stream.ids import new_stream_id
 from bridge.stream.session import StreamSession
 from bridge.streamcap import Lease
@@ -55,6 +62,7 @@ class StreamOpener:
         method: str,
         path: str,
         respond: Callable[[StreamSession, OpenStream], R],
+        face: StreamFace = NATIVE,
     ) -> R:
         """The response of a started stream (``respond(session, pending)``), or raises the
         ``BridgeError`` to answer instead (429 and the like).
@@ -92,14 +100,16 @@ class StreamOpener:
             )
             telemetry.end_stream_span(span, interrupted)
             raise
+        stream_id = new_stream_id()
         session = StreamSession(
-            stream_id=new_stream_id(),
+            stream_id=stream_id,
             request_id=request_id,
             owner=identity.key,
-            policy=state.policy,
+            policy=state.policy if face.resumable else dataclasses.replace(state.policy, resume_grace_s=0),
             observer=state.observer,
             trace_id=trace_id_of(span),
             started=started,
+            encoder=face.encoder(stream_id, request_id),
         )
         session.start(call, announce=False)
         # Known from now on (a DELETE right after the first frame must find it); forgotten
@@ -154,7 +164,7 @@ class OpenStream:
         store = state.resume_store
         sink = (
             None
-            if store is None
+            if store is None or not session.resumable
             else FrameMirror(store, session.stream_id, session.request_id, owner_tag(identity.key))
         )
         session.announce(self, sink)

@@ -19,8 +19,7 @@ from starlette.types import Receive, Scope, Send
 from bridge import sse
 from bridge.errors import BridgeError, ClientGone
 from bridge.headwrite import hold_head
-from bridge.responses import error_response
-from bridge.stream.frames import heartbeat_frame
+from bridge.stream.face import NATIVE, StreamFace
 from bridge.stream.source import FrameSource, Notifier
 
 log = logging.getLogger("bridge.stream")
@@ -80,10 +79,13 @@ class EventStreamResponse(Response):
         headers: dict[str, str] | None = None,
         connections: ConnectionGauge | None = None,
         opening: Opening | None = None,
+        face: StreamFace = NATIVE,
     ) -> None:
-        """``opening``: a new stream's open, settled by this response (see the class docstring)."""
+        """``opening``: a new stream's open, settled by this response (see the class docstring);
+        ``face``: the format of its heartbeats and of a refusal's HTTP answer (bridge/stream/face.py)."""
         self.session = session
         self.opening = opening
+        self.face = face
         self.after_seq = after_seq
         self.extra_headers = headers or {}
         self.connections = connections
@@ -214,7 +216,7 @@ class EventStreamResponse(Response):
             self._handoff = None
         if refusal is not None and not self._head_sent:
             opening.refused(refusal)
-            await error_response(refusal, self.extra_headers)(scope, receive, send)
+            await self.face.error_response(refusal, self.extra_headers)(scope, receive, send)
             return False
         opening.accepted()
         while self._handing_over:  # the pump's write of the first frames is held by flow control
@@ -292,7 +294,7 @@ class EventStreamResponse(Response):
                 return
             if self._heartbeat_due:
                 self._heartbeat_due = False
-                await self._send(send, heartbeat_frame(f"{session.stream_id}:{session.sent_seq}"))
+                await self._send(send, self.face.heartbeat(session.stream_id, session.sent_seq))
                 continue
             session.park(None if self._handover_used else self._handover)
             try:

@@ -34,7 +34,7 @@ from bridge.errors import BadRequest, BridgeError, StreamExpired, UpstreamError
 from bridge.stream.answer import FirstAnswer
 from bridge.stream.backpressure import Room
 from bridge.stream.framelog import FrameLog
-from bridge.stream.frames import FrameEncoder, finish_reason
+from bridge.stream.frames import FrameEncoder, StreamEncoder, finish_reason
 from bridge.stream.hooks import Audience, NoHooks, StreamHooks
 from bridge.stream.lifecycle import Lifecycle
 from bridge.stream.policy import StreamPolicy
@@ -66,8 +66,11 @@ class StreamSession:
         trace_id: str | None = None,
         sink: FrameSink | None = None,
         started: float | None = None,
+        encoder: StreamEncoder | None = None,
     ) -> None:
-        """``started``: the monotonic time the stream's latencies count from (default: now)."""
+        """``started``: the monotonic time the stream's latencies count from (default: now);
+        ``encoder``: the bytes of its frames (default: the native ``FrameEncoder``; see
+        bridge/stream/face.py)."""
         self.stream_id = stream_id
         self.request_id = request_id
         self.owner = owner
@@ -78,7 +81,7 @@ class StreamSession:
         self.log = FrameLog(
             keep_sent=policy.resume_grace_s > 0, max_frames=policy.buffer_frames, max_bytes=policy.buffer_bytes
         )
-        self.encoder = FrameEncoder(stream_id, request_id)
+        self.encoder: StreamEncoder = encoder or FrameEncoder(stream_id, request_id)
         self.clock = TokenClock(self.audience.observer, started)
         self.lifecycle = Lifecycle(policy.resume_grace_s)
         self.finished = False
@@ -108,6 +111,11 @@ class StreamSession:
     def reader_left_at(self) -> float | None:
         """``time.monotonic()`` when the last reader left; None while one reads."""
         return self.lifecycle.left_at
+
+    @property
+    def resumable(self) -> bool:
+        """A reconnect with ``Last-Event-ID`` may continue it (not a stream of the OpenAI face)."""
+        return self.encoder.resumable
 
     @property
     def token_sent(self) -> bool:
