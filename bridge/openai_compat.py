@@ -141,7 +141,8 @@ def _chat(messages: Any, limits: Limits) -> ChatInput:
     last = len(turns) - 1
     role, question = turns[last]
     if role != "user":
-        raise BadRequest("the last message must be the question, with role user", param=f"messages[{last}].role")
+        where = f"messages[{last}].role"
+        raise BadRequest(f"{where} must be user: the last message is the question", param=where)
     query = check_query(question, limits, f"messages[{last}].content")
     history = check_history([{"role": r, "content": c} for r, c in turns[:last]], limits, "messages")
     return ChatInput(query, history=history)
