@@ -79,8 +79,10 @@ def test_stream_and_usage_options_are_read() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["tools", "tool_choice", "functions", "logprobs", "top_logprobs", "temperature", "top_p", "max_tokens", "seed"]
-    + ["stop", "response_format", "user", "presence_penalty", "frequency_penalty", "logit_bias", "no_such_thing"],
+    [
+        *("tools", "tool_choice", "functions", "logprobs", "top_logprobs", "temperature", "top_p", "max_tokens"),
+        *("seed", "stop", "response_format", "user", "presence_penalty", "frequency_penalty", "logit_bias", "nope"),
+    ],
 )
 def test_an_unsupported_parameter_is_refused_naming_it(name: str) -> None:
     error = refusal(body(**{name: None}))
