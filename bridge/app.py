@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -27,7 +27,6 @@ from bridge.errors import BridgeError, MethodNotAllowed, NotFound
 from bridge.guards import HeaderSizeLimit
 from bridge.openapi import openapi_endpoint
 from bridge.pageheaders import with_security_headers
-from bridge.responses import error_response
 from bridge.resume.client import ResumeStore
 from bridge.state import BridgeState
 from bridge.stream.response import RAW_SEND_KEY
@@ -86,11 +85,11 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
 
     async def bridge_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, BridgeError)
-        return _error_response_for(request)(exc, None)
+        return openai_compat.error_renderer(request.scope["path"])(exc, None)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        respond = _error_response_for(request)
+        respond = openai_compat.error_renderer(request.scope["path"])
         if exc.status_code == 404:
             return respond(NotFound("no such endpoint"), None)
         if exc.status_code == 405:  # keeps Starlette's Allow header, which RFC 9110 requires
@@ -99,7 +98,7 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s", request.url.path)
-        return _error_response_for(request)(BridgeError("internal error", code="INTERNAL"), None)
+        return openai_compat.error_renderer(request.scope["path"])(BridgeError("internal error", code="INTERNAL"), None)
 
     routes = [
         _without_head(Route("/api/v2/bali-zero/chat-stream", endpoints.chat_stream, methods=["GET", "POST"])),
@@ -165,14 +164,6 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
     _without_slash_redirects(app.router)
     app.state.bridge = state
     return app
-
-
-def _error_response_for(request: Request) -> Callable[[BridgeError, Mapping[str, str] | None], Response]:
-    """How an error the router or a handler raised is answered: in OpenAI's shape under ``/v1/``
-    (an OpenAI client parses no other), in the bridge's own everywhere else."""
-    if request.scope["path"].startswith(openai_compat.PATH_PREFIX):
-        return openai_compat.error_response
-    return error_response
 
 
 def _without_slash_redirects(router: Router) -> None:

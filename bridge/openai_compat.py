@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from json.encoder import encode_basestring
 from typing import Any, ClassVar
@@ -35,6 +35,7 @@ from bali_zero.rag.v1 import rag_pb2
 from bridge.errors import BadRequest, BridgeError, NotFound
 from bridge.inputs import ChatInput, Limits, check_history, check_query
 from bridge.responses import JSONResponse
+from bridge.responses import error_response as native_error_response
 from bridge.stream.frames import StreamEncoder, finish_reason, sources
 from bridge.stream.ids import new_stream_id
 from bridge.types import StreamResult
@@ -301,6 +302,15 @@ def error_response(error: BridgeError, headers: Mapping[str, str] | None = None)
     """An HTTP error of the OpenAI-compatible API (``Retry-After`` and the like as on every face)."""
     merged = {**(headers or {}), **error.headers()}
     return JSONResponse(error.openai_body(), status_code=error.status, headers=merged)
+
+
+ErrorRenderer = Callable[[BridgeError, Mapping[str, str] | None], Response]
+
+
+def error_renderer(path: str) -> ErrorRenderer:
+    """How an error raised before a handler could answer (routing, guards, the app's handlers) is
+    rendered: in OpenAI's shape under ``/v1/``, where a client parses no other, else natively."""
+    return error_response if path.startswith(PATH_PREFIX) else native_error_response
 
 
 def completion_body(reply: rag_pb2.ChatResponse, model: str, request_id: str) -> dict[str, Any]:
