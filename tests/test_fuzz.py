@@ -55,6 +55,7 @@ CHECKS = [
     response_schema_conformance,
 ]
 
+
 def fuzz_document() -> dict[str, Any]:
     """The checked-in description, with ``model`` narrowed to the fuzzed bridge's OPENAI_MODELS
     (the default): left a free string, nearly every generated request stopped at 404
