@@ -30,6 +30,7 @@ import openai
 import pytest
 from langchain_core.messages import AIMessageChunk
 from langchain_openai import ChatOpenAI
+from pydantic import SecretStr
 
 from bridge.sse import Parser
 from tests.conftest import BridgeFactory, StubFactory, require_binary
@@ -309,7 +310,7 @@ def test_identity_comes_from_the_bearer_token(
     bridge.stop()  # the lifespan flushes the audit queue
     exported = audit_cli(db, "export")
     assert exported.returncode == 0, exported.stderr
-    records: dict[str, dict[str, str]] = {}
+    records: dict[str, dict[str, dict[str, Any]]] = {}
     for line in exported.stdout.splitlines():
         record = json.loads(line)
         records.setdefault(record["request_id"], {})[record["event_type"]] = record
@@ -339,13 +340,17 @@ def test_the_streaming_flag_and_rollout_apply(
 def test_heartbeats_are_comments_the_sdk_skips(stub_factory: StubFactory, bridge_factory: BridgeFactory) -> None:
     stub = stub_factory("--mode", "echo", "--first-token-delay-ms", "400")
     bridge = bridge_factory(stub, HEARTBEAT_INTERVAL_S="0.05")
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "quiet then spoken"}], "stream": True}
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "quiet then spoken"}],
+        "stream": True,
+    }
     raw = httpx.post(f"{bridge.url}/v1/chat/completions", json=body, timeout=30).content
     assert b"\n: keep-alive\n\n" in raw or raw.startswith(b": keep-alive\n\n")
     assert b"heartbeat" not in raw and b"\nid:" not in raw and not raw.startswith(b"id:")
     data = [event.data for event in Parser().feed(raw)]  # comments are skipped by every SSE parser
     assert data[-1] == "[DONE]" and all(json.loads(d)["object"] == "chat.completion.chunk" for d in data[:-1])
-    with sdk(bridge).chat.completions.create(**body) as stream:
+    with sdk(bridge).chat.completions.create(model=MODEL, messages=body["messages"], stream=True) as stream:
         assert text_of(list(stream)) == "quiet then spoken"
 
 
@@ -483,14 +488,14 @@ class BaliZeroChat(ChatOpenAI):
 
 
 def test_langchain_chat_openai_streams_the_answer(rag_pair: Bridge) -> None:
-    plain = ChatOpenAI(model=MODEL, base_url=f"{rag_pair.url}/v1", api_key="unused", max_retries=0)
+    plain = ChatOpenAI(model=MODEL, base_url=f"{rag_pair.url}/v1", api_key=SecretStr("unused"), max_retries=0)
     parts = list(plain.stream(QUESTION))
     assert all(isinstance(p, AIMessageChunk) for p in parts)
     answer = "".join(str(p.content) for p in parts)
     assert "B211A" in answer and "[1]" in answer
     merged = functools.reduce(operator.add, parts)  # the message LangChain assembles from the chunks
     assert merged.response_metadata["finish_reason"] == "stop" and merged.response_metadata["model_name"] == MODEL
-    with_sources = BaliZeroChat(model=MODEL, base_url=f"{rag_pair.url}/v1", api_key="unused", max_retries=0)
+    with_sources = BaliZeroChat(model=MODEL, base_url=f"{rag_pair.url}/v1", api_key=SecretStr("unused"), max_retries=0)
     first, *rest = with_sources.stream(QUESTION)
     assert first.response_metadata["bali_zero"]["sources"][0]["uri"] == B211A_URI
     assert "".join(str(p.content) for p in [first, *rest]) == answer
