@@ -14,9 +14,9 @@ more than most single changes (per-token CPU moved by 25 % on the development VM
 A/B in one invocation does not.
 
 ``--routes`` compares the two faces of one bridge (this tree's) instead of two trees: the native
-``GET /api/v2/bali-zero/chat-stream`` and the OpenAI-compatible ``POST /v1/chat/completions``
-(``bench.loadgen --route openai``), interleaved the same way, each paired with the native route
-of the same round.
+stream asked with a GET and with a JSON POST (the same request shape as the OpenAI route's), and
+the OpenAI-compatible ``POST /v1/chat/completions`` (``bench.loadgen --route openai``),
+interleaved the same way, each paired with the native GET of the same round.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             bridge = bridges["bridge"]
             targets = {
                 "native": ["sse", "--url", bridge.stream_url],
+                "native-post": ["sse", "--route", "native-post", "--url", bridge.stream_url],
                 "openai": ["sse", "--route", "openai", "--url", bridge.url + OPENAI_PATH],
                 **{name: argv for name, argv in targets.items() if name == "peer"},
             }
@@ -96,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode == "latency":
             values.sort()
             p99 = values[min(len(values) - 1, int(len(values) * 0.99))]
-            print(f"{name:10s} first token ms p50 {statistics.median(values):.3f} p99 {p99:.3f} (n={len(values)})")
+            print(f"{name:11s} first token ms p50 {statistics.median(values):.3f} p99 {p99:.3f} (n={len(values)})")
         else:
             print(
-                f"{name:10s} tokens/s median {statistics.median(values):,.0f} "
+                f"{name:11s} tokens/s median {statistics.median(values):,.0f} "
                 f"(rounds {', '.join(f'{v:,.0f}' for v in values)})"
             )
     print(paired_rounds(rounds, first=first) if args.mode == "latency" else paired_throughput(rounds, first=first))
@@ -108,14 +109,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def paired_rounds(rounds: list[dict[str, float]], first: str) -> str:
     """Per round, each target's p50 minus direct gRPC's (ms); then, per target, the median of
-    those and in how many rounds it added less than ``first`` (and, with the peer, than the peer)."""
+    those and in how many rounds it added less than ``first`` (and than the peer, or than the
+    native POST of ``--routes``, when measured)."""
     names = [name for name in rounds[0] if name != "direct"]
     added = {name: [r[name] - r["direct"] for r in rounds] for name in names}
     lines = ["added p50 over direct gRPC per round, ms:"]
-    lines += [f"  {name:10s} " + " ".join(f"{v:+.3f}" for v in values) for name, values in added.items()]
+    lines += [f"  {name:11s} " + " ".join(f"{v:+.3f}" for v in values) for name, values in added.items()]
     for name in names:
-        line = f"  {name:10s} median added {statistics.median(added[name]):+.3f} ms"
-        for other in dict.fromkeys((first, "peer")):
+        line = f"  {name:11s} median added {statistics.median(added[name]):+.3f} ms"
+        for other in dict.fromkeys((first, "peer", "native-post")):
             if other in added and other != name:
                 wins = sum(a < b for a, b in zip(added[name], added[other], strict=True))
                 ratios = [a / b for a, b in zip(added[name], added[other], strict=True) if b > 0]
@@ -126,16 +128,20 @@ def paired_rounds(rounds: list[dict[str, float]], first: str) -> str:
 
 
 def paired_throughput(rounds: list[dict[str, float]], first: str) -> str:
-    """Per round, each target's tokens/s over ``first``'s of the same round; their median and range."""
-    names = [name for name in rounds[0] if name not in (first, "direct")]
-    lines = [f"tokens/s relative to {first} per round:"]
-    for name in names:
-        ratios = [r[name] / r[first] for r in rounds if r[first] > 0]
-        lines.append(
-            f"  {name:10s} " + " ".join(f"{v:.3f}" for v in ratios) + f"; median {statistics.median(ratios):.3f}"
-            f" (min {min(ratios):.3f}, max {max(ratios):.3f}); above {first} in "
-            f"{sum(v > 1 for v in ratios)}/{len(ratios)} rounds"
-        )
+    """Per round, each target's tokens/s over ``first``'s of the same round (and over the native
+    POST's, with ``--routes``); their median and range."""
+    lines = []
+    for base in dict.fromkeys((first, "native-post")):
+        if base not in rounds[0]:
+            continue
+        lines.append(f"tokens/s relative to {base} per round:")
+        for name in [n for n in rounds[0] if n not in (first, base, "direct")]:
+            ratios = [r[name] / r[base] for r in rounds if r[base] > 0]
+            lines.append(
+                f"  {name:11s} " + " ".join(f"{v:.3f}" for v in ratios) + f"; median {statistics.median(ratios):.3f}"
+                f" (min {min(ratios):.3f}, max {max(ratios):.3f}); above {base} in "
+                f"{sum(v > 1 for v in ratios)}/{len(ratios)} rounds"
+            )
     return "\n".join(lines)
 
 

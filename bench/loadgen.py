@@ -210,6 +210,15 @@ def openai_body(query: str) -> bytes:
     return json.dumps(body).encode()
 
 
+def native_body(query: str) -> bytes:
+    """The ``POST /api/v2/bali-zero/chat-stream`` body of one question."""
+    return json.dumps({"query": query}).encode()
+
+
+# The routes asked with a JSON body, and how their body is made (the native GET has none).
+POST_ROUTES: dict[str, Callable[[str], bytes]] = {"native-post": native_body, "openai": openai_body}
+
+
 # --------------------------------------------------------------------------------------------- runs
 
 
@@ -266,8 +275,7 @@ class Run:
             await asyncio.sleep(delay)
         parts = urlsplit(self.opts.url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
-        openai = self.opts.route == "openai"
-        path = parts.path if openai else f"{parts.path}?query={quote_plus(self.opts.query)}"
+        path = parts.path if self.opts.route in POST_ROUTES else f"{parts.path}?query={quote_plus(self.opts.query)}"
         conn = Http1Connection(host, port, rcvbuf=self.opts.rcvbuf)
         try:
             while (stream := self.next_stream()) is not None:
@@ -280,16 +288,17 @@ class Run:
     async def sse_one(self, conn: Http1Connection, path: str, stream: Stream) -> bool:
         """One stream on ``conn``; True when the connection can carry the next request.
 
-        ``--route openai`` POSTs the question to the OpenAI-compatible route instead of a GET of
-        the native one; the reading is the same (``OpenAIEvents`` tells its chunks as frames).
+        ``--route native-post`` POSTs the question as JSON instead of a GET; ``--route openai``
+        POSTs it to the OpenAI-compatible route, read the same way (``OpenAIEvents`` tells its
+        chunks as frames).
         """
         opts = self.opts
         openai = opts.route == "openai"
         stream.started = time.perf_counter()
         try:
-            if openai:
+            if opts.route in POST_ROUTES:
                 headers = {**SSE_HEADERS, "Content-Type": "application/json"}
-                head = await conn.request("POST", path, headers, openai_body(opts.query))
+                head = await conn.request("POST", path, headers, POST_ROUTES[opts.route](opts.query))
             else:
                 head = await conn.request("GET", path, SSE_HEADERS)
         except (OSError, asyncio.IncompleteReadError, ValueError, IndexError, HttpError) as exc:
@@ -484,9 +493,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
     p.add_argument(
         "--route",
-        choices=("native", "openai"),
+        choices=("native", "native-post", "openai"),
         default="native",
-        help="sse: GET the native stream, or POST to the OpenAI-compatible route",
+        help="sse: GET the native stream, POST it a JSON body, or POST to the OpenAI-compatible route",
     )
     p.add_argument("--target", default="", help="grpc: HOST:PORT of the RAG service")
     p.add_argument("--query", required=True)
