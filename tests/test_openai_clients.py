@@ -208,6 +208,35 @@ def test_unsupported_parameters_are_400s_naming_them(
     assert error.param is not None and error.param in error.message
 
 
+def test_a_refusal_by_the_rag_service_is_an_http_error_in_openai_shape(
+    stub_factory: StubFactory, bridge_factory: BridgeFactory
+) -> None:
+    """A gRPC status before any frame is answered over HTTP (the SDK's error of that status), on
+    both the stream and the whole answer; the RAG service's own details stay in the log."""
+    bridge = bridge_factory(stub_factory("--mode", "echo", "--max-query-bytes", "8"))
+    client = sdk(bridge)
+    long_question: list[Any] = [{"role": "user", "content": "a question longer than eight bytes"}]
+    for stream in (True, False):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model=MODEL, messages=long_question, stream=stream)
+        assert caught.value.code == "INVALID_REQUEST", stream
+        assert caught.value.message.endswith("the RAG service refused the request as invalid"), caught.value.message
+
+
+def test_router_and_guard_errors_under_v1_are_in_openai_shape(rag_pair: Bridge) -> None:
+    with httpx.Client(base_url=rag_pair.url, timeout=10) as client:
+        for response, status in (
+            (client.get("/v1/chat/completions"), 405),
+            (client.get("/v1/embeddings"), 404),
+            (client.get("/v1/models", headers={"x-padding": "x" * 40_000}), 431),
+            (client.post("/v1/chat/completions", content=b"{", headers={"content-type": "application/json"}), 400),
+            (client.post("/v1/chat/completions", content=b"{}", headers={"content-type": "text/plain"}), 415),
+        ):
+            assert response.status_code == status, response.text
+            assert set(response.json()["error"]) == {"message", "type", "code", "param"}, response.text
+        assert set(client.get("/api/v2/nothing").json()["error"]) == {"code", "message"}  # native elsewhere
+
+
 # -- cancellation: closing the stream mid-answer cancels the upstream call ------------------------
 
 
