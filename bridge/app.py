@@ -29,7 +29,6 @@ from bridge.openapi import openapi_endpoint
 from bridge.pageheaders import with_security_headers
 from bridge.resume.client import ResumeStore
 from bridge.state import BridgeState
-from bridge.stream.response import RAW_SEND_KEY
 from bridge.upstream import Upstream
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -37,14 +36,10 @@ log = logging.getLogger("bridge")
 
 
 class BridgeApp(Starlette):
-    """Starlette, plus the server's unwrapped ``send`` in the scope for the event-stream writer.
-
-    Everything else goes out through ``with_security_headers``, outside every middleware, so even
-    the outermost error handler's responses carry them.
-    """
+    """Starlette, with every response sent through ``with_security_headers``, outside every
+    middleware, so even the outermost error handler's responses carry them."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope[RAW_SEND_KEY] = send
         if scope["type"] == "http":
             send = with_security_headers(send)
         await super().__call__(scope, receive, send)
@@ -61,6 +56,7 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
             state.telemetry.client_interceptors(),
             settings.upstream_ejection_interval_s,
             timeout_s=settings.upstream_timeout_s,
+            keepalive_s=settings.upstream_keepalive_s,
             stream_tracing=state.telemetry.stream_tracing(),
         )
         await state.audit.start()
@@ -71,7 +67,12 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
         try:
             yield
         finally:
-            await state.registry.wait_all(0)
+            # Every stream ended (the grace, then SHUTTING_DOWN), its end mirrored to the store
+            # and reported to the audit trail, before anything those need is closed.
+            try:
+                await state.drained()
+            except Exception:  # a bug in the drain must not skip the audit flush below
+                log.exception("shutdown: the drain failed; closing anyway")
             if state.resume_store is not None:  # flush its writes, stop its cancel subscriber
                 await state.resume_store.aclose()
             await state.gate.aclose()

@@ -5,10 +5,17 @@ The environment is read here, once, into a Settings object that everything else 
 
 from __future__ import annotations
 
+# ruff: noqa: E402 (the imports below come after gRPC's log default is set)
+import os
+
+from bridge.logs import quiet_grpc_core_logs
+
+# Before anything imports grpc: its C core reads GRPC_VERBOSITY once, at import.
+quiet_grpc_core_logs(os.environ)
+
 import argparse
 import asyncio
 import contextlib
-import os
 import signal
 import socket
 import sqlite3
@@ -20,8 +27,8 @@ import uvicorn
 
 from bridge.audit.cli import add_audit_commands
 from bridge.config import Settings, variables_help
-from bridge.doctor import add_doctor_command, run_doctor
-from bridge.errors import ConfigError
+from bridge.doctor.probe import add_doctor_command, run_doctor
+from bridge.errors import ConfigError, UnsupportedUvicorn
 from bridge.netsock import HalfOpenDetection
 
 PATH_VARIABLES = ("AUDIT_DB", "LOG_FILE", "ERROR_LOG_FILE", "JWT_PUBLIC_KEY_FILE")
@@ -98,6 +105,15 @@ def _after_drain(sig: int, frame: FrameType | None) -> None:
 
 
 def serve(settings: Settings, host: str, port: int) -> int:
+    try:
+        # Before anything that serves is imported: a uvicorn the connection protocol was not
+        # tested with, or one lacking a name it uses, is one line here, not an error mid-request.
+        from bridge.uvicorn_fence import require_supported_uvicorn
+
+        require_supported_uvicorn()
+    except UnsupportedUvicorn as exc:
+        print(f"bali-zero-bridge: cannot start: {exc}", file=sys.stderr)
+        return 2
     from bridge.app import create_app
     from bridge.http_protocol import ConnectionLimits, protocol_class
     from bridge.logs import configure_logging

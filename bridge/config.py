@@ -142,6 +142,14 @@ class Settings:
     upstream_ejection_interval_s: float = setting(
         10.0, "outlier-detection interval: a replica failing most calls is ejected for 30 s", check=_above(0)
     )
+    upstream_keepalive_s: float = setting(
+        330.0,
+        "how often, at most, a keepalive ping goes on a connection to the RAG service, only while a call is open; "
+        "must be at least the RAG server's minimum ping interval (gRPC's default: 300 s) or it answers GOAWAY "
+        "`too_many_pings`",
+        # gRPC sends at most one ping a second, whatever its keepalive time says.
+        check=_at_least(1),
+    )
     shutdown_grace_s: float = setting(20.0, "how long running streams may finish after SIGTERM", check=_at_least(0))
     stream_window_frames: int = setting(
         64, "frames buffered per stream before the bridge stops reading gRPC", check=_at_least(1)
@@ -184,6 +192,12 @@ class Settings:
     header_timeout_s: float = setting(
         10.0,
         "a request head must arrive within this time from its first byte (or from connect); slower: 408 and close",
+        check=_above(0),
+    )
+    body_timeout_s: float = setting(
+        30.0,
+        "the whole request body (a chunked body's trailers included) must arrive within this time from the end "
+        "of the head; slower: 408 `BODY_TIMEOUT` and close (raise it with `MAX_BODY_BYTES`)",
         check=_above(0),
     )
     keepalive_timeout_s: float = setting(

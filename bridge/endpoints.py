@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from bali_zero.rag.v1 import rag_pb2
 from bridge import openai_compat
-from bridge.diagnostics import DiagnosticStream, parse_idle
+from bridge.doctor.stream import DiagnosticStream, parse_idle
 from bridge.errors import BridgeError, NotFound, Rejected, StreamExpired
 from bridge.gate import Admission
 from bridge.inputs import ChatInput, read_input, read_json_object
@@ -97,7 +97,7 @@ class Endpoints:
 
     async def _resume(self, request: Request, stream_id: str, after_seq: int) -> Response:
         """A reconnect with ``Last-Event-ID``, within CONTROL_RATE_LIMIT (it may cost a store round
-        trip). See :func:`_expired_stream` for the one answer given for an id that is unknown, over,
+        trip). See :meth:`_expired_stream` for the one answer given for an id that is unknown, over,
         or someone else's."""
         state = self.state
         identity = await state.gate.control(request)
@@ -109,14 +109,14 @@ class Endpoints:
             session = None
         if session is None:
             if store is None:
-                return _expired_stream(stream_id, after_seq)
+                return self._expired_stream(stream_id, after_seq)
             return await self._resume_remote(store, identity.key, stream_id, after_seq)
         resume = session.resume(after_seq)
         if isinstance(resume, StreamExpired):
-            return _expired_stream(stream_id, after_seq, resume)
+            return self._expired_stream(stream_id, after_seq, resume)
         if resume is Resume.FROM_STORE:
             if store is None:
-                return _expired_stream(
+                return self._expired_stream(
                     stream_id,
                     after_seq,
                     StreamExpired("the frames after this event id are no longer held here", retryable=False),
@@ -127,22 +127,34 @@ class Endpoints:
         state.observer.reconnected()
         return EventStreamResponse(session, after_seq, connections=state.metrics)
 
+    def _expired_stream(self, stream_id: str, after_seq: int, error: BridgeError | None = None) -> Response:
+        """A late reconnect: one ``error`` frame, not retryable, so the client stops reconnecting.
+
+        Without ``error`` this is also the answer for an unknown id and for another caller's live
+        one, byte for byte: answering those 404 while unknown ids got STREAM_EXPIRED told an
+        attacker which stream ids were live. The owner's own expired stream gets the same
+        non-retryable STREAM_EXPIRED, so their browser client still stops reconnecting.
+        """
+        error = error or StreamExpired("the stream is no longer available; ask again", retryable=False)
+        return ErrorFrameResponse(f"{stream_id}:{after_seq}", error, self.state.settings.heartbeat_interval_s)
+
     async def _resume_remote(self, store: ResumeStore, identity_key: str, stream_id: str, after_seq: int) -> Response:
         """A reconnect for a stream another instance owns (or dropped here), served from the store."""
         remote = await open_remote(store, stream_id, identity_key, after_seq)
         if isinstance(remote, NotFound):
-            return _expired_stream(stream_id, after_seq)  # someone else's: the unknown-id answer
+            return self._expired_stream(stream_id, after_seq)  # someone else's: the unknown-id answer
         if isinstance(remote, BridgeError):
             # An SSE answer either way: STREAM_EXPIRED stops the client, RESUME_UNAVAILABLE is
             # retryable, so it reconnects (perhaps to the owner, which can still serve it).
-            return _expired_stream(stream_id, after_seq, remote)
+            return self._expired_stream(stream_id, after_seq, remote)
         if isinstance(remote, NothingLeft):
             return Response(status_code=204)  # the client has everything; 204 stops EventSource
         self.state.observer.reconnected()
+        self.state.registry.serve_from_store(remote)  # a drain ends it too
         return EventStreamResponse(remote, after_seq, connections=self.state.metrics)
 
     async def diagnostic_stream(self, request: Request) -> Response:
-        """The stream ``bali-zero-bridge doctor`` reads (bridge/diagnostics.py); no upstream call."""
+        """The stream ``bali-zero-bridge doctor`` reads (bridge/doctor/stream.py); no upstream call."""
         state = self.state
         try:
             idle_s = parse_idle(request.query_params.get("idle_s"), state.settings.heartbeat_interval_s)
@@ -309,18 +321,6 @@ class Endpoints:
         if upstream is None or not await upstream.serving():
             return JSONResponse({"status": "unavailable", "upstream": "not serving"}, status_code=503)
         return JSONResponse({"status": "ready", "upstream": "serving"})
-
-
-def _expired_stream(stream_id: str, after_seq: int, error: BridgeError | None = None) -> Response:
-    """A late reconnect: one ``error`` frame, not retryable, so the client stops reconnecting.
-
-    Without ``error`` this is also the answer for an unknown id and for another caller's live
-    one, byte for byte: answering those 404 while unknown ids got STREAM_EXPIRED told an
-    attacker which stream ids were live. The owner's own expired stream gets the same
-    non-retryable STREAM_EXPIRED, so their browser client still stops reconnecting.
-    """
-    error = error or StreamExpired("the stream is no longer available; ask again", retryable=False)
-    return ErrorFrameResponse(f"{stream_id}:{after_seq}", error)
 
 
 def _trace_parent(request: Request) -> Context:

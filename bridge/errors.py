@@ -17,6 +17,7 @@ has the status it would have over plain HTTP.
     ├── NotFound              404 NOT_FOUND / STREAMING_DISABLED / STREAM_NOT_FOUND / MODEL_NOT_FOUND
     ├── MethodNotAllowed      405 METHOD_NOT_ALLOWED
     ├── RequestHeadTimeout    408 HEADER_TIMEOUT (written by the connection, bridge/http_protocol.py)
+    ├── RequestBodyTimeout    408 BODY_TIMEOUT (likewise)
     ├── StreamExpired         410 STREAM_EXPIRED (sent as an ``error`` frame: a late or invalid resume)
     ├── PayloadTooLarge       413 PAYLOAD_TOO_LARGE
     ├── UnsupportedMediaType  415 UNSUPPORTED_MEDIA_TYPE
@@ -30,9 +31,12 @@ has the status it would have over plain HTTP.
     Rejected                       a gate refusal: a BridgeError plus the headers and identity
     ClientGone                     the HTTP client left or stopped reading (never answered)
     ConfigError (ValueError)       a setting the bridge cannot start with; names the variable
-    └── UnsafeFile                 a file it trusts (key, store, head, log) others could choose
+    ├── UnsafeFile                 a file it trusts (key, store, head, log) others could choose
+    └── UnsupportedUvicorn         an installed uvicorn outside the tested range, or lacking a name
+                                   the connection protocol uses (bridge/uvicorn_fence.py)
     FrameError (ValueError)        a field value that would corrupt an event stream
     AuditChainBroken               the audit chain does not verify: retention refuses to purge
+    DoctorError                    ``bali-zero-bridge doctor`` could not run its check (exit 2)
     TelemetryConfigError           an unusable OTEL_* value; defined in ``bzb_shared.otel``
                                    because the stub raises it too, re-exported here
 
@@ -57,12 +61,14 @@ __all__ = [
     "BridgeError",
     "ClientGone",
     "ConfigError",
+    "DoctorError",
     "Forbidden",
     "FrameError",
     "MethodNotAllowed",
     "NotFound",
     "PayloadTooLarge",
     "Rejected",
+    "RequestBodyTimeout",
     "RequestHeadTimeout",
     "RequestHeadTooLarge",
     "ResumeStoreUnavailable",
@@ -72,6 +78,7 @@ __all__ = [
     "TooManyRequests",
     "UnsafeFile",
     "UnsupportedMediaType",
+    "UnsupportedUvicorn",
     "UpstreamError",
     "from_grpc_status",
 ]
@@ -189,6 +196,18 @@ class RequestHeadTimeout(BridgeError):
     default_code = "HEADER_TIMEOUT"
 
 
+class RequestBodyTimeout(BridgeError):
+    """The request body (a chunked body's trailers included) did not arrive within BODY_TIMEOUT_S.
+
+    Counted from the end of the head: without it a client trickling its body a byte at a time
+    (slowloris on the body) holds its connection, and the handler waiting for the body, for as
+    long as it likes.
+    """
+
+    status = 408
+    default_code = "BODY_TIMEOUT"
+
+
 class ClientDisconnected(BridgeError):
     """The client went away before its request body was complete; nobody reads the answer.
 
@@ -277,6 +296,15 @@ class UnsafeFile(ConfigError):
     """
 
 
+class UnsupportedUvicorn(ConfigError):
+    """The installed uvicorn is not one the bridge's connection protocol was tested with.
+
+    Its version is outside the supported range, or a private name the bridge overrides, calls or
+    reads is gone: serving anyway would fail mid-request with an AttributeError, or run without the
+    head limits. The message (one line) names the version, the range and the missing names.
+    """
+
+
 class FrameError(ValueError):
     """A field value that would corrupt the stream (an id with CR, LF or NUL, a bad event name)."""
 
@@ -357,3 +385,7 @@ class AuditChainBroken(Exception):
         super().__init__(f"the audit chain does not verify at record {first_bad_id}: {reason}")
         self.first_bad_id = first_bad_id
         self.reason = reason
+
+
+class DoctorError(Exception):
+    """``bali-zero-bridge doctor`` could not run its check (exit 2): the message says what to look at."""

@@ -11,9 +11,8 @@ import json
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
 
-from uvicorn.protocols.http.flow_control import FlowControl
-
 from bridge.errors import BridgeError
+from bridge.uvicorn_fence import FlowControl
 
 # Bytes fed to the parser at a time while a head may be open: the most a head beginning inside a
 # slice can be over-charged. Small enough to keep the wire bound close to MAX_HEADER_BYTES, large

@@ -15,6 +15,8 @@ This protocol
   most ``LINGER_BYTES`` more first, so that the answer is not lost to a reset);
 - closes a connection whose next request head has not arrived ``head_timeout_s`` after the
   connection opened or the head's first byte arrived (408 when a request was under way);
+- closes a connection whose request body (a chunked body's trailers included) is not complete
+  ``body_timeout_s`` after its head was (408 unless a response is under way);
 - closes a connection idle ``keepalive_timeout_s`` between requests (uvicorn's own timer);
 - parses no further than ``MAX_PIPELINED_REQUESTS`` requests queued behind the response under
   way, and reads nothing more until the queue shrinks (the rest of the read is held);
@@ -34,12 +36,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
 import httptools
-from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.server import ServerState
 
 from bridge.config import Settings
-from bridge.errors import BridgeError, RequestHeadTimeout, RequestHeadTooLarge
+from bridge.errors import BridgeError, RequestBodyTimeout, RequestHeadTimeout, RequestHeadTooLarge
 from bridge.http_budget import (
     SLICE_BYTES,
     Deadline,
@@ -50,6 +49,7 @@ from bridge.http_budget import (
     error_response,
 )
 from bridge.types import ConnectionCloseReason
+from bridge.uvicorn_fence import Config, HttpToolsProtocol, ServerState
 
 # What the wire count sees and the app-level count (URL + headers) does not: method, the URL's
 # scheme and host in absolute form, " HTTP/1.1", the blank line; plus one slice of over-charge.
@@ -74,6 +74,7 @@ class ConnectionLimits:
     max_head_bytes: int
     head_timeout_s: float
     keepalive_timeout_s: float
+    body_timeout_s: float
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConnectionLimits:
@@ -81,6 +82,7 @@ class ConnectionLimits:
             max_head_bytes=settings.max_header_bytes + WIRE_ALLOWANCE_BYTES,
             head_timeout_s=settings.header_timeout_s,
             keepalive_timeout_s=settings.keepalive_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
         )
 
 
@@ -117,6 +119,8 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         self.timeout_keep_alive = self.limits.keepalive_timeout_s  # type: ignore[assignment]
         self._budget = WireBudget(self.limits.max_head_bytes)
         self._head_deadline = Deadline(self.loop, self.limits.head_timeout_s, self._head_timed_out)
+        # Armed once a read leaves a request's body incomplete, so a bodiless request costs no timer.
+        self._body_deadline = Deadline(self.loop, self.limits.body_timeout_s, self._body_timed_out)
         # Set when the connection is to close once the responses under way are complete (False:
         # not closing; None: close without an answer).
         self._closing_with: BridgeError | Literal[False] | None = False
@@ -132,6 +136,7 @@ class HeadLimitedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_deadline.cancel()
+        self._body_deadline.cancel()
         self._linger.cancel()
         super().connection_lost(exc)
 
@@ -166,6 +171,8 @@ class HeadLimitedProtocol(HttpToolsProtocol):
             if not self._feed(view[:size]):
                 return
             view = view[size:]
+        if self._budget.in_body and not self.transport.is_closing():
+            self._body_deadline.arm()  # counts from the end of the head: later reads do not push it back
 
     def timeout_keep_alive_handler(self) -> None:
         if not self.transport.is_closing():
@@ -204,6 +211,7 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._body_deadline.cancel()
         self._budget.message_complete()
         super().on_message_complete()
 
@@ -224,6 +232,7 @@ class HeadLimitedProtocol(HttpToolsProtocol):
             # not HTTP/1.1 any more either way.
             if self._should_upgrade():
                 self._head_deadline.cancel()
+                self._body_deadline.cancel()
                 self.handle_websocket_upgrade()
             else:
                 self._unsupported_upgrade_warning()
@@ -242,6 +251,29 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         error = RequestHeadTimeout(f"request head not received within {self.limits.head_timeout_s:g} s")
         self._close("header_timeout", error if self._budget.head_begun else None)
 
+    def _body_timed_out(self) -> None:
+        """The body (or its trailers) is late: 408 to a request still waiting for it, else just close.
+
+        Once the request is being handled the connection is closed at once, not after its
+        response: the request being read holds the connection (nothing behind it is parsed) and
+        its handler may be waiting for the body. The 408 goes only where the request's own
+        response has not started: written into one (answered before its body ended) it would
+        corrupt that response's body.
+        """
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if self.flow.read_paused or any(queued is cycle for queued, _ in self.pipeline):
+            # The bridge stopped reading (a body not yet consumed), or the request waits its turn
+            # behind a response under way: the client is not the slow one, and a close now would
+            # cut a neighbour's response. Its deadline counts again from now.
+            self._body_deadline.arm()
+            return
+        self._head_deadline.cancel()
+        self.observer.connection_closed_by_bridge("body_timeout")
+        error = RequestBodyTimeout(f"request body not received within {self.limits.body_timeout_s:g} s")
+        self._answer_and_close(None if cycle.response_started else error)
+
     def _close(self, reason: ConnectionCloseReason, error: BridgeError | None) -> None:
         """Count the close, answer ``error`` and close; after the responses under way, if any.
 
@@ -251,6 +283,7 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         nothing more is read, so the wait costs no memory.
         """
         self._head_deadline.cancel()
+        self._body_deadline.cancel()
         self.observer.connection_closed_by_bridge(reason)
         if self._budget.in_body and reason == "header_too_large" and self.cycle is not None:
             # The request being read is itself over the limit (its trailers): waiting for its
@@ -275,15 +308,21 @@ class HeadLimitedProtocol(HttpToolsProtocol):
                 self._answer_and_close(error)
 
     def _answer_and_close(self, error: BridgeError | None) -> None:
-        """Write ``error`` (if any) and close, lingering briefly after a 431: its client is still sending.
+        """Write ``error`` (if any) and close, lingering briefly after a 431 or a late body: the
+        client is still sending.
 
-        The FIN goes after the answer, and the rest of the client's flood is discarded (see Linger)
-        rather than left unread, which would make the kernel reset the answer away.
+        The FIN goes after the answer, and the rest of the client's bytes are discarded (see
+        Linger) rather than left unread, which would make the kernel reset the answer away.
         """
         self._unset_keepalive_if_required()
         if error is not None:
             self.transport.write(error_response(error, self.server_state.default_headers))
-        if not isinstance(error, RequestHeadTooLarge) or not self.transport.can_write_eof():
+            if self.cycle is not None and not self.cycle.response_started:
+                # The handler waiting for this request's body sees a disconnect now, not after
+                # the linger, and can no longer write a response after the error.
+                self.cycle.disconnected = True
+                self.cycle.message_event.set()
+        if not isinstance(error, RequestHeadTooLarge | RequestBodyTimeout) or not self.transport.can_write_eof():
             self.transport.close()  # a late head was read whole: nothing unread, no reset
             return
         self.transport.write_eof()

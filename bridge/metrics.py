@@ -76,7 +76,7 @@ class BridgeMetrics:
         )
         self._connections_closed = Counter(
             "bridge_connections_closed",
-            "HTTP connections the bridge closed itself before or between requests, by reason.",
+            "HTTP connections the bridge closed itself (a request head or body too large or late, idle), by reason.",
             ["reason"],
             registry=r,
         )

@@ -31,6 +31,10 @@ from bridge.upstream import Upstream
 
 log = logging.getLogger("bridge")
 
+# How long the drain waits for the streams it ended to wind down: an aborted pump ends within a
+# few event-loop turns (its gRPC call is cancelled), so this bound is reached only by a bug.
+ABORTED_STREAMS_WAIT_S = 2.0
+
 
 @dataclass(slots=True)
 class BridgeState:
@@ -112,7 +116,17 @@ class BridgeState:
         return self.upstream
 
     def begin_drain(self) -> None:
-        """SIGTERM: refuse new requests, let streams run for SHUTDOWN_GRACE_S, then end the rest."""
+        """SIGTERM: refuse new requests, let streams run for SHUTDOWN_GRACE_S, then end the rest.
+
+        "Streams" are every stream this instance serves that a client can still read: the
+        sessions it owns, attached to a reader or detached inside their resume window with a
+        resume store (a client may be reading one on another instance, or come back there), and
+        the readers it serves from the store. A detached session with no store is unreachable
+        once the listener is closed: it is ended at once, or as soon as its reader leaves. Each
+        stream ends with a final retryable SHUTTING_DOWN frame, which a resume can read (elsewhere
+        from the store, or as the reader's last frame), and reports its end before the audit
+        trail closes (``drained``).
+        """
         if self.gate.draining:
             return
         self.gate.draining = True
@@ -128,19 +142,36 @@ class BridgeState:
         self.begin_drain()
         self._grace_cut.set()
 
+    async def drained(self) -> None:
+        """Drain (if no signal started it) and return once every stream has ended and reported
+        its end, bounded by SHUTDOWN_GRACE_S plus ``ABORTED_STREAMS_WAIT_S``.
+
+        The lifespan awaits this before it closes the resume store and the audit trail. Going on
+        as soon as no HTTP request is open, it cut short every detached stream (no connection,
+        inside its resume window): the upstream channel closed under it, the resume store closed
+        before its end was mirrored (a reader elsewhere got STREAM_EXPIRED instead of
+        SHUTTING_DOWN, and a stop sent there found no owner listening: 503), and its end record
+        reached an audit trail that had already closed (dropped).
+        """
+        self.begin_drain()
+        assert self._drain_task is not None
+        await self._drain_task
+
     async def _drain(self) -> None:
-        grace = asyncio.ensure_future(self.registry.wait_all(self.settings.shutdown_grace_s))
+        shutting_down = ServiceUnavailable(
+            "the bridge is shutting down; reconnect to continue",
+            code="SHUTTING_DOWN",
+            retryable=True,
+            retry_after_s=1,
+        )
+        self.registry.refuse_reconnects(shutting_down)  # the grace is for streams a client can read
+        grace = asyncio.ensure_future(self.registry.wait_ended(self.settings.shutdown_grace_s))
         cut = asyncio.ensure_future(self._grace_cut.wait())
         await asyncio.wait({grace, cut}, return_when=asyncio.FIRST_COMPLETED)
         grace.cancel()
         cut.cancel()
-        ended = self.registry.abort_all(
-            ServiceUnavailable(
-                "the bridge is shutting down; reconnect to continue",
-                code="SHUTTING_DOWN",
-                retryable=True,
-                retry_after_s=1,
-            )
-        )
+        ended = self.registry.abort_all(shutting_down)
         if ended:
-            log.warning("shutdown grace over: ended %d running stream(s)", len(ended))
+            log.warning("shutdown grace over: ended %d running stream(s)", ended)
+        if not await self.registry.wait_ended(ABORTED_STREAMS_WAIT_S):
+            log.warning("shutdown: streams still running after being ended; their end may go unrecorded")

@@ -32,8 +32,8 @@ from bridge.audit.trail import AuditTrail
 from bridge.config import Settings
 from bridge.types import Identity
 from tests.conftest import StubFactory
+from tests.support.audit import audit_cli as cli
 from tests.support.processes import ROOT, Bridge, base_env
-from tests.support.processes import audit_cli as cli
 
 USER = Identity(client_ip="198.51.100.7", user_id="alice")
 BACKDATED = "2001-01-01T00:00:00.000000Z"

@@ -24,8 +24,8 @@ import httpx
 import pytest
 
 from tests.conftest import BridgeFactory
+from tests.support.audit import audit_cli as cli
 from tests.support.processes import Bridge, Stub
-from tests.support.processes import audit_cli as cli
 from tests.test_attacks_audit import assert_broken
 from tests.test_attacks_identity import SECRET, assert_error, bearer
 

@@ -23,7 +23,8 @@ import pytest
 
 from bridge.audit.keys import key_path, load_keys
 from bridge.audit.store import SQLiteStore
-from tests.support.processes import ROOT, audit_cli, base_env
+from tests.support.audit import audit_cli
+from tests.support.processes import ROOT, base_env
 
 NOBODY = 65534
 """Another user: the owner of the planted files (the tests run as root in CI to chown them)."""

@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import re
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +21,7 @@ import pytest
 
 from tests.conftest import BridgeFactory, StubFactory
 from tests.support.processes import Bridge
+from tests.support.slow_clients import closed_by_bridge, healthz_latencies, p99, wait_for_close
 from tests.support.sse_client import open_stream
 
 MIB = 1024 * 1024
@@ -51,14 +50,6 @@ def proc_status_kib(pid: int, field: str) -> int:
 def reset_peak_rss(pid: int) -> None:
     """Make VmHWM (peak RSS) start again from the current RSS (Linux clear_refs, value 5)."""
     Path(f"/proc/{pid}/clear_refs").write_text("5")
-
-
-def closed_by_bridge(bridge: Bridge) -> dict[str, float]:
-    text = httpx.get(f"{bridge.url}/metrics", timeout=10).text
-    return {
-        m.group(1): float(m.group(2))
-        for m in re.finditer(r'^bridge_connections_closed_total\{reason="(\w+)"\} (\S+)$', text, re.MULTILINE)
-    }
 
 
 @contextlib.contextmanager
@@ -266,37 +257,6 @@ class Slowloris:
         self.closed_after = time.monotonic() - self.connecting_at
 
 
-# Runs in a process of its own: in the test's process, the 200 attackers waking at once would hold
-# the GIL and the delay measured would be the test's, not the bridge's.
-_SAMPLER = """
-import json, sys, time, httpx
-url, seconds = sys.argv[1], float(sys.argv[2])
-latencies = []
-with httpx.Client(base_url=url, timeout=10) as client:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        started = time.monotonic()
-        assert client.get("/healthz").status_code == 200
-        latencies.append(time.monotonic() - started)
-        time.sleep(0.01)
-print(json.dumps(latencies))
-"""
-
-
-async def healthz_latencies(url: str, seconds: float) -> list[float]:
-    """GET /healthz every 10 ms for ``seconds`` from another process; the latencies, sorted."""
-    sampler = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _SAMPLER, url, str(seconds), stdout=asyncio.subprocess.PIPE
-    )
-    out, _ = await asyncio.wait_for(sampler.communicate(), seconds + 30)
-    assert sampler.returncode == 0
-    return sorted(json.loads(out))
-
-
-def p99(ordered: list[float]) -> float:
-    return ordered[math.ceil(len(ordered) * 0.99) - 1]
-
-
 async def test_200_slowloris_connections_are_closed_after_header_timeout_while_healthz_stays_fast(
     bridge_factory: BridgeFactory,
 ) -> None:
@@ -323,16 +283,6 @@ async def test_200_slowloris_connections_are_closed_after_header_timeout_while_h
     assert len(healthz) >= 50, len(healthz)
     assert p99(healthz) < bound, f"/healthz p99 {p99(healthz) * 1000:.0f} ms during the attack, {bound=}"
     assert closed_by_bridge(bridge)["header_timeout"] == 200
-
-
-async def wait_for_close(reader: asyncio.StreamReader, limit: float) -> tuple[float, bytes]:
-    """Seconds until the bridge closed the connection, and what it wrote before."""
-    started = time.monotonic()
-    data = b""
-    with contextlib.suppress(ConnectionError):
-        while chunk := await asyncio.wait_for(reader.read(65536), limit):
-            data += chunk
-    return time.monotonic() - started, data
 
 
 async def test_silent_connection_is_closed_after_header_timeout(bridge_factory: BridgeFactory) -> None:
@@ -372,7 +322,12 @@ async def test_keepalive_connection_stalled_mid_head_is_closed_after_header_time
         writer.close()
     assert HEAD_TIMEOUT_S - 0.1 <= waited <= HEAD_TIMEOUT_S + 2, waited
     assert data.startswith(b"HTTP/1.1 408 "), data[:200]
-    assert closed_by_bridge(bridge) == {"header_too_large": 0, "header_timeout": 1, "keepalive_idle": 0}
+    assert closed_by_bridge(bridge) == {
+        "header_too_large": 0,
+        "header_timeout": 1,
+        "body_timeout": 0,
+        "keepalive_idle": 0,
+    }
 
 
 async def test_idle_keepalive_connection_is_closed_after_keepalive_timeout(bridge_factory: BridgeFactory) -> None:
@@ -384,7 +339,12 @@ async def test_idle_keepalive_connection_is_closed_after_keepalive_timeout(bridg
         writer.close()
     assert 1.4 <= waited <= 3.0, waited
     assert data == b""
-    assert closed_by_bridge(bridge) == {"header_too_large": 0, "header_timeout": 0, "keepalive_idle": 1}
+    assert closed_by_bridge(bridge) == {
+        "header_too_large": 0,
+        "header_timeout": 0,
+        "body_timeout": 0,
+        "keepalive_idle": 1,
+    }
 
 
 async def test_stream_longer_than_both_timeouts_is_not_cut(

@@ -37,8 +37,8 @@ from bridge.config import Settings
 from bridge.sse import Parser
 from bridge.types import Identity
 from tests.conftest import StubFactory
+from tests.support.audit import audit_cli as cli
 from tests.support.processes import ROOT, Bridge, Stub, base_env
-from tests.support.processes import audit_cli as cli
 from tests.support.sse_client import STREAM_PATH, open_stream
 
 JWT_SECRET = "audit-e2e-secret-" + "x" * 32

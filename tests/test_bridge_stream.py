@@ -10,15 +10,18 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
+from starlette.types import Message
 
 from bali_zero.rag.v1 import rag_pb2
-from bridge.errors import BadRequest
+from bridge.errors import BadRequest, BridgeError
+from bridge.stream import response as response_module
+from bridge.stream.response import EventStreamResponse
 from bridge.stream.session import NoHooks, StreamSession
 from bridge.types import NullObserver, Outcome, StreamResult
 from bridge.upstream import Upstream
@@ -358,6 +361,7 @@ async def test_abort_cancels_the_upstream_call_at_once(stub_factory: StubFactory
         call = upstream.chat_stream(request)
         session = StreamSession(stream_id="s1", request_id="abort-at-once", owner="o", policy=NO_RESUME)
         session.start(call)
+        session.announce(NoHooks())
         while session.last_seq < 2:  # the metadata frame and the first token: the call is streaming
             await session.changed()
         session.abort()
@@ -382,8 +386,9 @@ async def test_abort_before_the_pump_first_runs_still_ends_the_session(stub_fact
             def ended(self, result: StreamResult) -> None:
                 ended.append(result.outcome)
 
-        session = StreamSession(stream_id="s2", request_id="abort-early", owner="o", policy=NO_RESUME, hooks=Hooks())
+        session = StreamSession(stream_id="s2", request_id="abort-early", owner="o", policy=NO_RESUME)
         session.start(call)
+        session.announce(Hooks())
         session.abort()  # same turn as start(): the pump task has not run yet
         await session.wait_closed()
         assert ended == ["cancelled"]
@@ -436,16 +441,29 @@ async def test_an_opening_session_answers_on_the_first_message_and_tells_nobody_
     stub_factory: StubFactory,
 ) -> None:
     """The HTTP status waits on the first message, not the initial metadata; while it waits, a
-    stream the upstream may still refuse must not show up in stats, metrics, hooks or the store."""
+    stream the upstream may still refuse must not show up in stats, metrics, hooks or the store,
+    and what was written meanwhile still reaches the store once it is announced."""
     stub = stub_factory("--mode", "echo", "--first-token-delay-ms", "30000")
     upstream = Upstream(stub.target, timeout_s=30)
     observer, sink = RecordingObserver(), RecordingSink()
     try:
         call = upstream.chat_stream(rag_pb2.StreamChatRequest(query="a b", request_id="opening"))
         session = StreamSession(stream_id="s3", request_id="opening", owner="o", policy=NO_RESUME, observer=observer)
-        session.start(call, announce=False)
+        session.start(call)
+        generation = session.attach(0)
+        assert isinstance(generation, int)
+        written: list[bytes] = []
+
+        async def write_opening() -> None:  # what the new stream's response has the pump do
+            body, last = session.take()
+            written.append(body)
+            session.acknowledge(last, generation)
+            session.release_answer()
+
+        session.park(write_opening)
         assert await asyncio.wait_for(session.answered(10), 10) is None
-        assert session.last_seq == 1 and b'"type":"metadata"' in session.take()[0]  # the first message
+        session.park(None)
+        assert len(written) == 1 and b'"type":"metadata"' in written[0]  # the first message, at once
         assert observer.events == []
         ended: list[str] = []
 
@@ -454,7 +472,7 @@ async def test_an_opening_session_answers_on_the_first_message_and_tells_nobody_
                 ended.append(result.outcome)
 
         session.announce(Hooks(), sink)
-        assert observer.events == ["opened"] and sink.offered == [1]  # what it held is mirrored too
+        assert observer.events == ["opened"] and sink.offered == [1]  # written before, mirrored still
         session.abort()
         await session.wait_closed()
         assert observer.events == ["opened", "closed:cancelled"] and ended == ["cancelled"]
@@ -470,7 +488,7 @@ async def test_a_refusal_before_any_frame_is_returned_and_never_announced(stub_f
     try:
         call = upstream.chat_stream(rag_pb2.StreamChatRequest(query=" ", request_id="refused"))
         session = StreamSession(stream_id="s4", request_id="refused", owner="o", policy=NO_RESUME, observer=observer)
-        session.start(call, announce=False)
+        session.start(call)
         refusal = await asyncio.wait_for(session.answered(10), 10)
         assert isinstance(refusal, BadRequest) and refusal.status == 400
         assert observer.events == []
@@ -488,7 +506,7 @@ async def test_answered_gives_up_after_the_wait_and_the_read_goes_on() -> None:
     try:
         call = upstream.chat_stream(rag_pb2.StreamChatRequest(query="a", request_id="silent"))
         session = StreamSession(stream_id="s5", request_id="silent", owner="o", policy=NO_RESUME)
-        session.start(call, announce=False)
+        session.start(call)
         started = time.monotonic()
         assert await session.answered(0.2) is None
         assert 0.15 < time.monotonic() - started < 5
@@ -500,3 +518,71 @@ async def test_answered_gives_up_after_the_wait_and_the_read_goes_on() -> None:
     finally:
         await upstream.close()
         silent.close()
+
+
+class SessionOpening:
+    """The opener's side of a new stream (``OpenStream``) over a bare session, noting its steps."""
+
+    def __init__(self, session: StreamSession, steps: list[str]) -> None:
+        self.session = session
+        self.steps = steps
+
+    def park(self, handover: Callable[[], Awaitable[None]] | None) -> None:
+        self.session.park(handover)
+
+    async def answered(self) -> BridgeError | None:
+        return await self.session.answered(10)
+
+    def release(self) -> None:
+        self.session.release_answer()
+
+    @property
+    def token_sent(self) -> bool:
+        return self.session.token_sent
+
+    def accepted(self) -> None:
+        self.steps.append("accepted")
+        self.session.announce(NoHooks())
+
+    def refused(self, error: BridgeError) -> None:
+        self.steps.append("refused")
+
+    def interrupted(self) -> None:
+        self.session.abort()
+
+
+async def test_a_new_stream_is_written_by_its_pump_until_the_first_token_is_out(
+    stub_factory: StubFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The status line and the frames up to the first token leave from the pump, in the turn each
+    message arrived; the request task's work (accepting the stream, starting the writer) comes
+    after, not between the metadata frame and the first token."""
+    monkeypatch.setattr(response_module, "OPENING_HANDOFF_S", 30.0)  # a slow host cannot take over early
+    stub = stub_factory("--mode", "echo")
+    upstream = Upstream(stub.target, timeout_s=30)
+    steps: list[str] = []
+    try:
+        call = upstream.chat_stream(rag_pb2.StreamChatRequest(query="a b", request_id="opening-writes"))
+        session = StreamSession(stream_id="s6", request_id="opening-writes", owner="o", policy=NO_RESUME)
+        session.start(call)
+        pump = session._pump.task if session._pump is not None else None
+
+        async def send(message: Message) -> None:
+            by = "pump" if asyncio.current_task() is pump else "response"
+            if message["type"] == "http.response.start":
+                steps.append(f"status by {by}")
+            elif b'"type":"metadata"' in message.get("body", b""):
+                steps.append(f"metadata by {by}")
+            if b'"type":"token","index":0' in message.get("body", b""):
+                steps.append(f"first token by {by}")
+
+        async def receive() -> Message:
+            await asyncio.Event().wait()  # the client never hangs up
+            raise AssertionError
+
+        response = EventStreamResponse(session, opening=SessionOpening(session, steps))
+        await asyncio.wait_for(response({"type": "http"}, receive, send), 10)
+        assert steps[:4] == ["status by pump", "metadata by pump", "first token by pump", "accepted"], steps
+        assert session.result is not None and session.result.outcome == "completed"
+    finally:
+        await upstream.close()

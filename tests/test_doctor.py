@@ -18,9 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bridge.diagnostics import echoed_event_id, max_idle_s, parse_idle
-from bridge.doctor import DoctorError, _diagnostic_url
-from bridge.errors import BadRequest
+from bridge.doctor.probe import _diagnostic_url
+from bridge.doctor.stream import echoed_event_id, max_idle_s, parse_idle
+from bridge.errors import BadRequest, DoctorError
 from tests.conftest import BridgeFactory, StubFactory
 from tests.support.nginx import TEMPLATE, NginxFactory, nginx_factory  # noqa: F401 (fixture)
 from tests.support.processes import ROOT, base_env

@@ -1,4 +1,4 @@
-"""The doctor's verdicts, in-process (bridge/doctor_checks.py); tests/test_doctor.py runs the real path."""
+"""The doctor's verdicts, in-process (bridge/doctor/checks.py); tests/test_doctor.py runs the real path."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ from typing import Any
 
 import httpx
 
-from bridge.doctor import _json_object
-from bridge.doctor_checks import (
+from bridge.doctor.checks import (
     Report,
     StreamRead,
     check_alpn,
@@ -19,7 +18,8 @@ from bridge.doctor_checks import (
     check_last_event_id,
     idle_plan,
 )
-from bridge.doctor_limits import decoder_for, printable
+from bridge.doctor.limits import decoder_for, printable
+from bridge.doctor.probe import _json_object
 
 
 def read(headers: dict[str, str] | None = None, frames: list[tuple[float, dict[str, Any]]] | None = None) -> StreamRead:
@@ -93,7 +93,7 @@ def test_a_hostile_heartbeat_header_counts_as_absent() -> None:
         assert idle_plan(httpx.Headers({"x-heartbeat-interval": raw}), 60.0) == (30.0, 32.0), raw
 
 
-# -- the byte and text limits (bridge/doctor_limits.py) ------------------------------------------
+# -- the byte and text limits (bridge/doctor/limits.py) ------------------------------------------
 
 
 def test_a_gzip_bomb_inflates_only_to_the_cap() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from bridge.errors import RequestHeadTooLarge
+from bridge.errors import RequestBodyTimeout, RequestHeadTooLarge
 from bridge.http_budget import SLICE_BYTES, Deadline, Linger, WireBudget, content_length, error_response
 
 LIMIT = 3 * SLICE_BYTES
@@ -59,6 +59,18 @@ def test_chunk_data_restarts_the_framing_count() -> None:
     assert budget.next_slice_size(10 * LIMIT) == SLICE_BYTES
 
 
+def test_a_chunked_body_is_in_body_until_its_trailers_end() -> None:
+    """The body deadline runs while ``in_body``: a chunked body's trailers are part of it, and its
+    bytes never run the head deadline (one deadline at a time)."""
+    budget = WireBudget(LIMIT)
+    budget.headers_complete(None)
+    budget.body_parsed(5)
+    budget.next_slice_size(100)  # "0\r\nX-Trailer: ..." still arriving
+    assert budget.in_body and not budget.bytes_arrived()
+    budget.message_complete()
+    assert not budget.in_body and budget.bytes_arrived()
+
+
 def test_content_length_is_none_when_chunked_or_malformed() -> None:
     assert content_length([(b"content-length", b"12")]) == 12
     assert content_length([(b"content-length", b"12"), (b"transfer-encoding", b"chunked")]) is None
@@ -74,6 +86,14 @@ def test_error_response_is_a_closing_json_answer() -> None:
     assert b"server: bzb" in lines and b"connection: close" in lines
     assert f"content-length: {len(body)}".encode() in lines
     assert json.loads(body)["error"]["code"] == "HEADERS_TOO_LARGE"
+
+
+def test_body_timeout_is_a_closing_408_json_answer() -> None:
+    raw = error_response(RequestBodyTimeout("request body not received within 30 s"), [])
+    head, body = raw.split(b"\r\n\r\n", 1)
+    assert head.split(b"\r\n")[0] == b"HTTP/1.1 408 Request Timeout"
+    assert b"connection: close" in head.split(b"\r\n")
+    assert json.loads(body) == {"error": {"code": "BODY_TIMEOUT", "message": "request body not received within 30 s"}}
 
 
 def test_a_flood_after_the_431_is_cut_off_once_the_linger_budget_is_spent() -> None:

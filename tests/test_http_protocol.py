@@ -37,10 +37,29 @@ async def ok_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
+SLOW_RESPONSE_S = 1.0
+
+
+async def body_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Reads the whole body before answering ``ok``; ``/slow`` answers in two parts, a second apart."""
+    assert scope["type"] == "http"
+    while (message := await receive())["type"] == "http.request" and message.get("more_body"):
+        pass
+    if message["type"] == "http.disconnect":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    if scope["path"] == "/slow":
+        await send({"type": "http.response.body", "body": b"o", "more_body": True})
+        await asyncio.sleep(SLOW_RESPONSE_S)
+        await send({"type": "http.response.body", "body": b"k"})
+    else:
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
 @contextlib.asynccontextmanager
-async def serving(limits: ConnectionLimits) -> AsyncIterator[tuple[int, Closes]]:
+async def serving(limits: ConnectionLimits, app: Any = ok_app) -> AsyncIterator[tuple[int, Closes]]:
     closes = Closes()
-    config = uvicorn.Config(ok_app, lifespan="off", log_config=None)
+    config = uvicorn.Config(app, lifespan="off", log_config=None)
     cls = protocol_class(limits, closes)
     state = ServerState()
     server = await asyncio.get_running_loop().create_server(
@@ -90,7 +109,7 @@ PREFIXES = {
 @pytest.mark.parametrize("prefix", PREFIXES.values(), ids=PREFIXES.keys())
 async def test_head_of_exactly_the_limit_is_served_one_byte_more_is_431(prefix: bytes) -> None:
     answered = prefix.count(b"HTTP/1.1")
-    async with serving(ConnectionLimits(LIMIT, 10, 10)) as (port, closes):
+    async with serving(ConnectionLimits(LIMIT, 10, 10, 10)) as (port, closes):
         reply = await exchange(port, prefix + head_of(LIMIT), answered + 1)
         assert reply.count(b"HTTP/1.1 200 ") == answered + 1, reply[-300:]
         assert closes.reasons == []
@@ -102,7 +121,7 @@ async def test_head_of_exactly_the_limit_is_served_one_byte_more_is_431(prefix: 
 
 async def test_pipelined_head_inside_a_slice_is_overcharged_by_at_most_a_slice() -> None:
     bodiless = b"GET / HTTP/1.1\r\n\r\n"
-    async with serving(ConnectionLimits(LIMIT, 10, 10)) as (port, closes):
+    async with serving(ConnectionLimits(LIMIT, 10, 10, 10)) as (port, closes):
         reply = await exchange(port, bodiless + head_of(LIMIT - SLICE_BYTES), 2)
         assert reply.count(b"HTTP/1.1 200 ") == 2
         reply = await exchange(port, bodiless + head_of(LIMIT + 1), 2)
@@ -112,7 +131,7 @@ async def test_pipelined_head_inside_a_slice_is_overcharged_by_at_most_a_slice()
 
 async def test_many_pipelined_requests_in_one_read_are_all_served() -> None:
     requests = head_of(200) * 500  # 100 KB of heads in one write: none is charged its neighbours
-    async with serving(ConnectionLimits(LIMIT, 10, 10)) as (port, closes):
+    async with serving(ConnectionLimits(LIMIT, 10, 10, 10)) as (port, closes):
         reply = await exchange(port, requests, 500)
     assert reply.count(b"HTTP/1.1 200 ") == 500
     assert closes.reasons == []
@@ -120,27 +139,75 @@ async def test_many_pipelined_requests_in_one_read_are_all_served() -> None:
 
 async def test_chunked_body_then_pipelined_request_is_served() -> None:
     chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1\r\nx\r\n" * 2000 + b"0\r\n\r\n"
-    async with serving(ConnectionLimits(LIMIT, 10, 10)) as (port, closes):
+    async with serving(ConnectionLimits(LIMIT, 10, 10, 10)) as (port, closes):
         reply = await exchange(port, chunked + head_of(LIMIT - SLICE_BYTES), 2)
     assert reply.count(b"HTTP/1.1 200 ") == 2
     assert closes.reasons == []
 
 
 async def test_silent_connection_closed_after_head_timeout_without_an_answer() -> None:
-    async with serving(ConnectionLimits(LIMIT, 0.2, 10)) as (port, closes):
+    async with serving(ConnectionLimits(LIMIT, 0.2, 10, 10)) as (port, closes):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
     assert closes.reasons == ["header_timeout"]
 
 
+BODY_TIMEOUT = b'{"error":{"code":"BODY_TIMEOUT","message":"request body not received within 0.3 s"}}'
+
+
+async def test_body_incomplete_at_body_timeout_gets_408_and_close() -> None:
+    trickled = b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n12345"
+    async with serving(ConnectionLimits(LIMIT, 10, 10, 0.3), body_app) as (port, closes):
+        reply = await exchange(port, trickled, 1)
+    assert reply.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and reply.endswith(BODY_TIMEOUT), reply
+    assert closes.reasons == ["body_timeout"]
+
+
+async def test_trailers_incomplete_at_body_timeout_get_408_and_close() -> None:
+    trailing = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\nX-Trailer: t"
+    async with serving(ConnectionLimits(LIMIT, 10, 10, 0.3), body_app) as (port, closes):
+        reply = await exchange(port, trailing, 1)
+    assert reply.endswith(BODY_TIMEOUT), reply
+    assert closes.reasons == ["body_timeout"]
+
+
+async def test_body_pipelined_behind_a_slow_response_is_timed_only_while_read() -> None:
+    """While uvicorn does not read (a request waits behind the response under way) the client is
+    not the slow one: the deadline waits, and its 408 never lands inside the earlier response."""
+    pipelined = b"GET /slow HTTP/1.1\r\n\r\n" + b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n12345"
+    async with serving(ConnectionLimits(LIMIT, 10, 10, 0.3), body_app) as (port, closes):
+        reply = await exchange(port, pipelined, 2)
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n"), reply
+    first, second = reply.split(b"HTTP/1.1 408 ")
+    assert first.endswith(b"\r\n\r\nok") and second.endswith(BODY_TIMEOUT), reply
+    assert closes.reasons == ["body_timeout"]
+
+
+async def test_bodies_within_body_timeout_arm_no_deadline_that_outlives_them() -> None:
+    """A body completed in time cancels its deadline: the keep-alive connection is not cut later."""
+    complete = b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\nbody"
+    async with serving(ConnectionLimits(LIMIT, 10, 10, 0.3), body_app) as (port, closes):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(complete[:-2])
+            await asyncio.sleep(0.2)
+            writer.write(complete[-2:])
+            assert (await asyncio.wait_for(reader.readuntil(b"ok"), 5)).startswith(b"HTTP/1.1 200 ")
+            with pytest.raises(TimeoutError):  # nothing closes it: well past the body deadline
+                await asyncio.wait_for(reader.read(1), 0.6)
+        finally:
+            writer.close()
+    assert closes.reasons == []
+
+
 def test_wire_limit_is_max_header_bytes_plus_the_allowance() -> None:
     settings = Settings(max_header_bytes=32768, header_timeout_s=7.5, keepalive_timeout_s=90)
     limits = ConnectionLimits.from_settings(settings)
-    assert limits == ConnectionLimits(32768 + WIRE_ALLOWANCE_BYTES, 7.5, 90)
+    assert limits == ConnectionLimits(32768 + WIRE_ALLOWANCE_BYTES, 7.5, 90, 30)
 
 
-@pytest.mark.parametrize("name", ["HEADER_TIMEOUT_S", "KEEPALIVE_TIMEOUT_S"])
+@pytest.mark.parametrize("name", ["HEADER_TIMEOUT_S", "BODY_TIMEOUT_S", "KEEPALIVE_TIMEOUT_S"])
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "soon"])
 def test_timeouts_must_be_positive_numbers(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):

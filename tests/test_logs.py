@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -12,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from bridge.config import Settings
-from bridge.logs import configure_logging, log_stream_end
+from bridge.logs import configure_logging, log_stream_end, quiet_grpc_core_logs
 from bridge.types import StreamResult
+from tests.support.processes import ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -96,3 +100,39 @@ def test_stream_end_line_has_ids_and_timings_but_no_text() -> None:
     assert entry["outcome"] == "error" and entry["error_code"] == "upstream_unavailable"
     assert entry["tokens"] == 4 and entry["duration_ms"] == 1234.568 and entry["first_token_ms"] == 88.1
     assert secret not in stream.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("environ", "verbosity"),
+    [
+        ({}, "NONE"),
+        ({"GRPC_VERBOSITY": " "}, "NONE"),
+        ({"GRPC_VERBOSITY": "error"}, "error"),  # the operator's choice is kept
+        ({"GRPC_TRACE": "http_keepalive"}, None),  # traces asked for: gRPC's own default shows them
+    ],
+)
+def test_grpc_core_logs_are_off_unless_the_operator_chose(environ: dict[str, str], verbosity: str | None) -> None:
+    quiet_grpc_core_logs(environ)
+    assert environ.get("GRPC_VERBOSITY") == verbosity
+
+
+# Records GRPC_VERBOSITY at the moment grpc is first imported: the C core reads it then, once.
+_AT_GRPC_IMPORT = """
+import os, sys
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "grpc":
+            print(os.environ.get("GRPC_VERBOSITY"))
+        return None
+sys.meta_path.insert(0, Spy())
+import bridge.cli
+"""
+
+
+def test_the_entry_point_sets_the_grpc_log_default_before_grpc_is_imported() -> None:
+    environ = {k: v for k, v in os.environ.items() if k not in ("GRPC_VERBOSITY", "GRPC_TRACE")}
+    done = subprocess.run(
+        [sys.executable, "-c", _AT_GRPC_IMPORT], capture_output=True, text=True, env=environ, cwd=ROOT, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["NONE"]

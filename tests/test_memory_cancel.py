@@ -26,7 +26,7 @@ import sys
 import pytest
 
 from bali_zero.rag.v1 import rag_pb2
-from bridge.stream.session import StreamSession
+from bridge.stream.session import NoHooks, StreamSession
 from bridge.upstream import Upstream
 from tests.conftest import StubFactory
 from tests.support.processes import ROOT, base_env
@@ -99,6 +99,7 @@ async def test_abort_while_the_pump_awaits_a_read_cancels_the_call_not_the_task(
         call = upstream.chat_stream(rag_pb2.StreamChatRequest(query="a b c", request_id=how))
         session = StreamSession(stream_id="s", request_id=how, owner="o", policy=NO_RESUME)
         session.start(call)
+        session.announce(NoHooks())
         while session.last_seq < 2:  # metadata and the first token: the pump now awaits a read
             await session.changed()
         assert session._pump is not None

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from bridge.config import Settings
+from bridge.http_protocol import WIRE_ALLOWANCE_BYTES
 from bridge.sse import Event, Parser
 from tests.conftest import BridgeFactory, StubFactory
 from tests.support.nginx import (
@@ -180,6 +181,35 @@ def test_template_has_the_streaming_directives() -> None:
     ]:
         assert re.search(rf"^\s*proxy_set_header {re.escape(header)} {re.escape(variable)};", conf, re.MULTILINE)
     assert not re.search(r"^\s*(ip_hash|hash|sticky)\b", conf, re.MULTILINE), "no stickiness: resume is the bridge's"
+
+
+def _bytes(value: str) -> int:
+    match = re.fullmatch(r"(\d+)([km])?", value)
+    assert match, value
+    return int(match.group(1)) * {None: 1, "k": 1024, "m": 1024 * 1024}[match.group(2)]
+
+
+def test_template_bounds_request_heads_at_the_edge() -> None:
+    """nginx bounds a head's time and size itself, with the bridge's own limits: each directive once
+    (a second one, e.g. from a merge, would also fail ``nginx -t``)."""
+    conf = _without_comments(TEMPLATE.read_text(encoding="utf-8"))
+    settings = Settings()
+    assert _seconds(_directive(conf, "client_header_timeout")) == settings.header_timeout_s
+    count, size = _directive(conf, "large_client_header_buffers").split()
+    line_bytes = _bytes(size)
+    # A GET whose URL fills MAX_HEADER_BYTES is served by the bridge: its request line fits here too.
+    assert line_bytes >= settings.max_header_bytes + len(b"OPTIONS  HTTP/1.1\r\n")
+    # And no line is longer than the most the bridge reads of a head.
+    assert line_bytes <= settings.max_header_bytes + WIRE_ALLOWANCE_BYTES
+    assert int(count) <= 4
+
+
+def test_template_bounds_request_bodies_and_buffers_them_before_the_bridge() -> None:
+    """A trickled body must stop at nginx: it reads whole bodies before forwarding them (request
+    buffering is never turned off) and gives up on a silent client no later than the bridge would."""
+    conf = _without_comments(TEMPLATE.read_text(encoding="utf-8"))
+    assert _seconds(_directive(conf, "client_body_timeout")) <= Settings().body_timeout_s
+    assert not re.search(r"^\s*proxy_request_buffering\s+off;", conf, re.MULTILINE)
 
 
 # -- delivery through nginx ---------------------------------------------------------------------
@@ -344,6 +374,25 @@ async def test_x_forwarded_for_from_nginx_is_the_rate_limit_key(
         assert await ask("203.0.113.7") == 200
         assert await ask("203.0.113.7") == 429
         assert await ask("203.0.113.8") == 200, "a different client behind nginx has its own limit"
+
+
+def test_20kib_header_the_bridge_accepts_passes_nginx_and_a_40kib_one_is_refused_at_the_edge(
+    bridge_factory: BridgeFactory, nginx_factory: NginxFactory
+) -> None:
+    """nginx's default ``large_client_header_buffers`` (4 8k) answered 400 to a header the bridge
+    accepts (a large cookie or token); the template's lets through what the bridge accepts, leaves a
+    head over MAX_HEADER_BYTES to the bridge's JSON 431, and refuses a longer line itself."""
+    bridge = bridge_factory(**PROXIED)
+    nginx = nginx_factory(bridge.url, bridge.url)
+    kib = 1024
+    with httpx.Client(base_url=nginx.url, timeout=10) as client:
+        assert client.get("/healthz", headers={"X-Big": "b" * (20 * kib)}).status_code == 200
+        over_the_bridge = client.get("/healthz", headers={"X-A": "a" * (20 * kib), "X-B": "b" * (20 * kib)})
+        assert over_the_bridge.status_code == 431
+        assert over_the_bridge.json()["error"]["code"] == "HEADERS_TOO_LARGE"
+        over_the_edge = client.get("/healthz", headers={"X-Big": "b" * (40 * kib)})
+        assert over_the_edge.status_code == 400
+        assert "application/json" not in over_the_edge.headers.get("content-type", ""), "nginx's own page"
 
 
 # -- across instances ---------------------------------------------------------------------------

@@ -34,8 +34,9 @@ from pydantic import SecretStr
 
 from bridge.sse import Parser
 from tests.conftest import BridgeFactory, StubFactory, require_binary
+from tests.support.audit import exported
 from tests.support.otlp_trace import TraceReceiver
-from tests.support.processes import ROOT, Bridge, Stub, audit_cli
+from tests.support.processes import ROOT, Bridge, Stub
 from tests.test_observability_e2e import (
     bridge_stream_end,
     has_stream_trio,
@@ -337,11 +338,8 @@ def test_identity_comes_from_the_bearer_token(
     )
     assert native.status_code == 200
     bridge.stop()  # the lifespan flushes the audit queue
-    exported = audit_cli(db, "export")
-    assert exported.returncode == 0, exported.stderr
     records: dict[str, dict[str, dict[str, Any]]] = {}
-    for line in exported.stdout.splitlines():
-        record = json.loads(line)
+    for record in exported(db):
         records.setdefault(record["request_id"], {})[record["event_type"]] = record
     assert set(records[ids["openai-stream"]]) == set(records[ids["native"]]) == {"stream_started", "stream_completed"}
     assert set(records[ids["openai-whole"]]) == {"chat"}

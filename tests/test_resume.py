@@ -61,6 +61,8 @@ async def test_grace_expired_gives_stream_expired_and_cancels_upstream(
     )
     assert late.status == 200
     assert "content-length" not in late.headers  # an event stream, like every other
+    for name in ("content-type", "cache-control", "x-accel-buffering", "x-heartbeat-interval"):
+        assert late.headers.get(name) == first.headers[name], name  # the same event-stream headers
     assert late.frames == [
         {"type": "error", "code": "STREAM_EXPIRED", "message": late.frames[0]["message"], "retryable": False}
     ]

@@ -17,6 +17,7 @@ import httpx
 import pytest
 import redis.asyncio
 
+from bridge.sse import Parser
 from tests.conftest import BridgeFactory, StubFactory
 from tests.support.processes import Bridge, Stub
 from tests.support.redis import redis_factory, redis_server  # noqa: F401  (fixtures)
@@ -101,6 +102,53 @@ async def test_reconnect_to_other_instance_continues_exactly(
     counter = "bridge_resume_store_frames_written_total"
     written = [line for line in owner_scrape.splitlines() if line.startswith(counter)]
     assert written and float(written[0].split()[-1]) >= 202  # metadata, 200 tokens, done
+
+
+async def first_frame_id(client: httpx.AsyncClient, query: str) -> str:
+    """Open a stream, read its first frame (the metadata) and hang up: that frame's event id."""
+    async with client.stream("GET", STREAM_PATH, params={"query": query}) as response:
+        parser = Parser()
+        async for chunk in response.aiter_raw():
+            for event in parser.feed(chunk):
+                if event.type == "message":
+                    return event.last_event_id
+    raise AssertionError("the stream ended before its first frame")
+
+
+async def test_resume_on_other_instance_right_after_the_first_frame_is_never_expired(
+    stub_factory: StubFactory,
+    bridge_factory: BridgeFactory,
+    redis_server: str,  # noqa: F811
+) -> None:
+    """A client reads a new stream's first frame on A, drops, and resumes on B at once, 200 times.
+
+    Stored only by the first flush of the owner's mirror, off the token path, the stream's meta
+    record could still be missing when such a resume reached B, which then answered the final,
+    non-retryable STREAM_EXPIRED for a live stream.
+    """
+    stub = stub_factory("--mode", "echo", "--echo-delimiter", ",", "--first-token-delay-ms", "50")
+    a, b = pair(bridge_factory, stub, redis_server, RATE_LIMIT="100000/minute", MAX_STREAMS_PER_USER="50")
+    words = ["f0", "f1", "f2"]
+    query = ",".join(words)
+
+    async def one(on_a: httpx.AsyncClient, on_b: httpx.AsyncClient) -> dict[str, object]:
+        resumed = await on_b.get(
+            STREAM_PATH, params={"query": query}, headers={"Last-Event-ID": await first_frame_id(on_a, query)}
+        )
+        frames: list[dict[str, object]] = [
+            json.loads(e.data) for e in Parser().feed(resumed.content) if e.type == "message"
+        ]
+        assert [f.get("text") for f in frames[:-1]] == words or frames[-1]["type"] == "error", frames
+        return frames[-1]
+
+    async with (
+        httpx.AsyncClient(base_url=a.url, timeout=30) as on_a,
+        httpx.AsyncClient(base_url=b.url, timeout=30) as on_b,
+    ):
+        finals = [await one(on_a, on_b) for _ in range(200)]  # one at a time: each resume at once
+    expired = [f for f in finals if f.get("code") == "STREAM_EXPIRED"]
+    assert not expired, f"{len(expired)} of {len(finals)} live streams answered STREAM_EXPIRED"
+    assert [f["type"] for f in finals] == ["done"] * len(finals), finals
 
 
 async def test_other_user_gets_the_unknown_stream_answer_on_other_instance(
@@ -237,6 +285,27 @@ async def test_store_keys_expire_after_stream_end_and_grace(
     while await store.exists(*keys):
         assert time.monotonic() < deadline, "keys outlived their TTL"
         await asyncio.sleep(0.1)
+
+
+async def test_keys_of_a_stream_that_ends_while_nobody_reads_it_expire_a_window_after_its_end(
+    stub_factory: StubFactory,
+    bridge_factory: BridgeFactory,
+    redis_server: str,  # noqa: F811
+    store: redis.asyncio.Redis,
+) -> None:
+    """The client leaves, the answer then completes upstream: the keys live one window past that
+    end. The owner's mirror still counted the departed reader as reading there, and re-armed the
+    keys as for an attached reader until their ceiling (four windows): Redis kept every abandoned
+    answer four times as long, and the owner's shutdown waited on that holder."""
+    stub = stub_factory("--mode", "echo", "--echo-delimiter", ",", "--token-delay-ms", "5")
+    a, _ = pair(bridge_factory, stub, redis_server, RESUME_GRACE_S="1")
+    first = await open_stream(a.url, params={"query": ",".join(f"e{i}" for i in range(20))}, stop_after_tokens=2)
+    stream_id = first.frames[0]["stream_id"]
+    assert (await stub.ended(first.frames[0]["request_id"]))["outcome"] == "completed"  # nobody reading
+    expiry_set_at_end = await stored_end(store, stream_id)
+    while await store.exists(f"bzb:frames:{stream_id}", f"bzb:meta:{stream_id}"):
+        assert time.monotonic() < expiry_set_at_end + 0.5, "held past its window although nobody reads it"
+        await asyncio.sleep(0.05)
 
 
 async def test_reader_on_other_instance_dropping_late_from_a_finished_answer_can_still_resume(

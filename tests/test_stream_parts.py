@@ -1,10 +1,12 @@
-"""The session's collaborators, in-process: resume rules, audience, first-answer wait, back-pressure."""
+"""The session's collaborators, in-process: resume rules (local and in the shared store's meta
+record), audience, first-answer wait, back-pressure."""
 
 from __future__ import annotations
 
 import asyncio
 
 from bridge.errors import StreamExpired
+from bridge.resume.keys import LOST, StoredStream
 from bridge.stream.answer import FirstAnswer
 from bridge.stream.backpressure import Room
 from bridge.stream.framelog import FrameLog
@@ -44,6 +46,21 @@ def test_an_expired_or_cancelled_stream_is_never_resumed() -> None:
     assert refusal(log_of(3, sent=3), 1, over=False) is None
 
 
+def stored(**fields: bytes) -> StoredStream:
+    record = StoredStream.parse("s", {b"owner": b"o", **{k.encode(): v for k, v in fields.items()}})
+    assert record is not None
+    return record
+
+
+def test_a_stored_stream_is_over_once_its_owner_stored_its_end_but_not_when_mirroring_was_lost() -> None:
+    """A stop of a stream that is over needs no owner to hear it; a stream whose mirror gave up
+    (``LOST``) may still run on its owner, so a stop must still reach the owner."""
+    assert not stored().over
+    assert not stored(last_seq=b"4").over
+    assert all(stored(end=outcome.encode()).over for outcome in ("completed", "cancelled", "error"))
+    assert not stored(end=LOST.encode()).over
+
+
 class Recording(NoHooks):
     def __init__(self) -> None:
         self.calls: list[str] = []
@@ -60,7 +77,8 @@ class Recording(NoHooks):
 
 def test_audience_settles_once_and_then_drops_its_hooks() -> None:
     hooks = Recording()
-    audience = Audience(NullObserver(), hooks)
+    audience = Audience(NullObserver())
+    assert audience.accept(hooks) is True
     audience.settle(RESULT)
     audience.settle(RESULT)
     assert hooks.calls == ["settled"]
@@ -69,8 +87,7 @@ def test_audience_settles_once_and_then_drops_its_hooks() -> None:
 
 async def test_a_stream_being_opened_reports_its_first_token_only_once_accepted() -> None:
     hooks = Recording()
-    audience = Audience(NullObserver(), NoHooks())
-    audience.open(announce=False)
+    audience = Audience(NullObserver())
     audience.first_token_measured(0.01)
     await asyncio.sleep(0)  # let the scheduled report run: it must hold back
     assert audience.accept(hooks) is True
@@ -79,21 +96,9 @@ async def test_a_stream_being_opened_reports_its_first_token_only_once_accepted(
     assert audience.accept(hooks) is False
 
 
-async def test_the_first_answer_wait_ends_at_the_first_frame() -> None:
+async def test_the_first_answer_wait_ends_when_released() -> None:
     answer = FirstAnswer()
     waiting = asyncio.ensure_future(answer.wait(30.0))
-    await asyncio.sleep(0)
-    answer.frame_added()
-    await asyncio.wait_for(waiting, 5.0)
-
-
-async def test_a_wait_past_the_first_frames_ends_only_when_released() -> None:
-    """A new stream's request task sleeps through the frames its pump writes (up to the first
-    token); a frame waking it put its bookkeeping between the metadata frame and the token."""
-    answer = FirstAnswer()
-    waiting = asyncio.ensure_future(answer.wait(30.0, on_frame=False))
-    await asyncio.sleep(0)
-    answer.frame_added()
     await asyncio.sleep(0)
     assert not waiting.done()
     answer.release()
@@ -102,7 +107,7 @@ async def test_a_wait_past_the_first_frames_ends_only_when_released() -> None:
 
 async def test_the_first_answer_wait_ends_at_its_timer_without_a_wake() -> None:
     answer = FirstAnswer()
-    await asyncio.wait_for(answer.wait(0.01, on_frame=False), 5.0)  # a timer that never fired would fail here
+    await asyncio.wait_for(answer.wait(0.01), 5.0)  # a timer that never fired would fail here
     answer.release()  # after the wait: nothing pending, nothing to resolve
     assert answer.refused is None
 

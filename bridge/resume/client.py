@@ -214,6 +214,43 @@ class ResumeStore:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
 
+    # -- owner side ------------------------------------------------------------------------------
+
+    @property
+    def down(self) -> bool:
+        """The last call failed and none has succeeded since (an outage is under way)."""
+        return self._down
+
+    async def claim(self, stream_id: str, owner: str, request_id: str, opening_s: float) -> bool:
+        """Store a new stream's meta record; True once Redis holds it.
+
+        Awaited before the stream's id leaves this instance (bridge.stream.opener): written only by
+        the first flush of the stream's mirror, off the token path, the record was not there yet
+        when a client that had read the first frame resumed on another instance at once, and that
+        instance answered the final, non-retryable STREAM_EXPIRED for a live stream. The TTL covers
+        the open (``opening_s``, the longest the response head may wait) plus the running TTL; the
+        mirror refreshes it from then on. A failure is counted and answered False: the stream then
+        runs under single-instance rules until the mirror reaches Redis.
+        """
+        key = meta_key(stream_id)
+        record = {"owner": owner, "instance": self.instance, "request_id": request_id}
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hset(key, mapping=record)
+            pipe.pexpire(key, int((self.timings.ttl_s + opening_s) * 1000))
+            await self.call(pipe.execute())
+        except STORE_ERRORS as exc:
+            self.failed("write", exc)
+            return False
+        self.succeeded()
+        return True
+
+    async def unclaim(self, stream_id: str) -> None:
+        """Forget the meta record of a stream whose open was refused or interrupted (best effort:
+        its id never reached a client, and the record expires by itself anyway)."""
+        with contextlib.suppress(*STORE_ERRORS):
+            await self.call(self.client.delete(meta_key(stream_id)))
+
     # -- reader side -----------------------------------------------------------------------------
 
     async def lookup(self, stream_id: str) -> StoredStream | None:
@@ -271,6 +308,11 @@ class ResumeStore:
         meta = await self.lookup(stream_id)
         if meta is None or meta.owner != owner_tag(identity_key):
             return False
+        if meta.over:
+            # Over already (completed, ended by its owner's shutdown, stopped, expired): there is
+            # nothing left to stop. Published, such a stop found no receiver once the owner had
+            # exited, and the caller got a retryable 503 for a stream that had stopped.
+            return True
         try:
             pipe = self.client.pipeline(transaction=False)
             pipe.delete(reader_key(stream_id))

@@ -10,7 +10,7 @@
     registry.py   the sessions this instance owns
     source.py     the interfaces between them (``FrameSource``, ``FrameSink``) and ``Notifier``
     hooks.py      who hears of a stream: observer and the opener's hooks, told in order (``Audience``)
-    answer.py     the opener's wait for the first frame or a refusal (``FirstAnswer``)
+    answer.py     the opener's wait for the first answer or a refusal (``FirstAnswer``)
     backpressure.py  the pump waits while the reader is a window behind (``Room``)
     resumption.py whether a Last-Event-ID reconnect is served here, from the store, or refused
     ids.py        stream and event ids;  timing.py  token timing;  policy.py  the per-stream limits

@@ -49,18 +49,13 @@ class Audience:
 
     __slots__ = ("_first_token_s", "_settled", "announced", "hooks", "observer")
 
-    def __init__(self, observer: StreamObserver, hooks: StreamHooks) -> None:
+    def __init__(self, observer: StreamObserver) -> None:
+        """A stream being opened: unheard of until ``accept``."""
         self.observer = observer
-        self.hooks = hooks
-        self.announced = True
+        self.hooks: StreamHooks = NoHooks()
+        self.announced = False
         self._first_token_s: float | None = None  # measured, not yet reported
         self._settled = False
-
-    def open(self, *, announce: bool) -> None:
-        """The stream starts; with ``announce=False`` it is being opened and stays unheard of."""
-        self.announced = announce
-        if announce:
-            self.observer.stream_opened()
 
     def accept(self, hooks: StreamHooks) -> bool:
         """The opener accepted the stream: tell the observer. False if it was already announced."""

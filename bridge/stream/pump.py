@@ -41,7 +41,8 @@ class PumpTarget(Protocol):
 
     @property
     def handover(self) -> Callable[[], Awaitable[None]] | None:
-        """Set while the reader's writer is parked: the pump writes the new frames itself, now."""
+        """Set while a new stream opens: the pump awaits it after each frame it appends (the
+        response writes the frame in the turn its message arrived)."""
         ...
 
     async def make_room(self) -> bool:
@@ -149,7 +150,7 @@ class UpstreamPump:
                 finish_reason = target.on_message(message)
                 handover = target.handover
                 if handover is not None:
-                    await handover()  # the frame leaves in the turn its message arrived
+                    await handover()
                 if finish_reason is None and target.needs_room() and not await target.make_room():
                     raise asyncio.CancelledError  # nobody is reading and the replay buffer is full
             if finish_reason is not None:

@@ -7,9 +7,9 @@ be continued by a reconnect carrying ``Last-Event-ID``, while with no grace wind
 cancels the gRPC call at once.
 
 Invariants, each preventing a known failure:
-- only the pump appends frames and one write is under way at a time (the writer's, or the
-  pump's handover of the first token while the writer is parked: see ``park``), so a heartbeat
-  can never land inside another frame's bytes;
+- only the pump appends frames and one write is under way at a time (the pump's while a new
+  stream opens, see ``park``, then the response's writer's), so a heartbeat can never land
+  inside another frame's bytes;
 - the pump waits while ``window_frames`` frames are unsent, so a reader that stops reading stops
   the pump, the gRPC receive window fills and the RAG server pauses (no unbounded buffer here);
 - every session ends with exactly one ``done`` or ``error`` frame, or is cancelled because no
@@ -62,7 +62,6 @@ class StreamSession:
         owner: str,
         policy: StreamPolicy,
         observer: StreamObserver | None = None,
-        hooks: StreamHooks | None = None,
         trace_id: str | None = None,
         sink: FrameSink | None = None,
         started: float | None = None,
@@ -76,7 +75,7 @@ class StreamSession:
         self.owner = owner
         self.policy = policy
         self.trace_id = trace_id
-        self.audience = Audience(observer or NullObserver(), hooks or NoHooks())
+        self.audience = Audience(observer or NullObserver())
         self.sink = sink
         self.log = FrameLog(
             keep_sent=policy.resume_grace_s > 0, max_frames=policy.buffer_frames, max_bytes=policy.buffer_bytes
@@ -92,6 +91,7 @@ class StreamSession:
         self._pump: UpstreamPump | None = None
         self._answer = FirstAnswer()
         self.handover: Callable[[], Awaitable[None]] | None = None  # see park()
+        self._unreadable_end: BridgeError | None = None  # see refuse_reconnects()
 
     # -- read by the response and the endpoints -------------------------------------------------
 
@@ -122,38 +122,40 @@ class StreamSession:
         return self.clock.tokens > 0
 
     @property
+    def readable(self) -> bool:
+        """A client can still read what this stream produces: its reader is attached here, or its
+        frames reach the shared resume store, where a reconnect to another instance reads them."""
+        return self.lifecycle.attached or (self.sink is not None and self.sink.healthy)
+
+    @property
     def upstream_open(self) -> bool:
         """The pump is still running: reading, or waiting for the status of a completed call."""
         return self._pump is not None and self._pump.running
 
     # -- opening ---------------------------------------------------------------------------------
 
-    def start(self, call: ChatStream, *, announce: bool = True) -> None:
-        """Begin pumping ``call`` into frames.
+    def start(self, call: ChatStream) -> None:
+        """Begin pumping ``call`` into frames; the stream is being opened (bridge.stream.opener).
 
-        ``announce=False``: the stream is being opened (bridge.stream.opener). The pump reads at
-        once, but observers, hooks and the sink hear of the stream only from ``announce``, so a
-        call the RAG service refuses before answering leaves no trace but the refusal.
+        The pump reads at once, but observers, hooks and the sink hear of the stream only from
+        ``announce``, so a call the RAG service refuses before answering leaves no trace but the
+        refusal.
         """
-        self.audience.open(announce=announce)
-        if not announce:
-            # The pump writes the first frames before the stream is announced (see
-            # EventStreamResponse): kept until then, so a sink attached by ``announce`` gets them.
-            self.log.keep_sent_frames(True)
+        # The first frames may be written before the stream is announced (see
+        # EventStreamResponse): kept until then, so a sink attached by ``announce`` gets them.
+        self.log.keep_sent_frames(True)
         self._pump = UpstreamPump(call, self)
         self._pump.start()
 
-    async def answered(self, wait_s: float, *, on_frame: bool = True) -> BridgeError | None:
-        """Wait until the RAG service answers: its first frame, a refusal, or ``wait_s`` elapsed.
-
-        ``on_frame=False``: a frame does not end the wait; the end of the stream, the timeout or
-        ``release_answer`` (by the response that writes the first frames) do.
+    async def answered(self, wait_s: float) -> BridgeError | None:
+        """Wait until ``release_answer`` (by the response, once the first frames are out), the end
+        of the stream, or ``wait_s`` elapsed.
 
         Returns the refusal (a gRPC status before any frame, answered as an HTTP error), else
         None. See bridge/stream/answer.py for why the status waits on the first message.
         """
-        if self.result is None and (self.log.last_seq == 0 or not on_frame):
-            await self._answer.wait(wait_s, on_frame=on_frame)
+        if self.result is None:
+            await self._answer.wait(wait_s)
         return self.refusal
 
     @property
@@ -238,9 +240,7 @@ class StreamSession:
             self.sink.offer(seq, data, final)
         if final:
             self.finished = True
-            self._answer.release()
         self._changed.notify()
-        self._answer.frame_added()
 
     def _announce_end(self, result: StreamResult) -> None:
         self.audience.ended(result, self.sink)
@@ -255,6 +255,13 @@ class StreamSession:
         """Stop the upstream call now; with ``error`` the reader gets it as the final frame."""
         if self._pump is not None:
             self._pump.abort(error)
+
+    def refuse_reconnects(self, error: BridgeError) -> None:
+        """This instance takes no reconnect any more (it drains): once no client can read the
+        stream (``readable``), end it with ``error`` instead of keeping it for a resume window."""
+        self._unreadable_end = error
+        if not self.finished and not self.readable:
+            self.abort(error)
 
     def stop(self) -> None:
         """An explicit stop (DELETE): cancel upstream, and tell a reader still attached why.
@@ -306,13 +313,16 @@ class StreamSession:
         if not self.lifecycle.detach(generation):
             return
         self._room.freed()
+        self._reader_left()
         if self.finished:
             self._settle()
-            self._reader_left_ended()
             if not self.log.has_unsent:
                 return
         if self.policy.resume_grace_s <= 0:
             self.abort()
+            return
+        if self._unreadable_end is not None and not self.readable:
+            self.abort(self._unreadable_end)  # no reconnect can reach it: no window to wait out
             return
         self.lifecycle.start_grace(self)
 
@@ -320,11 +330,16 @@ class StreamSession:
         """The reader of ``generation`` wrote the final frame and closed normally."""
         if self.lifecycle.release(generation):
             self._settle()
-            self._reader_left_ended()
+            self._reader_left()
 
-    def _reader_left_ended(self) -> None:
-        """The reader of the ended stream left: the sink holds its frames a window from now too, as
-        the registry does here, so the client's reconnect may land on any instance."""
+    def _reader_left(self) -> None:
+        """The reader here left: the sink holds an ended stream's frames a window from now too, as
+        the registry does here, so the client's reconnect may land on any instance.
+
+        Told while the stream still runs as well: a sink still counting a reader here once the
+        stream ended held its keys for as long as that reader was attached, i.e. up to their
+        ceiling (four windows) after an end nobody was reading.
+        """
         if self.sink is not None:
             self.sink.reader_left()
 
@@ -343,8 +358,8 @@ class StreamSession:
         await self._changed.wait()
 
     def park(self, handover: Callable[[], Awaitable[None]] | None) -> None:
-        """The reader's writer is about to wait in ``changed``; ``handover`` writes for it meanwhile
-        (the pump awaits it after appending a frame: see ``FrameSource.park`` for why)."""
+        """While a new stream opens, the pump awaits ``handover`` right after each frame it
+        appends (see EventStreamResponse); None ends that."""
         self.handover = handover
 
     def wake(self) -> None:

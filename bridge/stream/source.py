@@ -8,7 +8,6 @@ store's ``FrameMirror``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from bridge.errors import BridgeError
@@ -86,19 +85,6 @@ class FrameSource(Protocol):
 
     def wake(self) -> None: ...
 
-    def park(self, handover: Callable[[], Awaitable[None]] | None) -> None:
-        """The writer waits in ``changed``; a producer may write new frames with ``handover``.
-
-        The pump awaits ``handover`` right after appending a frame, so that frame goes to the
-        socket in the turn its message arrived, instead of one event-loop hop later when the
-        writer task wakes (the hop cost ~0.25 ms on the first token: gRPC's poller thread takes
-        the GIL in between). The writer offers it while a new stream opens (the status line and
-        every frame up to the first token) and for the first token: later frames keep the
-        writer's coalescing and send timeout. ``None`` withdraws the offer, so only one write is
-        ever in flight.
-        """
-        ...
-
 
 class FrameSink(Protocol):
     """Where a session mirrors its frames for readers on other instances (bridge.resume.mirror).
@@ -127,8 +113,8 @@ class FrameSink(Protocol):
         ...
 
     def reader_left(self) -> None:
-        """This instance's reader of the ended stream left: hold the stored frames a resume
-        window from now (bounded; never awaited)."""
+        """This instance's reader left: once the stream ended, hold the stored frames a resume
+        window from now (bounded; never awaited); before that, only note that nobody reads here."""
         ...
 
     async def reader_hold_s(self) -> float:

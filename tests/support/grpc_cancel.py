@@ -34,7 +34,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from bali_zero.rag.v1 import rag_pb2, rag_pb2_grpc
 from bridge.stream.policy import StreamPolicy
-from bridge.stream.session import StreamSession
+from bridge.stream.session import NoHooks, StreamSession
 from bridge.telemetry import StreamTracing, client_interceptors_for
 from bridge.upstream import Upstream
 from bzb_shared.fit import least_squares_slope
@@ -91,6 +91,7 @@ def session_abort(upstream: Upstream) -> Callable[[Any], Awaitable[None]]:
     async def one(_stub: Any) -> None:
         session = StreamSession(stream_id="s", request_id="r", owner="o", policy=POLICY)
         session.start(upstream.chat_stream(request()))
+        session.announce(NoHooks())  # as the opener does once the response accepted the stream
         while session.last_seq < MESSAGES_BEFORE_CANCEL - 1:  # metadata + tokens appended
             await session.changed()
         session.abort()

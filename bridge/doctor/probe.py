@@ -1,7 +1,7 @@
 """``bali-zero-bridge doctor URL``: what the network path to a bridge does to Server-Sent Events.
 
 Run it where the clients are (or as close as you can get); it reads the bridge's diagnostic
-stream (bridge/diagnostics.py) through whatever proxies sit in between and names each problem
+stream (bridge/doctor/stream.py) through whatever proxies sit in between and names each problem
 with its fix:
 
 * buffering: ten frames sent 100 ms apart must arrive apart, not in one batch;
@@ -21,7 +21,7 @@ The doctor is pointed at URLs and proxies its user does not control, so it treat
 hostile. Each request (connect, TLS handshake, head and body) ends within ``--timeout-s`` (the
 idle stream within its silence + ``--timeout-s``) however slowly the server trickles, the
 whole run within ``--max-idle-s`` + four times ``--timeout-s`` (usually HEARTBEAT_INTERVAL_S + 5 s);
-bodies are read through the byte caps of bridge/doctor_limits.py, never whole; redirects are
+bodies are read through the byte caps of bridge/doctor/limits.py, never whole; redirects are
 reported, not followed (one would send ``--token`` and the checks to a host the user did not
 name); and server text reaches the terminal only escaped onto one line.
 """
@@ -44,8 +44,7 @@ from typing import Any
 import httpx
 
 from bridge import sse
-from bridge.diagnostics import FRAME_INTERVAL_S, FRAMES
-from bridge.doctor_checks import (
+from bridge.doctor.checks import (
     Report,
     StreamRead,
     check_alpn,
@@ -58,7 +57,7 @@ from bridge.doctor_checks import (
     check_plain_http,
     idle_plan,
 )
-from bridge.doctor_limits import (
+from bridge.doctor.limits import (
     ACCEPT_ENCODING,
     ERROR_BODY_BYTES,
     ERROR_BODY_S,
@@ -68,15 +67,13 @@ from bridge.doctor_limits import (
     decoder_for,
     printable,
 )
+from bridge.doctor.stream import FRAME_INTERVAL_S, FRAMES
+from bridge.errors import DoctorError
 
 DIAGNOSTIC_PATH = "/api/v2/bali-zero/chat-stream/diagnostic"
 STREAM_PATH = "/api/v2/bali-zero/chat-stream"
 REQUEST_TIMEOUT_S = 10.0
 MAX_TIMEOUT_S = 120.0
-
-
-class DoctorError(Exception):
-    """The check itself could not run (exit 2): the message says what to look at."""
 
 
 def _diagnostic_url(base: str) -> str:
@@ -102,7 +99,7 @@ class _Seen:
 
 class Doctor:
     """The runner: reads the diagnostic stream (and preflight, TLS), each request within its
-    deadline, and hands what it saw to the checks in bridge/doctor_checks.py."""
+    deadline, and hands what it saw to the checks in bridge/doctor/checks.py."""
 
     def __init__(
         self,

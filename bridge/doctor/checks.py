@@ -1,6 +1,6 @@
 """The verdicts of ``bali-zero-bridge doctor``: what it saw → ``PROBLEM`` lines with their fixes.
 
-Pure functions over what the runner (bridge/doctor.py) read from the network, kept apart from the
+Pure functions over what the runner (bridge/doctor/probe.py) read from the network, kept apart from the
 HTTP and TLS probing so each check can be read, changed and tested without a server, and so the
 runner alone decides what is fetched and within which time budget (no check can start a request
 that outlives the run's deadline).

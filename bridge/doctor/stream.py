@@ -87,15 +87,12 @@ class DiagnosticStream(Response):
         self.last_event_id = last_event_id
         self.heartbeat_interval_s = heartbeat_interval_s
         self.send_timeout_s = send_timeout_s
-        self.extra_headers = headers
+        self.raw_headers = sse.response_headers(heartbeat_interval_s, headers)
         self.on_end = on_end
-
-    def _raw_headers(self) -> list[tuple[bytes, bytes]]:
-        return sse.response_headers(self.heartbeat_interval_s, self.extra_headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self._raw_headers()})
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             writer = asyncio.ensure_future(self._write(send))
             watcher = asyncio.ensure_future(_disconnected(receive))
             try:

@@ -1,7 +1,7 @@
 """What bounds the bytes and the text ``bali-zero-bridge doctor`` takes from a server.
 
 The doctor runs against URLs its user does not control, through proxies nobody audited: every
-byte, header value and error body it reads may be hostile. The runner (bridge/doctor.py) bounds
+byte, header value and error body it reads may be hostile. The runner (bridge/doctor/probe.py) bounds
 time; this module bounds the rest:
 
 * a body is decoded (``Content-Encoding``) with a ceiling on the output, so a compressed bomb
