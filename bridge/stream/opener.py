@@ -53,6 +53,8 @@ class StreamOpener:
 
     def __init__(self, state: BridgeState) -> None:
         self.state = state
+        # A face without resume: no grace window, so a disconnect cancels upstream at once.
+        self._no_resume_policy = dataclasses.replace(state.policy, resume_grace_s=0)
 
     async def open(
         self,
@@ -106,7 +108,7 @@ class StreamOpener:
             stream_id=stream_id,
             request_id=request_id,
             owner=identity.key,
-            policy=state.policy if face.resumable else dataclasses.replace(state.policy, resume_grace_s=0),
+            policy=state.policy if face.resumable else self._no_resume_policy,
             observer=state.observer,
             trace_id=trace_id_of(span),
             started=started,
