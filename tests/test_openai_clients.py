@@ -28,6 +28,7 @@ import httpx
 import jwt
 import openai
 import pytest
+import redis.asyncio
 from langchain_core.messages import AIMessageChunk
 from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
@@ -37,6 +38,7 @@ from tests.conftest import BridgeFactory, StubFactory, require_binary
 from tests.support.audit import exported
 from tests.support.otlp_trace import TraceReceiver
 from tests.support.processes import ROOT, Bridge, Stub
+from tests.support.redis import redis_factory, redis_server  # noqa: F401  (fixtures)
 from tests.test_observability_e2e import (
     bridge_stream_end,
     has_stream_trio,
@@ -47,6 +49,7 @@ from tests.test_observability_e2e import (
     stop_all,
     stream_trace,
 )
+from tests.test_resume_redis import pair
 
 MODEL = "bali-zero"
 QUESTION = "What is the B211A visa?"
@@ -493,6 +496,34 @@ def test_resuming_an_openai_stream_on_the_native_route_gets_the_unknown_id_answe
         frame = json.loads(events[0].data)
         assert frame.get("type") == "error" and frame.get("code") == "STREAM_EXPIRED", frame
         assert next(chunks).choices[0].delta.content  # the SDK's reader kept its stream
+
+
+@pytest.mark.redis
+async def test_resuming_an_openai_stream_on_another_instance_gets_the_unknown_id_answer(
+    stub_factory: StubFactory,
+    bridge_factory: BridgeFactory,
+    redis_server: str,  # noqa: F811
+) -> None:
+    """With a shared resume store, an OpenAI stream is neither claimed nor mirrored: another
+    instance has nothing to serve for its id (which would hand its frames to whoever names it)."""
+    stub = stub_factory("--mode", "echo", "--token-delay-ms", "200", "--repeat", "20")
+    owner, other = pair(bridge_factory, stub, redis_server)
+    client = async_sdk(owner)
+    store = redis.asyncio.Redis.from_url(redis_server)
+    try:
+        stream = await client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+        chunks = stream.__aiter__()
+        stream_id = extension(await chunks.__anext__())["stream_id"]
+        assert (await chunks.__anext__()).choices[0].delta.content
+        assert not await store.exists(f"bzb:meta:{stream_id}")  # a claim is stored before any frame leaves
+        async with httpx.AsyncClient(base_url=other.url, timeout=10) as native:
+            resumed = await native.get("/api/v2/bali-zero/chat-stream", headers={"last-event-id": f"{stream_id}:2"})
+        (frame,) = [json.loads(e.data) for e in Parser().feed(resumed.content)]
+        assert frame["type"] == "error" and frame["code"] == "STREAM_EXPIRED", frame
+        await stream.close()
+    finally:
+        await client.close()
+        await store.aclose()
 
 
 # -- LangChain and node ---------------------------------------------------------------------------
