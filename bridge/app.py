@@ -18,11 +18,12 @@ from starlette.routing import Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
+from bridge import openai_compat
 from bridge.apidocs import docs_routes, openapi_endpoint
 from bridge.audit.http import admin_audit_endpoint
 from bridge.config import Settings
 from bridge.endpoints import Endpoints
-from bridge.errors import BridgeError, MethodNotAllowed, NotFound, error_response
+from bridge.errors import BridgeError, MethodNotAllowed, NotFound
 from bridge.middleware import HeaderSizeLimit, with_security_headers
 from bridge.resume.client import ResumeStore
 from bridge.state import BridgeState
@@ -83,19 +84,20 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
 
     async def bridge_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, BridgeError)
-        return error_response(exc)
+        return openai_compat.error_renderer(request.scope["path"])(exc, None)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
+        respond = openai_compat.error_renderer(request.scope["path"])
         if exc.status_code == 404:
-            return error_response(NotFound("no such endpoint"))
+            return respond(NotFound("no such endpoint"), None)
         if exc.status_code == 405:  # keeps Starlette's Allow header, which RFC 9110 requires
-            return error_response(MethodNotAllowed("method not allowed for this endpoint"), exc.headers)
-        return error_response(BridgeError(str(exc.detail), code="HTTP_ERROR", status=exc.status_code))
+            return respond(MethodNotAllowed("method not allowed for this endpoint"), exc.headers)
+        return respond(BridgeError(str(exc.detail), code="HTTP_ERROR", status=exc.status_code), None)
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s", request.url.path)
-        return error_response(BridgeError("internal error", code="INTERNAL"))
+        return openai_compat.error_renderer(request.scope["path"])(BridgeError("internal error", code="INTERNAL"), None)
 
     routes = [
         _without_head(Route("/api/v2/bali-zero/chat-stream", endpoints.chat_stream, methods=["GET", "POST"])),
@@ -104,6 +106,9 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
         Route("/api/v2/bali-zero/chat-stream/{stream_id}", endpoints.cancel_stream, methods=["DELETE"]),
         Route("/api/v2/bali-zero/chat-stream/{stream_id}/cancel", endpoints.cancel_stream, methods=["POST"]),
         Route("/api/v2/bali-zero/chat", endpoints.chat, methods=["POST"]),
+        # The OpenAI-compatible face of the same gate and stream (bridge/openai_compat.py).
+        Route(openai_compat.CHAT_COMPLETIONS_PATH, endpoints.openai_chat_completions, methods=["POST"]),
+        _without_head(Route(openai_compat.MODELS_PATH, endpoints.openai_models, methods=["GET"])),
         Route("/api/v2/bali-zero/stream-stats", endpoints.stream_stats, methods=["GET"]),
         Route("/metrics", endpoints.metrics, methods=["GET"]),
         _without_head(

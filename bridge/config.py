@@ -24,6 +24,8 @@ T = TypeVar("T")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# An id a client may send as ``model`` and the bridge echoes in every chunk.
+_MODEL_ID = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
 _RATE_RE = re.compile(r"^\s*(\d+)\s*(?:/|per)\s*(\d+)?\s*(second|minute|hour|day)s?\s*$", re.IGNORECASE)
 
 
@@ -95,6 +97,14 @@ class Settings:
         100.0,
         "sticky share of callers (hash of the identity key: token user, proxy id or IP) that get streaming, 0-100",
         check=_within(0, 100),
+    )
+    openai_models: tuple[str, ...] = setting(
+        ("bali-zero",),
+        "comma list of the model ids `GET /v1/models` lists and `POST /v1/chat/completions` accepts "
+        "(every one is the same RAG service)",
+        parse=lambda raw: _csv(raw),
+        shape=lambda value: None if _MODEL_ID.fullmatch(value) else "a model id is 1-64 of A-Z a-z 0-9 . _ : -",
+        default_text="`bali-zero`",
     )
     heartbeat_interval_s: float = setting(30.0, "seconds of silence before a heartbeat frame", check=_above(0))
     resume_grace_s: float = setting(
@@ -320,6 +330,8 @@ class Settings:
                         yield f"{name}={shown}: {problem}"
         if sum(bool(x) for x in (self.jwt_secret, self.jwt_public_key_file, self.jwt_jwks_url)) > 1:
             yield "set only one of JWT_SECRET, JWT_PUBLIC_KEY_FILE, JWT_JWKS_URL"
+        if not self.openai_models:
+            yield "OPENAI_MODELS must name at least one model id"
         if self.auth_required and not self.jwt_configured:
             yield "AUTH_REQUIRED=true needs one of JWT_SECRET, JWT_PUBLIC_KEY_FILE, JWT_JWKS_URL"
         if self.jwt_public_key_file and not Path(self.jwt_public_key_file).is_file():

@@ -3,15 +3,18 @@
 Before a stream starts an error is an HTTP status with a JSON body
 ``{"error": {"code", "message"}}``; after it started it is an ``error`` SSE frame with
 ``code``, ``message`` and ``retryable``. Both come from the same ``BridgeError`` so a code means
-the same thing on either path. No error class carries a success status: an error that is only
-ever sent as a frame (``StreamExpired``) still has the status it would have over plain HTTP.
+the same thing on either path. The OpenAI-compatible API (bridge/openai_compat.py) renders the
+same errors in the shape OpenAI clients parse, ``{"error": {"message", "type", "code", "param"}}``
+(``openai_body``), over HTTP and mid-stream alike: one tree, two renderings. No error class
+carries a success status: an error that is only ever sent as a frame (``StreamExpired``) still
+has the status it would have over plain HTTP.
 
     BridgeError                    answered as JSON (HTTP) or as an ``error`` frame (mid-stream)
-    ├── BadRequest            400 INVALID_REQUEST / INVALID_JSON / QUERY_TOO_LONG / ...
+    ├── BadRequest            400 INVALID_REQUEST / INVALID_JSON / QUERY_TOO_LONG / UNSUPPORTED_PARAMETER / ...
     ├── ClientDisconnected    400 CLIENT_DISCONNECTED: the client left mid-body (never answered)
     ├── Unauthorized          401 UNAUTHORIZED
     ├── Forbidden             403 FORBIDDEN
-    ├── NotFound              404 NOT_FOUND / STREAMING_DISABLED / STREAM_NOT_FOUND
+    ├── NotFound              404 NOT_FOUND / STREAMING_DISABLED / STREAM_NOT_FOUND / MODEL_NOT_FOUND
     ├── MethodNotAllowed      405 METHOD_NOT_ALLOWED
     ├── RequestHeadTimeout    408 HEADER_TIMEOUT (written by the connection, bridge/server/protocol.py)
     ├── RequestBodyTimeout    408 BODY_TIMEOUT (likewise)
@@ -102,12 +105,15 @@ class BridgeError(Exception):
         retryable: bool = False,
         retry_after_s: float | None = None,
         status: int | None = None,
+        param: str | None = None,
     ) -> None:
+        """``param``: the request parameter at fault, when one is (the OpenAI rendering names it)."""
         super().__init__(message)
         self.message = message
         self.code = code or self.default_code
         self.retryable = retryable
         self.retry_after_s = retry_after_s
+        self.param = param
         if status is not None:
             self.status = status
 
@@ -119,10 +125,36 @@ class BridgeError(Exception):
         """The data of an ``error`` SSE frame."""
         return {"type": "error", "code": self.code, "message": self.message, "retryable": self.retryable}
 
+    def openai_body(self) -> dict[str, Any]:
+        """The error as OpenAI clients parse it: the body of an HTTP error of the OpenAI-compatible
+        API, and the data of its mid-stream error event. ``code`` is the bridge's own code."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": openai_error_type(self.status),
+                "code": self.code,
+                "param": self.param,
+            }
+        }
+
     def headers(self) -> dict[str, str]:
         if self.retry_after_s is None:
             return {}
         return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+# An HTTP status -> the ``type`` of an OpenAI error body; any other 4xx is "invalid_request_error",
+# any 5xx "server_error". The OpenAI SDKs pick their exception class by the status, not by this.
+OPENAI_ERROR_TYPES: dict[int, str] = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+
+
+def openai_error_type(status: int) -> str:
+    return OPENAI_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
 class BadRequest(BridgeError):

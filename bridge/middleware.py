@@ -16,7 +16,8 @@ from __future__ import annotations
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bridge.errors import RequestHeadTooLarge, error_response
+from bridge.errors import RequestHeadTooLarge
+from bridge.openai_compat import error_renderer
 
 
 class HeaderSizeLimit:
@@ -37,7 +38,7 @@ class HeaderSizeLimit:
             size += len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
             if size > self.max_bytes:
                 error = RequestHeadTooLarge(f"request headers and URL must total at most {self.max_bytes} bytes")
-                await error_response(error)(scope, receive, send)
+                await error_renderer(scope["path"])(error, None)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 

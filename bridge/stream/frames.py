@@ -1,7 +1,8 @@
 """Upstream messages and stream ends as SSE frames, with this stream's event ids.
 
-Every byte a stream sends is made here (through the pure encoders of ``bridge.sse``), so the
-shape of a ``metadata``, ``token``, ``done`` or ``error`` frame has one home.
+Every byte a native stream sends is made here (through the pure encoders of ``bridge.sse``), so
+the shape of a ``metadata``, ``token``, ``done`` or ``error`` frame has one home. A session takes
+any ``StreamEncoder``: the OpenAI-compatible face's chunks are made in bridge/openai_compat.py.
 
 The ids are issued and parsed here too: a stream id, and an event id ``"<stream_id>:<seq>"`` per
 frame, which is what a reconnect's ``Last-Event-ID`` names (``resume_point``).
@@ -13,7 +14,7 @@ import math
 import re
 import secrets
 import sys
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 from bali_zero.rag.v1 import rag_pb2
 from bridge import sse
@@ -70,10 +71,31 @@ def heartbeat_frame(event_id: str) -> bytes:
     return sse.frame(event_id, '{"type":"heartbeat"}', event="heartbeat")
 
 
+class StreamEncoder(Protocol):
+    """The bytes of one stream's frames, in the format of the face that opened it.
+
+    Each message is encoded once, in the turn it arrives; ``seq`` is the frame's position in the
+    stream (the native face writes it into the event id, a face without resume ignores it). The
+    ``done`` or ``error`` frame is the last one the stream sends.
+    """
+
+    resumable: ClassVar[bool]
+    """Whether a reader may continue the stream with ``Last-Event-ID`` (and its frames are mirrored)."""
+
+    def token(self, seq: int, index: int, token: rag_pb2.Token) -> bytes: ...
+
+    def metadata(self, seq: int, meta: rag_pb2.Metadata) -> bytes: ...
+
+    def done(self, seq: int, result: StreamResult) -> bytes: ...
+
+    def error(self, seq: int, error: BridgeError) -> bytes: ...
+
+
 class FrameEncoder:
     """The frames of one stream; ``seq`` is the number after the ``<stream_id>:`` of the event id."""
 
     __slots__ = ("_prefix", "request_id", "stream_id")
+    resumable: ClassVar[bool] = True
 
     def __init__(self, stream_id: str, request_id: str) -> None:
         self.stream_id = stream_id

@@ -10,11 +10,17 @@ learns a stream id another instance could not yet find. The response settles the
 session announced to its hooks, observers and the resume store's mirror. A refused or interrupted
 open gives the slot back, ends the span, leaves the registry and forgets the meta record; an
 opened stream gives them back through its hooks when it ends.
+
+Every face of the API opens its streams here (``face``, bridge/stream/face.py): the native event
+stream and the OpenAI-compatible one get the same caps, span, audit, session and drain, and differ
+only in the bytes of their frames. A face without resume gets no grace window and no mirror: its
+client cannot come back with ``Last-Event-ID``, so a disconnect cancels upstream at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
@@ -27,6 +33,7 @@ from bridge.inputs import ChatInput
 from bridge.logs import log_stream_end
 from bridge.resume.keys import owner_tag
 from bridge.resume.mirror import FrameMirror
+from bridge.stream.face import NATIVE, StreamFace
 from bridge.stream.frames import new_stream_id
 from bridge.stream.session import StreamSession
 from bridge.streamcap import Lease
@@ -45,6 +52,8 @@ class StreamOpener:
 
     def __init__(self, state: BridgeState) -> None:
         self.state = state
+        # A face without resume: no grace window, so a disconnect cancels upstream at once.
+        self._no_resume_policy = dataclasses.replace(state.policy, resume_grace_s=0)
 
     async def open(
         self,
@@ -56,6 +65,7 @@ class StreamOpener:
         method: str,
         path: str,
         respond: Callable[[StreamSession, OpenStream], R],
+        face: StreamFace = NATIVE,
     ) -> R:
         """The response of a started stream (``respond(session, pending)``), or raises the
         ``BridgeError`` to answer instead (429 and the like).
@@ -92,14 +102,16 @@ class StreamOpener:
             )
             telemetry.end_stream_span(span, interrupted)
             raise
+        stream_id = new_stream_id()
         session = StreamSession(
-            stream_id=new_stream_id(),
+            stream_id=stream_id,
             request_id=request_id,
             owner=identity.key,
-            policy=state.policy,
+            policy=state.policy if face.resumable else self._no_resume_policy,
             observer=state.observer,
             trace_id=trace_id_of(span),
             started=started,
+            encoder=face.encoder(stream_id, request_id),
         )
         session.start(call)
         # Known from now on (a DELETE right after the first frame must find it); forgotten
@@ -149,9 +161,9 @@ class OpenStream:
         reaches Redis.
         """
         store = self.state.resume_store
-        if store is None or store.down:
-            return
         session = self.session
+        if store is None or store.down or not session.resumable:  # a face without resume: nothing to claim
+            return
         try:
             await store.claim(session.stream_id, owner_tag(self.identity.key), session.request_id, self.accept_wait_s)
         except BaseException:  # the request task was cancelled (server shutdown, client gone)
@@ -186,7 +198,7 @@ class OpenStream:
         store = state.resume_store
         sink = (
             None
-            if store is None
+            if store is None or not session.resumable
             else FrameMirror(store, session.stream_id, session.request_id, owner_tag(identity.key))
         )
         session.announce(self, sink)
@@ -203,7 +215,7 @@ class OpenStream:
     def _close(self, code: str) -> StreamResult:
         state, session = self.state, self.session
         state.registry.discard(session)
-        if state.resume_store is not None:  # its id never reached a client: nothing may resume it
+        if state.resume_store is not None and session.resumable:  # its id never reached a client: nothing may resume it
             state.resume_store.spawn(state.resume_store.unclaim(session.stream_id))
         self.lease.release()
         elapsed = round((time.monotonic() - session.clock.started) * 1000, 3)

@@ -32,8 +32,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from bridge import sse
-from bridge.errors import BridgeError, ClientGone, error_response
-from bridge.stream.frames import heartbeat_frame
+from bridge.errors import BridgeError, ClientGone
+from bridge.stream.face import NATIVE, StreamFace
 from bridge.stream.source import FrameSource
 
 log = logging.getLogger("bridge.stream")
@@ -89,12 +89,15 @@ class EventStreamResponse(Response):
         headers: dict[str, str] | None = None,
         connections: ConnectionGauge | None = None,
         opening: Opening | None = None,
+        face: StreamFace = NATIVE,
     ) -> None:
         """``headers``: the admission's headers (rate limits), also on an HTTP error answering a
-        refusal; ``opening``: a new stream's open, settled by this response."""
+        refusal; ``opening``: a new stream's open, settled by this response; ``face``: the format
+        of its heartbeats and of a refusal's HTTP answer (bridge/stream/face.py)."""
         self.session = session
         self.after_seq = after_seq
         self.opening = opening
+        self.face = face
         self.connections = connections
         self.extra_headers = headers or {}
         self.status_code = 200
@@ -179,7 +182,7 @@ class EventStreamResponse(Response):
                 self._handoff = None
         if refusal is not None:  # a status before any frame: the pump wrote nothing
             opening.refused(refusal)
-            await error_response(refusal, self.extra_headers)(scope, receive, send)
+            await self.face.error_response(refusal, self.extra_headers)(scope, receive, send)
             return False
         opening.accepted()
         return True
@@ -247,7 +250,7 @@ class EventStreamResponse(Response):
                     return
                 if self._heartbeat_due:
                     self._heartbeat_due = False
-                    await self._send(send, heartbeat_frame(f"{session.stream_id}:{session.sent_seq}"))
+                    await self._send(send, self.face.heartbeat(session.stream_id, session.sent_seq))
                     continue
                 await session.changed()
 

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from bridge.errors import BadRequest, BridgeError, StreamExpired, UpstreamError
-from bridge.stream.frames import FrameEncoder, finish_reason
+from bridge.stream.frames import FrameEncoder, StreamEncoder, finish_reason
 from bridge.stream.pump import UpstreamPump
 from bridge.stream.replay import FrameLog, Resume, plan_resume, refusal
 from bridge.stream.source import FrameSink, Notifier, StreamPolicy
@@ -59,8 +59,11 @@ class StreamSession:
         trace_id: str | None = None,
         sink: FrameSink | None = None,
         started: float | None = None,
+        encoder: StreamEncoder | None = None,
     ) -> None:
-        """``started``: the monotonic time the stream's latencies count from (default: now)."""
+        """``started``: the monotonic time the stream's latencies count from (default: now);
+        ``encoder``: the bytes of its frames (default: the native ``FrameEncoder``; see
+        bridge/stream/face.py)."""
         self.stream_id = stream_id
         self.request_id = request_id
         self.owner = owner
@@ -71,7 +74,7 @@ class StreamSession:
         self.log = FrameLog(
             keep_sent=policy.resume_grace_s > 0, max_frames=policy.buffer_frames, max_bytes=policy.buffer_bytes
         )
-        self.encoder = FrameEncoder(stream_id, request_id)
+        self.encoder: StreamEncoder = encoder or FrameEncoder(stream_id, request_id)
         self.clock = TokenClock(self.audience.observer, started)
         self.lifecycle = Lifecycle(policy.resume_grace_s)
         self.finished = False
@@ -102,6 +105,11 @@ class StreamSession:
     def reader_left_at(self) -> float | None:
         """``time.monotonic()`` when the last reader left; None while one reads."""
         return self.lifecycle.left_at
+
+    @property
+    def resumable(self) -> bool:
+        """A reconnect with ``Last-Event-ID`` may continue it (not a stream of the OpenAI face)."""
+        return self.encoder.resumable
 
     @property
     def token_sent(self) -> bool:

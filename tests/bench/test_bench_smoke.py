@@ -145,3 +145,47 @@ def test_timeline_finds_every_probe_of_the_bridge(tmp_path: Path) -> None:
     steps = bridge["steps"]
     after_first = next(i for i, step in enumerate(steps) if step["start"] == "first_message")
     assert sum(step["hops"] for step in steps[after_first:]) <= 1, steps[after_first:]
+
+
+@pytest.mark.timeout(120)
+def test_ab_compares_the_two_routes_of_one_bridge() -> None:
+    """``bench.ab --routes``: the native and the OpenAI-compatible route of one bridge, and direct gRPC."""
+    proc = run_module("bench.ab", "--routes", "--rounds", "1", timeout=110)
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines() if "first token ms p50" in line}
+    assert set(rows) == {"native", "native-post", "openai", "direct"}
+    for row in rows.values():
+        assert "(n=100)" in row
+    assert "openai      median added" in proc.stdout and "below native-post in" in proc.stdout
+
+
+def test_loadgen_reads_the_openai_stream_as_the_native_frames_it_stands_for() -> None:
+    """The load generator's splitter over the bridge's own chunk encoder, cut at every byte."""
+    from bali_zero.rag.v1 import rag_pb2
+    from bench.loadgen import OpenAIEvents
+    from bridge.errors import ServiceUnavailable
+    from bridge.openai_compat import KEEP_ALIVE, ChatCompletionChunks
+    from bridge.types import StreamResult
+
+    chunks = ChatCompletionChunks("s1", "r1", "bali-zero", include_usage=True)
+    answer = (
+        chunks.metadata(1, rag_pb2.Metadata(model="echo"))
+        + chunks.token(2, 0, rag_pb2.Token(text="tok "))
+        + KEEP_ALIVE
+        + chunks.token(3, 1, rag_pb2.Token(text='"delta":{"content":'))
+        + chunks.done(4, StreamResult("s1", "r1", "completed", 2, 1.0, 0.5, None, "stop"))
+    )
+    for cut in range(len(answer)):
+        events = OpenAIEvents()
+        tokens, told = events.feed(answer[:cut])
+        more, told_more = events.feed(answer[cut:])
+        assert tokens + more == 2, cut
+        kinds = [
+            json.loads(payload)["type"] if event == "message" and payload != b"{}" else event
+            for event, payload in told + told_more
+        ]
+        assert [k for k in kinds if k != "message"] == ["metadata", "heartbeat", "done"], (cut, kinds)
+    without_metadata = ChatCompletionChunks("s2", "r2", "bali-zero", include_usage=False)
+    tokens, told = OpenAIEvents().feed(
+        without_metadata.token(1, 0, rag_pb2.Token(text="a")) + without_metadata.error(2, ServiceUnavailable("x"))
+    )
+    assert tokens == 1 and [json.loads(p)["type"] for _, p in told] == ["error"]

@@ -12,8 +12,10 @@ test bridge's own address. (A browser snippet written as a classic script with a
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,18 @@ from tests.support.processes import ROOT, Bridge
 
 DOCUMENTED_ADDRESS = "127.0.0.1:8000"
 MARKER = re.compile(r"^<!-- snippet: (\S+) -->$", re.MULTILINE)
-TESTED_SNIPPETS = frozenset({"curl", "curl-output", "curl-text", "curl-chat", "browser-client"})
+TESTED_SNIPPETS = frozenset(
+    {
+        "curl",
+        "curl-output",
+        "curl-text",
+        "curl-chat",
+        "browser-client",
+        "openai-python",
+        "openai-js",
+        "openai-langchain",
+    }
+)
 """Every snippet name the tests below run; the docs must mark exactly these."""
 
 
@@ -147,6 +160,51 @@ def test_curl_text_one_liner_prints_only_the_answer(rag_bridge: Bridge) -> None:
 def test_curl_chat_returns_the_whole_answer(rag_bridge: Bridge) -> None:
     reply = json.loads(run_shell_snippet("curl-chat", rag_bridge))
     assert reply["sources"] and reply["finish_reason"] == "stop" and "[1]" in reply["answer"]
+
+
+def run_snippet(name: str, bridge: Bridge, argv: list[str]) -> str:
+    """Run snippet ``name`` with ``argv + [code]`` from the repository root (where node finds
+    node_modules), the documented address replaced by the bridge's; its standard output."""
+    code = snippet(name)
+    assert DOCUMENTED_ADDRESS in code
+    done = subprocess.run(
+        [*argv, code.replace(DOCUMENTED_ADDRESS, bridge.url.removeprefix("http://"))],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def assert_answer_with_sources(printed: str) -> None:
+    """The sources first (one ``[title](uri)`` line each), then the answer's text with its citations."""
+    source_lines = re.findall(r"^\[[^\]\n]+\]\(corpus://[^)\s]+\)$", printed, re.MULTILINE)
+    assert source_lines and source_lines[0] == "[B211A visit visa](corpus://bali-zero/b211a-visit-visa)", printed
+    answer = printed.split(source_lines[-1] + "\n", 1)[1]
+    assert answer.startswith("The B211A is a single-entry visit visa") and "[1]" in answer, printed
+
+
+@pytest.mark.parametrize("name", ["openai-python", "openai-langchain"])
+def test_openai_python_snippets_stream_an_answer_with_its_sources(name: str, rag_bridge: Bridge) -> None:
+    assert_answer_with_sources(run_snippet(name, rag_bridge, [sys.executable, "-c"]))
+
+
+def test_the_openai_sdk_snippets_are_five_lines() -> None:
+    for name in ("openai-python", "openai-js"):
+        assert len([line for line in snippet(name).splitlines() if line.strip()]) == 5, name
+
+
+def test_openai_js_snippet_streams_an_answer_with_its_sources(rag_bridge: Bridge) -> None:
+    require_binary("node", "nodejs")
+    if not (ROOT / "node_modules" / "openai").is_dir():
+        message = "node_modules/openai is missing (make test runs npm ci)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    assert_answer_with_sources(run_snippet("openai-js", rag_bridge, ["node", "--input-type=module", "-e"]))
 
 
 @pytest.fixture(scope="module")

@@ -205,6 +205,35 @@ def test_error_schema_accepts_every_bridge_error(document: dict[str, Any]) -> No
     assert not error.is_valid({"detail": "Not Found"})
 
 
+def test_openai_schemas_accept_what_the_face_makes(document: dict[str, Any]) -> None:
+    from bali_zero.rag.v1 import rag_pb2
+    from bridge import errors, openai_compat, sse
+    from bridge.types import StreamResult
+
+    chunks = openai_compat.ChatCompletionChunks("s1", "r1", "bali-zero", include_usage=True)
+    meta = rag_pb2.Metadata(model="m", sources=[rag_pb2.Source(title="t", uri="u", score=0.5)])
+    raw = (
+        chunks.metadata(1, meta)
+        + chunks.token(2, 0, rag_pb2.Token(text="\r\n\x00é"))
+        + chunks.done(3, StreamResult("s1", "r1", "completed", 1, 2.0, 1.0, None, "length"))
+        + chunks.error(4, errors.ServiceUnavailable("down", code="SHUTTING_DOWN"))
+    )
+    event, chunk, error = (validator(document, n) for n in ("OpenAIServerSentEvent", "OpenAIChunk", "OpenAIError"))
+    datas = [e.data for e in sse.Parser().feed(raw)]
+    assert datas[-2] == "[DONE]"
+    for data in datas:
+        event.validate({"data": data})
+        if data != "[DONE]":
+            (error if "error" in json.loads(data) else chunk).validate(json.loads(data))
+    reply = rag_pb2.ChatResponse(answer="a", metadata=meta, completion=rag_pb2.Completion(token_count=1))
+    validator(document, "OpenAIChatCompletion").validate(openai_compat.completion_body(reply, "bali-zero", "r1"))
+    validator(document, "OpenAIModelList").validate(openai_compat.models_body(("bali-zero", "other")))
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.BridgeError)]
+    for cls in classes:
+        error.validate(cls("message", param="n").openai_body())
+    assert not error.is_valid({"error": {"code": "X", "message": "m"}})
+
+
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.text())
 def test_token_frames_of_any_text_match_the_schema(document: dict[str, Any], text: str) -> None:
