@@ -243,6 +243,9 @@ class EventStreamResponse(Response):
         first, if the pump did not send it)."""
         session = self.session
         async with self._writing:  # a write of the pump's, held by flow control, ends first
+            # The status line goes out even when a newer reader took over before this one wrote
+            # anything: an ASGI response that ends unstarted is answered 500 by the server.
+            await self._start(send)
             while session.generation == generation:
                 if await self._write_held(send, generation):
                     continue
@@ -257,9 +260,7 @@ class EventStreamResponse(Response):
     async def _write_held(self, send: Send, generation: int) -> bool:
         """The status line if not yet out, then the frames not yet written in one write; False
         when there were none."""
-        if not self._started:
-            self._started = True
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await self._start(send)
         session = self.session
         body, last = session.take()
         if not body:
@@ -267,6 +268,12 @@ class EventStreamResponse(Response):
         await self._send(send, body)
         session.acknowledge(last, generation)
         return True
+
+    async def _start(self, send: Send) -> None:
+        """The status line, once per response."""
+        if not self._started:
+            self._started = True
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
 
     async def _send(self, send: Send, body: bytes) -> None:
         loop = asyncio.get_running_loop()

@@ -377,7 +377,10 @@ async def test_eventsource_reconnect_cadence_is_never_rate_limited(
         return "GET", f"{STREAM_PATH}?query=x", {"Last-Event-ID": last}
 
     result = await flood(bridge.url, len(resumes), reconnect, concurrency=8)
-    assert result.statuses == {200: len(resumes) // 2, 204: len(resumes) - len(resumes) // 2}, result
+    # Served, every one: a replay (200) or "you have it all" (204). Which of the two a reconnect at
+    # the final frame gets depends on the concurrent replays of the same stream, so only the sum
+    # is fixed; a reader superseded before its first write still answers (never a 500).
+    assert set(result.statuses) <= {200, 204} and result.statuses.total() == len(resumes), result
     async with httpx.AsyncClient(base_url=bridge.url, timeout=30) as client:
         for event_ids in ids:
             stream_id = event_ids[0].rsplit(":", 1)[0]
