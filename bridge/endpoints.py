@@ -4,6 +4,7 @@ policy lives in the modules they call (gate, inputs, stream.opener, stream.sessi
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from opentelemetry.context import Context
 from starlette.requests import Request
@@ -21,12 +22,14 @@ from bridge.resume.client import ResumeStore
 from bridge.resume.remote import NothingLeft, open_remote
 from bridge.rollout import in_rollout
 from bridge.state import BridgeState
+from bridge.stats import merge_snapshots
 from bridge.stream.frames import sources
 from bridge.stream.ids import resume_point
 from bridge.stream.opener import StreamOpener
 from bridge.stream.response import ErrorFrameResponse, EventStreamResponse
 from bridge.stream.session import Resume
 from bridge.telemetry import Telemetry
+from bridge.workers.peers import gather as gather_peers
 
 
 class Endpoints:
@@ -141,7 +144,7 @@ class Endpoints:
         except BridgeError as exc:
             return error_response(exc)
         try:
-            lease = state.caps.acquire(admission.identity.key)  # counts against MAX_STREAMS_PER_USER
+            lease = await state.caps.take(admission.identity.key)  # counts against MAX_STREAMS_PER_USER
         except BridgeError as exc:
             return error_response(exc, admission.headers)
         return DiagnosticStream(
@@ -230,9 +233,18 @@ class Endpoints:
         return Response(body, headers={"content-type": content_type})
 
     async def stream_stats(self, request: Request) -> Response:
-        snapshot = self.state.stats.snapshot()
-        snapshot["sessions_held"] = len(self.state.registry)
-        snapshot["open_connections_by_cap"] = self.state.caps.open_total
+        """The whole server's stats: with several workers, every worker's figures merged."""
+        state = self.state
+        own = worker_stats(state)
+        role = state.role
+        parts = [own]
+        if role.count > 1 and role.peers_dir is not None:
+            parts = await gather_peers(role.peers_dir, role.slot, role.count, own)
+        snapshot = merge_snapshots(state.settings.stats_window_s, parts)
+        snapshot["sessions_held"] = sum(part["sessions_held"] for part in parts)
+        snapshot["open_connections_by_cap"] = sum(part["open_connections_by_cap"] for part in parts)
+        if role.count > 1:
+            snapshot["workers"] = {"count": role.count, "reporting": len(parts)}
         return JSONResponse(snapshot)
 
     # -- health ----------------------------------------------------------------------------------
@@ -247,6 +259,16 @@ class Endpoints:
         if upstream is None or not await upstream.serving():
             return JSONResponse({"status": "unavailable", "upstream": "not serving"}, status_code=503)
         return JSONResponse({"status": "ready", "upstream": "serving"})
+
+
+def worker_stats(state: BridgeState) -> dict[str, Any]:
+    """This worker's part of the stats endpoint (``StreamStats.export`` plus its held sessions and
+    open streams), what it answers its peers."""
+    return {
+        **state.stats.export(),
+        "sessions_held": len(state.registry),
+        "open_connections_by_cap": state.caps.open_total,
+    }
 
 
 def _expired_stream(stream_id: str, after_seq: int, error: BridgeError | None = None) -> Response:

@@ -21,13 +21,15 @@ from bridge.metrics import BridgeMetrics
 from bridge.ratelimit import RateLimiter
 from bridge.request_ids import request_ids
 from bridge.resume.client import ResumeStore
+from bridge.sharedcaps import caps_for
 from bridge.stats import FanOut, StreamStats
 from bridge.stream.policy import StreamPolicy
 from bridge.stream.registry import SessionRegistry
-from bridge.streamcap import StreamCaps
+from bridge.streamcap import Caps
 from bridge.telemetry import Telemetry
 from bridge.types import Identity
 from bridge.upstream import Upstream
+from bridge.workers.role import WorkerRole
 
 log = logging.getLogger("bridge")
 
@@ -36,7 +38,7 @@ log = logging.getLogger("bridge")
 class BridgeState:
     settings: Settings
     gate: Gate
-    caps: StreamCaps
+    caps: Caps
     policy: StreamPolicy
     limits: Limits
     telemetry: Telemetry
@@ -45,6 +47,7 @@ class BridgeState:
     observer: FanOut
     audit: AuditTrail
     refusals: RefusalLedger
+    role: WorkerRole = field(default_factory=WorkerRole)
     registry: SessionRegistry = field(default_factory=SessionRegistry)
     upstream: Upstream | None = None  # opened in the lifespan (a channel is bound to its loop)
     resume_store: ResumeStore | None = None  # likewise; None without RESUME_STORE or a grace window
@@ -52,10 +55,15 @@ class BridgeState:
     _grace_cut: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
-    def from_settings(cls, settings: Settings, telemetry: Telemetry | None = None) -> BridgeState:
-        metrics = BridgeMetrics()
+    def from_settings(
+        cls, settings: Settings, telemetry: Telemetry | None = None, role: WorkerRole | None = None
+    ) -> BridgeState:
+        role = role or WorkerRole()
+        metrics = BridgeMetrics(multiprocess_dir=role.metrics_dir)
         stats = StreamStats(settings.stats_window_s)
-        audit = AuditTrail.from_settings(settings, on_drop=lambda reason, count: metrics.audit_dropped(count))
+        audit = AuditTrail.from_settings(
+            settings, on_drop=lambda reason, count: metrics.audit_dropped(count), retention=role.primary
+        )
         refusals = RefusalLedger(audit, settings.audit_refusal_window_s)
 
         def limiter(reason: str, rate: tuple[int, int] | None = None, key_space: str = "") -> RateLimiter:
@@ -87,7 +95,8 @@ class BridgeState:
         return cls(
             settings=settings,
             gate=gate,
-            caps=StreamCaps(settings.max_streams_per_user, settings.max_streams_total),
+            caps=caps_for(settings, role.server_id, on_storage_error=lambda exc: metrics.rate_limit_storage_failed()),
+            role=role,
             telemetry=telemetry or Telemetry.from_settings(settings),
             metrics=metrics,
             stats=stats,
