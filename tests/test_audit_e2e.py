@@ -39,7 +39,9 @@ from bridge.types import Identity
 from tests.conftest import StubFactory
 from tests.support.processes import ROOT, Bridge, Stub, base_env
 from tests.support.processes import audit_cli as cli
+from tests.support.redis import redis_factory, redis_server  # noqa: F401  (fixtures)
 from tests.support.sse_client import STREAM_PATH, open_stream
+from tests.support.workers import two_workers
 
 JWT_SECRET = "audit-e2e-secret-" + "x" * 32
 UNLIMITED = "100000/minute"
@@ -302,15 +304,18 @@ def assert_absent(needles: Mapping[str, str], directory: Path, outputs: Mapping[
 # -- SIGTERM with 200 streams in flight ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
 async def test_sigterm_during_200_streams_loses_no_audit_record(
-    stub_factory: StubFactory, start_bridge: BridgeStarter, tmp_path: Path
+    stub_factory: StubFactory, start_bridge: BridgeStarter, tmp_path: Path, request: pytest.FixtureRequest, workers: int
 ) -> None:
+    """Two workers write one chain: every record of both is there, and the chain verifies."""
     n = 200
     db = tmp_path / "audit.sqlite3"
     stub = stub_factory("--mode", "echo", "--token-delay-ms", "100", "--repeat", "100")
-    bridge = start_bridge(
-        stub, db, RATE_LIMIT=UNLIMITED, MAX_STREAMS_PER_USER="1000", MAX_STREAMS_TOTAL="1000", SHUTDOWN_GRACE_S="0.5"
-    )
+    env = {"MAX_STREAMS_PER_USER": "1000", "MAX_STREAMS_TOTAL": "1000", "SHUTDOWN_GRACE_S": "0.5"}
+    if workers > 1:
+        env = two_workers(request.getfixturevalue("redis_server"), **env)
+    bridge = start_bridge(stub, db, RATE_LIMIT=UNLIMITED, **env)
     mid_flight = 0
     all_mid_flight = asyncio.Event()
     request_ids: list[str] = []
