@@ -54,7 +54,7 @@ def test_two_workers_without_redis_are_refused_with_one_line(tmp_path: Path) -> 
     assert not (tmp_path / "audit.sqlite3").exists(), "nothing is created before the refusal"
 
 
-async def test_rate_limit_is_one_budget_across_workers(
+async def test_client_spreading_requests_over_workers_gets_one_rate_limit(
     stub_factory: StubFactory,
     bridge_factory: BridgeFactory,
     redis_server: str,  # noqa: F811
@@ -66,7 +66,7 @@ async def test_rate_limit_is_one_budget_across_workers(
     assert all(0 < int(r.headers["retry-after"]) <= 60 for r in answers[3:])
 
 
-async def test_stream_cap_is_one_budget_per_user_across_workers(
+async def test_user_spreading_streams_over_workers_gets_one_stream_cap(
     stub_factory: StubFactory,
     bridge_factory: BridgeFactory,
     redis_server: str,  # noqa: F811
