@@ -24,7 +24,6 @@ import { Counter, Rate, Trend } from 'k6/metrics';
 const BASE_URL = __ENV.BASE_URL || 'http://127.0.0.1:8000';
 const JWT_SECRET = __ENV.JWT_SECRET || '';
 const PROFILE = __ENV.PROFILE || 'long';
-const QUERY_WORDS = parseInt(__ENV.QUERY_WORDS || '20', 10);
 const STREAM_PATH = '/api/v2/bali-zero/chat-stream';
 const CHAT_PATH = '/api/v2/bali-zero/chat';
 const STATS_PATH = '/api/v2/bali-zero/stream-stats';
@@ -32,14 +31,17 @@ const RATE_LIMIT_PER_MINUTE = 20;
 // One request per this many seconds keeps a VU under its own rate limit (20/min).
 const USER_PERIOD_S = 60 / RATE_LIMIT_PER_MINUTE + 0.1;
 
+// rate: new streams per second in each of the GET and POST scenarios at the plateau; words: tokens
+// per answer with the echo stub (at its 20 ms pacing, 100 words is a 2 s answer).
 const PROFILES = {
-  short: { rate: 3, rampS: 4, holdS: 6, vus: 40, burst: 25, disconnects: 6 },
-  long: { rate: 12, rampS: 30, holdS: 90, vus: 300, burst: 25, disconnects: 60 },
+  short: { rate: 3, rampS: 4, holdS: 6, vus: 40, words: 20, burst: 25, disconnects: 6 },
+  long: { rate: 25, rampS: 30, holdS: 90, vus: 400, words: 100, burst: 25, disconnects: 60 },
 };
 const P = PROFILES[PROFILE];
 if (!P) {
   throw new Error(`PROFILE must be one of ${Object.keys(PROFILES).join(', ')}`);
 }
+const QUERY_WORDS = parseInt(__ENV.QUERY_WORDS || String(P.words), 10);
 
 const streamErrors = new Rate('stream_errors');
 const serverErrors = new Rate('server_errors');
