@@ -214,7 +214,11 @@ class SharedStreamCaps:
         self._open.pop(lease.member, None)
         if self._client is None:
             return
-        task = asyncio.get_running_loop().create_task(self._give_back(lease))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (the process is ending): the lease expires within its TTL
+            return
+        task = loop.create_task(self._give_back(lease))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
