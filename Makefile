@@ -9,7 +9,7 @@ BUF := node_modules/.bin/buf
 SYSTEM_TEST_DEPS := chromium=chromium redis-server=redis-server nginx=nginx node=nodejs npm=npm curl=curl ip=iproute2 tc=iproute2
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: run test lint docs proto bench fuzz soak loadtest clean system-deps constraints
+.PHONY: run test lint docs proto bench bench-workers fuzz soak loadtest clean system-deps constraints
 
 $(INSTALLED): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "error: Python 3.11+ needed ($(PYTHON))" >&2; exit 1; }
@@ -56,6 +56,11 @@ proto: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(BIN)/python -m bench.run
+
+# Paced streams held within the targets at 1 and 2 workers, interleaved (bench/workers.py).
+bench-workers: $(INSTALLED)
+	@scripts/system-deps.sh redis-server=redis-server
+	$(BIN)/python -m bench.workers
 
 fuzz: $(INSTALLED)
 	FUZZ_EXAMPLES=5000 $(BIN)/pytest tests/test_fuzz.py tests/test_sse_properties.py -q

@@ -11,13 +11,17 @@ status: non-zero when a threshold (the deployment guide's targets) was missed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import psutil
 
 from bench.procs import RedisProc, StubProc, free_port, start_bridge
 from bzb_shared.childproc import ROOT
@@ -65,12 +69,39 @@ def main(argv: list[str] | None = None) -> int:
                 if args.summary is not None:
                     command[2:2] = ["--summary-export", str(args.summary)]
                 env = {**os.environ, "BASE_URL": bridge.url, "JWT_SECRET": secret, "PROFILE": args.profile}
-                return subprocess.run(command, env=env, cwd=ROOT, check=False).returncode
+                workers = bridge.ps.children() or [bridge.ps]
+                before = {
+                    "bridge": _cpu(workers),
+                    "stub": _cpu([stub.ps]),
+                    "redis": _cpu([redis_ps := psutil.Process(redis.proc.pid)]),
+                }
+                started = time.monotonic()
+                k6_run = subprocess.Popen(command, env=env, cwd=ROOT)
+                k6_ps = psutil.Process(k6_run.pid)
+                k6_cpu = 0.0
+                while k6_run.poll() is None:
+                    with contextlib.suppress(psutil.Error):
+                        k6_cpu = _cpu([k6_ps])
+                    time.sleep(0.5)  # sampling k6's CPU until it exits: no event to await
+                wall = time.monotonic() - started
+                used = {
+                    "bridge": _cpu(workers) - before["bridge"],
+                    "stub": _cpu([stub.ps]) - before["stub"],
+                    "redis": _cpu([redis_ps]) - before["redis"],
+                    "k6": k6_cpu,
+                }
+                shares = ", ".join(f"{name} {seconds / wall:.2f}" for name, seconds in used.items())
+                print(f"CPU (cores, mean over {wall:.0f} s): {shares}; {len(workers)} worker(s)", flush=True)
+                return k6_run.returncode
             finally:
                 bridge.stop(60)
         finally:
             stub.stop()
             redis.stop()
+
+
+def _cpu(processes: list[psutil.Process]) -> float:
+    return sum(float(p.cpu_times().user + p.cpu_times().system) for p in processes)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ const USER_PERIOD_S = 60 / RATE_LIMIT_PER_MINUTE + 0.1;
 // per answer with the echo stub (at its 20 ms pacing, 100 words is a 2 s answer).
 const PROFILES = {
   short: { rate: 3, rampS: 4, holdS: 6, vus: 40, words: 20, burst: 25, disconnects: 6 },
-  long: { rate: 25, rampS: 30, holdS: 90, vus: 400, words: 100, burst: 25, disconnects: 60 },
+  long: { rate: 12, rampS: 30, holdS: 90, vus: 200, words: 100, burst: 25, disconnects: 60 },
 };
 const P = PROFILES[PROFILE];
 if (!P) {
