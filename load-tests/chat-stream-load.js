@@ -12,8 +12,9 @@
 //   burst                      one user asks 25 times at once: past 20 it must get 429 + Retry-After
 //   disconnects                clients that hang up mid-answer (request timeout shorter than the answer)
 // Checks: status 200, an event stream, a `done` frame last, tokens counted (as many as `done` says),
-// no 5xx anywhere. Thresholds: the guide's targets (first token < 100 ms; inter-token < 50 ms),
-// time to first byte, error and check rates; `k6 run` exits non-zero (99) when one is missed.
+// no 5xx anywhere. Thresholds: the guide's targets (first token < 100 ms; inter-token < 50 ms) at
+// p95 (and p99 in the long profile), time to first byte, error and check rates; `k6 run` exits
+// non-zero (99) when one is missed.
 
 import http from 'k6/http';
 import crypto from 'k6/crypto';
@@ -50,8 +51,14 @@ const firstTokenMs = new Trend('first_token_ms', true);
 const interTokenMs = new Trend('inter_token_ms', true);
 const rateLimited = new Counter('rate_limited_with_retry_after');
 const disconnected = new Counter('disconnected_mid_answer');
-const serverFirstTokenP99 = new Trend('server_first_token_p99_ms', true);
-const serverInterTokenP99 = new Trend('server_inter_token_p99_ms', true);
+const serverFirstToken = {
+  p95: new Trend('server_first_token_p95_ms', true),
+  p99: new Trend('server_first_token_p99_ms', true),
+};
+const serverInterToken = {
+  p95: new Trend('server_inter_token_p95_ms', true),
+  p99: new Trend('server_inter_token_p99_ms', true),
+};
 
 function ramp(exec, method) {
   return {
@@ -92,23 +99,36 @@ export const options = {
     },
   },
   // The targets of the deployment guide (ORIGINAL-DESIGN, "Performance Targets"): first token
-  // under 100 ms and inter-token latency under 50 ms, measured here three ways: time to first
-  // byte (the status line leaves with the first frames), the first token each stream's `done`
-  // frame reports, and the whole server's p99s from the stats endpoint at the end.
-  thresholds: {
+  // under 100 ms and inter-token latency under 50 ms, measured three ways: time to first byte (the
+  // status line leaves with the first frames), each stream's own figures from its `done` frame,
+  // and the whole server's from the stats endpoint at the end (every worker's samples). The guide
+  // names no percentile: both profiles hold p95 to the targets; the long one, with enough samples
+  // for a tail, p99 too.
+  thresholds: thresholds(),
+  summaryTrendStats: ['avg', 'min', 'med', 'p(90)', 'p(95)', 'p(99)', 'max'],
+};
+
+function thresholds() {
+  const t = {
     'http_req_waiting{kind:stream}': ['p(95)<100'],
-    first_token_ms: ['p(95)<100', 'p(99)<100'],
-    inter_token_ms: ['p(99)<50'],
-    server_first_token_p99_ms: ['max<100'],
-    server_inter_token_p99_ms: ['max<50'],
+    first_token_ms: ['p(95)<100'],
+    inter_token_ms: ['p(95)<50'],
+    server_first_token_p95_ms: ['max<100'],
+    server_inter_token_p95_ms: ['max<50'],
     stream_errors: ['rate<0.01'],
     server_errors: ['rate==0'],
     checks: ['rate>0.99'],
     rate_limited_with_retry_after: ['count>0'],
     tokens_counted: ['count>0'],
-  },
-  summaryTrendStats: ['avg', 'min', 'med', 'p(90)', 'p(95)', 'p(99)', 'max'],
-};
+  };
+  if (PROFILE === 'long') {
+    t.first_token_ms.push('p(99)<100');
+    t.inter_token_ms.push('p(99)<50');
+    t.server_first_token_p99_ms = ['max<100'];
+    t.server_inter_token_p99_ms = ['max<50'];
+  }
+  return t;
+}
 
 function b64url(text) {
   return encoding.b64encode(text, 'rawurl');
@@ -256,11 +276,13 @@ export function teardown() {
     return;
   }
   const stats = res.json();
-  if (stats.first_token_ms && stats.first_token_ms.p99 !== null) {
-    serverFirstTokenP99.add(stats.first_token_ms.p99);
-  }
-  if (stats.inter_token_ms && stats.inter_token_ms.p99 !== null) {
-    serverInterTokenP99.add(stats.inter_token_ms.p99);
+  for (const q of ['p95', 'p99']) {
+    if (stats.first_token_ms && stats.first_token_ms[q] !== null) {
+      serverFirstToken[q].add(stats.first_token_ms[q]);
+    }
+    if (stats.inter_token_ms && stats.inter_token_ms[q] !== null) {
+      serverInterToken[q].add(stats.inter_token_ms[q]);
+    }
   }
   console.log(`server stats: ${JSON.stringify({ workers: stats.workers, opened: stats.streams_opened, outcomes: stats.outcomes, first_token_ms: stats.first_token_ms, inter_token_ms: stats.inter_token_ms })}`);
 }
