@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests.conftest import BridgeFactory, StubFactory
@@ -177,3 +178,17 @@ async def test_a_worker_stopped_alone_ends_its_streams_with_a_retryable_frame(
         task.cancel()
     await asyncio.gather(*streams, return_exceptions=True)
     assert bridge.proc.poll() is None
+
+
+async def test_workers_of_a_killed_supervisor_drain_and_exit(
+    stub_factory: StubFactory,
+    bridge_factory: BridgeFactory,
+    redis_server: str,  # noqa: F811
+) -> None:
+    """Nobody would stop them otherwise: each sees its control socket close and drains."""
+    stub = stub_factory("--mode", "echo")
+    bridge = bridge_factory(stub, **two_workers(redis_server))
+    workers = [psutil.Process(pid) for pid in worker_pids(bridge)]
+    bridge.kill()
+    _, alive = await asyncio.to_thread(psutil.wait_procs, workers, 30)
+    assert not alive, "the workers outlived their supervisor"
