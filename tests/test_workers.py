@@ -192,3 +192,24 @@ async def test_workers_of_a_killed_supervisor_drain_and_exit(
     bridge.kill()
     _, alive = await asyncio.to_thread(psutil.wait_procs, workers, 30)
     assert not alive, "the workers outlived their supervisor"
+
+
+async def test_the_rollout_gives_a_user_the_same_answer_on_every_worker(
+    stub_factory: StubFactory,
+    bridge_factory: BridgeFactory,
+    redis_server: str,  # noqa: F811
+) -> None:
+    stub = stub_factory("--mode", "echo")
+    bridge = bridge_factory(
+        stub,
+        **two_workers(redis_server, SSE_ROLLOUT_PERCENT="50", TRUSTED_PROXIES="127.0.0.1/32", RATE_LIMIT="1000/minute"),
+    )
+    answers: dict[str, set[int]] = {}
+    for user in range(12):
+        for _ in range(3):  # fresh connections: the kernel picks the worker
+            reply = await asyncio.to_thread(
+                fresh_get, bridge.url, STREAM_PATH, params={"query": "q"}, headers={"x-user-id": f"user-{user}"}
+            )
+            answers.setdefault(f"user-{user}", set()).add(reply.status_code)
+    assert all(len(codes) == 1 for codes in answers.values()), answers
+    assert {code for codes in answers.values() for code in codes} == {200, 404}, "50 %: some in, some out"
