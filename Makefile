@@ -63,11 +63,11 @@ bench-workers: $(INSTALLED)
 	$(BIN)/python -m bench.workers
 
 fuzz: $(INSTALLED)
-	FUZZ_EXAMPLES=5000 $(BIN)/pytest tests/test_fuzz.py tests/test_sse_properties.py -q
+	FUZZ_EXAMPLES=5000 $(BIN)/pytest tests/e2e/test_fuzz.py tests/unit/test_sse_properties.py -q
 
 # `make loadtest`: the deployment guide's `k6 run load-tests/chat-stream-load.js` (long profile)
 # against the stub, Redis and a bridge of LOADTEST_WORKERS workers; k6's summary goes to
-# bench/results/k6-summary.json. The short profile runs in `make test` (tests/test_loadtest.py).
+# bench/results/k6-summary.json. The short profile runs in `make test` (tests/e2e/test_loadtest.py).
 LOADTEST_WORKERS ?= 2
 loadtest: $(INSTALLED)
 	@scripts/system-deps.sh redis-server=redis-server

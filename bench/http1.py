@@ -2,8 +2,8 @@
 
 The load generator and the soak both need thousands of concurrent event streams with per-read
 timing, which general-purpose clients do not give cheaply (they buffer, pool, or decode for you).
-Both used to carry their own copy of this code, with their own header parsing; one copy means one
-place where chunked decoding and framing rules are right.
+Both use this one copy, header parsing included, so chunked decoding and framing rules are right in
+one place.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ Examples::
 
     python -m bench.loadgen sse --url http://127.0.0.1:8000/api/v2/bali-zero/chat-stream \\
         --query "hello world" --concurrency 100 --requests 1000
+    python -m bench.loadgen sse --route openai --url http://127.0.0.1:8000/v1/chat/completions \\
+        --query "hello world" --concurrency 100 --requests 1000
     python -m bench.loadgen grpc --target 127.0.0.1:50051 --query "hello world" --concurrency 16
 """
 
@@ -42,6 +44,8 @@ from bench.results import Summary
 
 TOKEN_PREFIX = b'{"type":"token"'
 SSE_HEADERS = {"Accept": "text/event-stream", "Cache-Control": "no-cache", "User-Agent": "bench-loadgen"}
+OPENAI_TOKEN_MARK = b'"delta":{"content":'
+OPENAI_MODEL = "bali-zero"
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -148,6 +152,73 @@ class WhatwgEvents:
         return tokens, others
 
 
+class OpenAIEvents:
+    """The same interface over the OpenAI-compatible stream (``--route openai``), for the bridge's
+    own output (LF line ends, one ``data:`` line per event).
+
+    A token chunk is recognised by its ``"delta":{"content":`` without parsing it; every other
+    event is parsed and told as the native frame it stands for, so one reader serves both routes:
+    the first chunk (``bali_zero``) as ``metadata``, ``[DONE]`` as ``done``, an ``error`` object as
+    an ``error`` frame, a ``: keep-alive`` comment as a heartbeat.
+    """
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, data: bytes) -> tuple[int, list[tuple[str, bytes]]]:
+        buf = self._buf + data if self._buf else data
+        events = buf.split(b"\n\n")
+        self._buf = events.pop()
+        tokens = 0
+        told: list[tuple[str, bytes]] = []
+        for raw in events:
+            if OPENAI_TOKEN_MARK in raw:
+                tokens += 1
+            elif raw.startswith(b":"):
+                told.append(("heartbeat", b""))
+            elif raw == b"data: [DONE]":
+                told.append(("message", b'{"type":"done"}'))
+            elif raw.startswith(b"data: "):
+                frame = _native_frame(json.loads(raw[6:]))
+                if frame is None:
+                    tokens += 1
+                else:
+                    told.append(("message", frame))
+        return tokens, told
+
+
+def _native_frame(chunk: Any) -> bytes | None:
+    """The native frame a parsed OpenAI event stands for; None for a token (the first chunk of a
+    stream without metadata carries its first token beside ``role``)."""
+    if not isinstance(chunk, dict):
+        return b"{}"
+    if isinstance(chunk.get("error"), dict):
+        return json.dumps({"type": "error", "code": chunk["error"].get("code")}).encode()
+    if isinstance(chunk.get("bali_zero"), dict):
+        return json.dumps({"type": "metadata", "request_id": chunk["bali_zero"].get("request_id", "")}).encode()
+    choices = chunk.get("choices") or [{}]
+    if (choices[0].get("delta") or {}).get("content"):
+        return None
+    return b"{}"  # the finish chunk or the usage chunk: nothing to count
+
+
+def openai_body(query: str) -> bytes:
+    """The ``POST /v1/chat/completions`` body of one streamed question."""
+    body = {"model": OPENAI_MODEL, "messages": [{"role": "user", "content": query}], "stream": True}
+    return json.dumps(body).encode()
+
+
+def native_body(query: str) -> bytes:
+    """The ``POST /api/v2/bali-zero/chat-stream`` body of one question."""
+    return json.dumps({"query": query}).encode()
+
+
+# The routes asked with a JSON body, and how their body is made (the native GET has none).
+POST_ROUTES: dict[str, Callable[[str], bytes]] = {"native-post": native_body, "openai": openai_body}
+
+
 # --------------------------------------------------------------------------------------------- runs
 
 
@@ -170,6 +241,7 @@ class Options:
     target: str = ""
     channels: int = 1
     warmup: int = 0
+    route: str = "native"
 
 
 class Run:
@@ -203,7 +275,7 @@ class Run:
             await asyncio.sleep(delay)
         parts = urlsplit(self.opts.url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
-        path = f"{parts.path}?query={quote_plus(self.opts.query)}"
+        path = parts.path if self.opts.route in POST_ROUTES else f"{parts.path}?query={quote_plus(self.opts.query)}"
         conn = Http1Connection(host, port, rcvbuf=self.opts.rcvbuf)
         try:
             while (stream := self.next_stream()) is not None:
@@ -214,18 +286,30 @@ class Run:
             conn.close()
 
     async def sse_one(self, conn: Http1Connection, path: str, stream: Stream) -> bool:
-        """One stream on ``conn``; True when the connection can carry the next request."""
+        """One stream on ``conn``; True when the connection can carry the next request.
+
+        ``--route native-post`` POSTs the question as JSON instead of a GET; ``--route openai``
+        POSTs it to the OpenAI-compatible route, read the same way (``OpenAIEvents`` tells its
+        chunks as frames).
+        """
         opts = self.opts
+        openai = opts.route == "openai"
         stream.started = time.perf_counter()
         try:
-            head = await conn.request("GET", path, SSE_HEADERS)
+            if opts.route in POST_ROUTES:
+                headers = {**SSE_HEADERS, "Content-Type": "application/json"}
+                head = await conn.request("POST", path, headers, POST_ROUTES[opts.route](opts.query))
+            else:
+                head = await conn.request("GET", path, SSE_HEADERS)
         except (OSError, asyncio.IncompleteReadError, ValueError, IndexError, HttpError) as exc:
             stream.error = f"connect: {type(exc).__name__}: {exc}"
             self.connect_errors += 1
             return False
         if head.status != 200:
             stream.error = f"http {head.status}"
-        events = FastEvents() if opts.parser == "fast" else WhatwgEvents()
+        events: FastEvents | WhatwgEvents | OpenAIEvents = (
+            OpenAIEvents() if openai else FastEvents() if opts.parser == "fast" else WhatwgEvents()
+        )
         first_frame = True
         perf = time.perf_counter
         try:
@@ -392,6 +476,7 @@ def result_of(run: Run, wall: float, cpu: float, max_rss_kib: int) -> dict[str, 
         "first_token_ms": asdict(Summary.of(first)),
         "gap_ms": asdict(Summary.of(gaps_ms)),
         "parser": run.opts.parser,
+        "route": run.opts.route,
     }
     if len(first) <= 5000:
         out["first_token_ms_all"] = [round(x, 4) for x in first]
@@ -403,7 +488,15 @@ def result_of(run: Run, wall: float, cpu: float, max_rss_kib: int) -> dict[str, 
 def parse_args(argv: Sequence[str] | None) -> Options:
     p = argparse.ArgumentParser(prog="bench.loadgen", description=__doc__.split("\n\n")[0])
     p.add_argument("kind", choices=("sse", "grpc"))
-    p.add_argument("--url", default="", help="sse: http://HOST:PORT/api/v2/bali-zero/chat-stream")
+    p.add_argument(
+        "--url", default="", help="sse: http://HOST:PORT/api/v2/bali-zero/chat-stream (or /v1/chat/completions)"
+    )
+    p.add_argument(
+        "--route",
+        choices=("native", "native-post", "openai"),
+        default="native",
+        help="sse: GET the native stream, POST it a JSON body, or POST to the OpenAI-compatible route",
+    )
     p.add_argument("--target", default="", help="grpc: HOST:PORT of the RAG service")
     p.add_argument("--query", required=True)
     p.add_argument("--concurrency", type=int, default=1, help="streams open at the same time")
@@ -448,6 +541,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         keep_alive=not a.no_keep_alive,
         channels=a.channels,
         warmup=a.warmup,
+        route=a.route,
     )
 
 

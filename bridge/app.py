@@ -18,18 +18,15 @@ from starlette.routing import Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
+from bridge import openai_compat
+from bridge.apidocs import docs_routes, openapi_endpoint
 from bridge.audit.http import admin_audit_endpoint
 from bridge.config import Settings
-from bridge.docs import docs_routes
 from bridge.endpoints import Endpoints, worker_stats
 from bridge.errors import BridgeError, MethodNotAllowed, NotFound
-from bridge.guards import HeaderSizeLimit
-from bridge.openapi import openapi_endpoint
-from bridge.pageheaders import with_security_headers
-from bridge.responses import error_response
+from bridge.middleware import HeaderSizeLimit, with_security_headers
 from bridge.resume.client import ResumeStore
 from bridge.state import BridgeState
-from bridge.stream.response import RAW_SEND_KEY
 from bridge.upstream import Upstream
 from bridge.workers.peers import PeerServer
 
@@ -38,14 +35,10 @@ log = logging.getLogger("bridge")
 
 
 class BridgeApp(Starlette):
-    """Starlette, plus the server's unwrapped ``send`` in the scope for the event-stream writer.
-
-    Everything else goes out through ``with_security_headers``, outside every middleware, so even
-    the outermost error handler's responses carry them.
-    """
+    """Starlette, with every response sent through ``with_security_headers``, outside every
+    middleware, so even the outermost error handler's responses carry them."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope[RAW_SEND_KEY] = send
         if scope["type"] == "http":
             send = with_security_headers(send)
         await super().__call__(scope, receive, send)
@@ -62,6 +55,7 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
             state.telemetry.client_interceptors(),
             settings.upstream_ejection_interval_s,
             timeout_s=settings.upstream_timeout_s,
+            keepalive_s=settings.upstream_keepalive_s,
             stream_tracing=state.telemetry.stream_tracing(),
         )
         await state.audit.start()
@@ -83,7 +77,12 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
                 publisher.cancel()
             if peers is not None:
                 await peers.aclose()
-            await state.registry.wait_all(0)
+            # Every stream ended (the grace, then SHUTTING_DOWN), its end mirrored to the store
+            # and reported to the audit trail, before anything those need is closed.
+            try:
+                await state.drained()
+            except Exception:  # a bug in the drain must not skip the audit flush below
+                log.exception("shutdown: the drain failed; closing anyway")
             if state.resume_store is not None:  # flush its writes, stop its cancel subscriber
                 await state.resume_store.aclose()
             await state.gate.aclose()
@@ -98,19 +97,20 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
 
     async def bridge_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, BridgeError)
-        return error_response(exc)
+        return openai_compat.error_renderer(request.scope["path"])(exc, None)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
+        respond = openai_compat.error_renderer(request.scope["path"])
         if exc.status_code == 404:
-            return error_response(NotFound("no such endpoint"))
+            return respond(NotFound("no such endpoint"), None)
         if exc.status_code == 405:  # keeps Starlette's Allow header, which RFC 9110 requires
-            return error_response(MethodNotAllowed("method not allowed for this endpoint"), exc.headers)
-        return error_response(BridgeError(str(exc.detail), code="HTTP_ERROR", status=exc.status_code))
+            return respond(MethodNotAllowed("method not allowed for this endpoint"), exc.headers)
+        return respond(BridgeError(str(exc.detail), code="HTTP_ERROR", status=exc.status_code), None)
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s", request.url.path)
-        return error_response(BridgeError("internal error", code="INTERNAL"))
+        return openai_compat.error_renderer(request.scope["path"])(BridgeError("internal error", code="INTERNAL"), None)
 
     routes = [
         _without_head(Route("/api/v2/bali-zero/chat-stream", endpoints.chat_stream, methods=["GET", "POST"])),
@@ -119,6 +119,9 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
         Route("/api/v2/bali-zero/chat-stream/{stream_id}", endpoints.cancel_stream, methods=["DELETE"]),
         Route("/api/v2/bali-zero/chat-stream/{stream_id}/cancel", endpoints.cancel_stream, methods=["POST"]),
         Route("/api/v2/bali-zero/chat", endpoints.chat, methods=["POST"]),
+        # The OpenAI-compatible face of the same gate and stream (bridge/openai_compat.py).
+        Route(openai_compat.CHAT_COMPLETIONS_PATH, endpoints.openai_chat_completions, methods=["POST"]),
+        _without_head(Route(openai_compat.MODELS_PATH, endpoints.openai_models, methods=["GET"])),
         Route("/api/v2/bali-zero/stream-stats", endpoints.stream_stats, methods=["GET"]),
         Route("/metrics", endpoints.metrics, methods=["GET"]),
         _without_head(
@@ -195,8 +198,8 @@ def _without_head(route: Route) -> Route:
     """The route without the HEAD that Starlette adds to every GET route.
 
     A handler with side effects runs in full for HEAD, only the body is dropped: HEAD on the
-    stream endpoint took a rate-limit slot and, with a JSON body, opened a real upstream stream
-    (the stub sent 40 tokens nobody read). Such routes answer HEAD with 405 and ``Allow``.
+    stream endpoint would take a rate-limit slot and, with a JSON body, open a real upstream stream
+    whose tokens nobody reads. Such routes answer HEAD with 405 and ``Allow``.
     """
     assert route.methods is not None
     route.methods.discard("HEAD")

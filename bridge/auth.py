@@ -6,7 +6,7 @@ Invariants, each closing a known hole:
   JWKS). The token's own ``alg`` header never chooses, so ``alg: none`` and "key confusion" (an
   HS256 token signed with the RSA *public* key as the HMAC secret) are rejected.
 * ``exp`` is required; an unexpiring token leaked once would be valid forever.
-* Oversized tokens are refused before any base64/JSON work, so a 1 MB header costs nothing.
+* Oversized tokens are refused before any base64/JSON work, so a huge header costs nothing.
 * ``user_id``, ``role`` and ``email`` come only from verified claims. ``x-user-id`` is believed
   only from a trusted proxy and only for callers without a token, so a client cannot pick its id;
   even then it is a ``proxy`` identity with its own key space, never the token user of that name.

@@ -5,11 +5,18 @@ The environment is read here, once, into a Settings object that everything else 
 
 from __future__ import annotations
 
+# ruff: noqa: E402 (the imports below come after gRPC's log default is set)
+import os
+
+from bridge.grpc_logs import quiet_grpc_core_logs
+
+# Before anything imports grpc: its C core reads GRPC_VERBOSITY once, at import.
+quiet_grpc_core_logs(os.environ)
+
 import argparse
 import asyncio
 import contextlib
 import dataclasses
-import os
 import signal
 import socket
 import sqlite3
@@ -21,9 +28,9 @@ import uvicorn
 
 from bridge.audit.cli import add_audit_commands
 from bridge.config import Settings, parse_workers, variables_help
-from bridge.doctor import add_doctor_command, run_doctor
-from bridge.errors import ConfigError
-from bridge.netsock import HalfOpenDetection
+from bridge.doctor.probe import add_doctor_command, run_doctor
+from bridge.errors import ConfigError, UnsupportedUvicorn
+from bridge.server.netsock import HalfOpenDetection
 from bridge.workers.role import WorkerRole
 
 PATH_VARIABLES = ("AUDIT_DB", "LOG_FILE", "ERROR_LOG_FILE", "JWT_PUBLIC_KEY_FILE")
@@ -131,6 +138,15 @@ def listening_url(host: str, port: int) -> str:
 def serve(settings: Settings, host: str, port: int, environ: Mapping[str, str] | None = None) -> int:
     """Serve until SIGTERM/SIGINT; with ``settings.workers`` > 1 through the worker supervisor,
     which starts each worker with ``environ`` (the environment the settings were read from)."""
+    try:
+        # Before anything that serves is imported: a uvicorn the connection protocol was not
+        # tested with, or one lacking a name it uses, is one line here, not an error mid-request.
+        from bridge.server.uvicorn_fence import require_supported_uvicorn
+
+        require_supported_uvicorn()
+    except UnsupportedUvicorn as exc:
+        print(f"bali-zero-bridge: cannot start: {exc}", file=sys.stderr)
+        return 2
     if settings.workers > 1:
         from bridge.workers.supervisor import supervise
 
@@ -149,8 +165,8 @@ def serve_on(
 ) -> int:
     """Serve on the bound ``sock`` (one process, or one worker of several); ``announce`` once ready."""
     from bridge.app import create_app
-    from bridge.http_protocol import ConnectionLimits, protocol_class
     from bridge.logs import configure_logging
+    from bridge.server.protocol import ConnectionLimits, protocol_class
     from bridge.state import BridgeState
 
     try:

@@ -25,7 +25,7 @@ _CACHED_HEADER_CHARS = 256  # longer X-Forwarded-For values are parsed every tim
 
 
 def client_ip(peer: str | None, forwarded_for: str | None, trusted: tuple[IPNetwork, ...]) -> tuple[str, bool]:
-    """``_client_ip``, remembered for the last peers seen (parsing cost ~10 us per request).
+    """``_client_ip``, remembered for the last peers seen, so a request does not pay the parse again.
 
     Bounded in entries and in key size, so a client varying its header cannot grow it.
     """

@@ -24,6 +24,8 @@ T = TypeVar("T")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# An id a client may send as ``model`` and the bridge echoes in every chunk.
+_MODEL_ID = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
 _RATE_RE = re.compile(r"^\s*(\d+)\s*(?:/|per)\s*(\d+)?\s*(second|minute|hour|day)s?\s*$", re.IGNORECASE)
 
 
@@ -97,6 +99,14 @@ class Settings:
         "sticky share of callers (hash of the identity key: token user, proxy id or IP) that get streaming, 0-100",
         check=_within(0, 100),
     )
+    openai_models: tuple[str, ...] = setting(
+        ("bali-zero",),
+        "comma list of the model ids `GET /v1/models` lists and `POST /v1/chat/completions` accepts "
+        "(every one is the same RAG service)",
+        parse=lambda raw: _csv(raw),
+        shape=lambda value: None if _MODEL_ID.fullmatch(value) else "a model id is 1-64 of A-Z a-z 0-9 . _ : -",
+        default_text="`bali-zero`",
+    )
     heartbeat_interval_s: float = setting(30.0, "seconds of silence before a heartbeat frame", check=_above(0))
     resume_grace_s: float = setting(
         0.0,
@@ -132,6 +142,14 @@ class Settings:
     )
     upstream_ejection_interval_s: float = setting(
         10.0, "outlier-detection interval: a replica failing most calls is ejected for 30 s", check=_above(0)
+    )
+    upstream_keepalive_s: float = setting(
+        330.0,
+        "how often, at most, a keepalive ping goes on a connection to the RAG service, only while a call is open; "
+        "must be at least the RAG server's minimum ping interval (gRPC's default: 300 s) or it answers GOAWAY "
+        "`too_many_pings`",
+        # gRPC sends at most one ping a second, whatever its keepalive time says.
+        check=_at_least(1),
     )
     shutdown_grace_s: float = setting(20.0, "how long running streams may finish after SIGTERM", check=_at_least(0))
     stream_window_frames: int = setting(
@@ -175,6 +193,12 @@ class Settings:
     header_timeout_s: float = setting(
         10.0,
         "a request head must arrive within this time from its first byte (or from connect); slower: 408 and close",
+        check=_above(0),
+    )
+    body_timeout_s: float = setting(
+        30.0,
+        "the whole request body (a chunked body's trailers included) must arrive within this time from the end "
+        "of the head; slower: 408 `BODY_TIMEOUT` and close (raise it with `MAX_BODY_BYTES`)",
         check=_above(0),
     )
     keepalive_timeout_s: float = setting(
@@ -315,6 +339,8 @@ class Settings:
                         yield f"{name}={shown}: {problem}"
         if sum(bool(x) for x in (self.jwt_secret, self.jwt_public_key_file, self.jwt_jwks_url)) > 1:
             yield "set only one of JWT_SECRET, JWT_PUBLIC_KEY_FILE, JWT_JWKS_URL"
+        if not self.openai_models:
+            yield "OPENAI_MODELS must name at least one model id"
         if self.auth_required and not self.jwt_configured:
             yield "AUTH_REQUIRED=true needs one of JWT_SECRET, JWT_PUBLIC_KEY_FILE, JWT_JWKS_URL"
         if self.jwt_public_key_file and not Path(self.jwt_public_key_file).is_file():

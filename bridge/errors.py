@@ -3,17 +3,21 @@
 Before a stream starts an error is an HTTP status with a JSON body
 ``{"error": {"code", "message"}}``; after it started it is an ``error`` SSE frame with
 ``code``, ``message`` and ``retryable``. Both come from the same ``BridgeError`` so a code means
-the same thing on either path. No error class carries a success status: an error that is only
-ever sent as a frame (``StreamExpired``) still has the status it would have over plain HTTP.
+the same thing on either path. The OpenAI-compatible API (bridge/openai_compat.py) renders the
+same errors in the shape OpenAI clients parse, ``{"error": {"message", "type", "code", "param"}}``
+(``openai_body``), over HTTP and mid-stream alike: one tree, two renderings. No error class
+carries a success status: an error that is only ever sent as a frame (``StreamExpired``) still
+has the status it would have over plain HTTP.
 
     BridgeError                    answered as JSON (HTTP) or as an ``error`` frame (mid-stream)
-    ├── BadRequest            400 INVALID_REQUEST / INVALID_JSON / QUERY_TOO_LONG / ...
+    ├── BadRequest            400 INVALID_REQUEST / INVALID_JSON / QUERY_TOO_LONG / UNSUPPORTED_PARAMETER / ...
     ├── ClientDisconnected    400 CLIENT_DISCONNECTED: the client left mid-body (never answered)
     ├── Unauthorized          401 UNAUTHORIZED
     ├── Forbidden             403 FORBIDDEN
-    ├── NotFound              404 NOT_FOUND / STREAMING_DISABLED / STREAM_NOT_FOUND
+    ├── NotFound              404 NOT_FOUND / STREAMING_DISABLED / STREAM_NOT_FOUND / MODEL_NOT_FOUND
     ├── MethodNotAllowed      405 METHOD_NOT_ALLOWED
-    ├── RequestHeadTimeout    408 HEADER_TIMEOUT (written by the connection, bridge/http_protocol.py)
+    ├── RequestHeadTimeout    408 HEADER_TIMEOUT (written by the connection, bridge/server/protocol.py)
+    ├── RequestBodyTimeout    408 BODY_TIMEOUT (likewise)
     ├── StreamExpired         410 STREAM_EXPIRED (sent as an ``error`` frame: a late or invalid resume)
     ├── PayloadTooLarge       413 PAYLOAD_TOO_LARGE
     ├── UnsupportedMediaType  415 UNSUPPORTED_MEDIA_TYPE
@@ -27,11 +31,18 @@ ever sent as a frame (``StreamExpired``) still has the status it would have over
     Rejected                       a gate refusal: a BridgeError plus the headers and identity
     ClientGone                     the HTTP client left or stopped reading (never answered)
     ConfigError (ValueError)       a setting the bridge cannot start with; names the variable
-    └── UnsafeFile                 a file it trusts (key, store, head, log) others could choose
+    ├── UnsafeFile                 a file it trusts (key, store, head, log) others could choose
+    └── UnsupportedUvicorn         an installed uvicorn outside the tested range, or lacking a name
+                                   the connection protocol uses (bridge/server/uvicorn_fence.py)
     FrameError (ValueError)        a field value that would corrupt an event stream
     AuditChainBroken               the audit chain does not verify: retention refuses to purge
+    DoctorError                    ``bali-zero-bridge doctor`` could not run its check (exit 2)
     TelemetryConfigError           an unusable OTEL_* value; defined in ``bzb_shared.otel``
                                    because the stub raises it too, re-exported here
+
+Over HTTP an error is written by ``error_response``, as a ``JSONResponse``: UTF-8 JSON that never
+fails to encode (a lone surrogate is escaped), so no answer turns into a 500 or carries a traceback.
+``JSONResponse`` writes the bridge's JSON answers too.
 
 Outcomes that are expected answers rather than failures (a resume finding its frames trimmed, a
 stream already over) are return values of the functions that find them, not exceptions.
@@ -39,11 +50,14 @@ stream already over) are return values of the functions that find them, not exce
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import grpc
+from starlette.responses import Response
 
 from bridge.types import Identity
 from bzb_shared.otel import TelemetryConfigError
@@ -54,12 +68,14 @@ __all__ = [
     "BridgeError",
     "ClientGone",
     "ConfigError",
+    "DoctorError",
     "Forbidden",
     "FrameError",
     "MethodNotAllowed",
     "NotFound",
     "PayloadTooLarge",
     "Rejected",
+    "RequestBodyTimeout",
     "RequestHeadTimeout",
     "RequestHeadTooLarge",
     "ResumeStoreUnavailable",
@@ -69,6 +85,7 @@ __all__ = [
     "TooManyRequests",
     "UnsafeFile",
     "UnsupportedMediaType",
+    "UnsupportedUvicorn",
     "UpstreamError",
     "from_grpc_status",
 ]
@@ -88,12 +105,15 @@ class BridgeError(Exception):
         retryable: bool = False,
         retry_after_s: float | None = None,
         status: int | None = None,
+        param: str | None = None,
     ) -> None:
+        """``param``: the request parameter at fault, when one is (the OpenAI rendering names it)."""
         super().__init__(message)
         self.message = message
         self.code = code or self.default_code
         self.retryable = retryable
         self.retry_after_s = retry_after_s
+        self.param = param
         if status is not None:
             self.status = status
 
@@ -105,10 +125,36 @@ class BridgeError(Exception):
         """The data of an ``error`` SSE frame."""
         return {"type": "error", "code": self.code, "message": self.message, "retryable": self.retryable}
 
+    def openai_body(self) -> dict[str, Any]:
+        """The error as OpenAI clients parse it: the body of an HTTP error of the OpenAI-compatible
+        API, and the data of its mid-stream error event. ``code`` is the bridge's own code."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": openai_error_type(self.status),
+                "code": self.code,
+                "param": self.param,
+            }
+        }
+
     def headers(self) -> dict[str, str]:
         if self.retry_after_s is None:
             return {}
         return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+# An HTTP status -> the ``type`` of an OpenAI error body; any other 4xx is "invalid_request_error",
+# any 5xx "server_error". The OpenAI SDKs pick their exception class by the status, not by this.
+OPENAI_ERROR_TYPES: dict[int, str] = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+
+
+def openai_error_type(status: int) -> str:
+    return OPENAI_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
 class BadRequest(BridgeError):
@@ -157,11 +203,23 @@ class RequestHeadTimeout(BridgeError):
     default_code = "HEADER_TIMEOUT"
 
 
+class RequestBodyTimeout(BridgeError):
+    """The request body (a chunked body's trailers included) did not arrive within BODY_TIMEOUT_S.
+
+    Counted from the end of the head: without it a client trickling its body a byte at a time
+    (slowloris on the body) holds its connection, and the handler waiting for the body, for as
+    long as it likes.
+    """
+
+    status = 408
+    default_code = "BODY_TIMEOUT"
+
+
 class ClientDisconnected(BridgeError):
     """The client went away before its request body was complete; nobody reads the answer.
 
-    Typed so that it is not an "unhandled error": a client that closed mid-body (or was closed by
-    the connection's limits) logged a traceback at ERROR and a 500 was attempted.
+    Typed so that it is not an "unhandled error": without it, a client that closed mid-body (or
+    was closed by the connection's limits) would log a traceback at ERROR and a 500 be attempted.
     """
 
     status = 400
@@ -204,8 +262,8 @@ class ResumeStoreUnavailable(ServiceUnavailable):
 class OwnerUnreachable(ServiceUnavailable):
     """A cross-instance stop that no subscriber received (PUBLISH counted zero receivers).
 
-    Answered as a retryable 503 instead of 204: the owner's cancel subscriber was still in its
-    reconnect backoff after a Redis outage, and a 204 promised a stop that never happened.
+    Answered as a retryable 503 instead of 204: the owner's cancel subscriber may still be in its
+    reconnect backoff after a Redis outage, and a 204 would promise a stop that never happens.
     """
 
     default_code = "OWNER_UNREACHABLE"
@@ -242,6 +300,15 @@ class UnsafeFile(ConfigError):
     A symlink, not a regular file, owned by another user, or in a directory others can write
     (bridge/safefiles.py). The message names the path and the fix; like any ConfigError it stops
     the bridge and the ``audit`` commands with one line and exit 2.
+    """
+
+
+class UnsupportedUvicorn(ConfigError):
+    """The installed uvicorn is not one the bridge's connection protocol was tested with.
+
+    Its version is outside the supported range, or a private name the bridge overrides, calls or
+    reads is gone: serving anyway would fail mid-request with an AttributeError, or run without the
+    head limits. The message (one line) names the version, the range and the missing names.
     """
 
 
@@ -325,3 +392,23 @@ class AuditChainBroken(Exception):
         super().__init__(f"the audit chain does not verify at record {first_bad_id}: {reason}")
         self.first_bad_id = first_bad_id
         self.reason = reason
+
+
+class DoctorError(Exception):
+    """``bali-zero-bridge doctor`` could not run its check (exit 2): the message says what to look at."""
+
+
+# ------------------------------------------------------------------------------- as HTTP responses
+class JSONResponse(Response):
+    """UTF-8 JSON. A lone surrogate in a string (legal JSON, read back from a stored record) is
+    written as its ``\\uXXXX`` escape: strict UTF-8 encoding would raise, turning the answer into a 500."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "backslashreplace")
+
+
+def error_response(error: BridgeError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    merged = {**(headers or {}), **error.headers()}
+    return JSONResponse(error.body(), status_code=error.status, headers=merged)

@@ -16,13 +16,20 @@ that address, and with Redis storage every instance counts against the same wind
 
 A header that names the caller is read only when it is unambiguous. Starlette's
 ``headers.get`` returns the first of several copies, so an empty ``Authorization`` followed by a
-bad one was served as anonymous, and a proxy that appends its ``x-user-id`` after a client's
+bad one would be served as anonymous, and a proxy that appends its ``x-user-id`` after a client's
 would let the client's copy win. Several ``Authorization`` headers are a 401 and several
 ``x-user-id`` headers from a trusted proxy a 400: the bridge refuses rather than picks.
+
+Streaming is rolled out by sticky percentage (``in_rollout``): a key is hashed (SHA-256, stable
+across processes and restarts, unlike ``hash()``) into one of ``BUCKETS`` buckets and is in the
+rollout when its bucket is below ``percent * 100``. Raising the percentage only adds buckets, so
+users already streaming keep streaming, and a user does not flip between streaming and
+non-streaming from one request or instance to the next.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -143,3 +150,22 @@ def _single(request: Request, name: str) -> str | None:
     if name == "authorization":
         raise Unauthorized("send one Authorization header, not several", code="INVALID_TOKEN")
     raise BadRequest(f"several {name} headers; send at most one", code="DUPLICATE_HEADER")
+
+
+# ----------------------------------------------------------------------- sticky percentage rollout
+BUCKETS = 10_000
+
+
+def bucket(key: str, salt: str = "sse") -> int:
+    """The key's bucket in ``0..BUCKETS-1``; ``salt`` keeps separate rollouts independent."""
+    digest = hashlib.sha256(f"{salt}:{key}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") % BUCKETS
+
+
+def in_rollout(key: str, percent: float, salt: str = "sse") -> bool:
+    """Whether ``key`` is inside a rollout of ``percent`` (0..100) per cent."""
+    if percent >= 100:
+        return True
+    if percent <= 0:
+        return False
+    return bucket(key, salt) < round(percent * BUCKETS / 100)

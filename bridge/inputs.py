@@ -49,6 +49,12 @@ async def read_input(request: Request, limits: Limits) -> ChatInput:
             },
             limits,
         )
+    return validate(await read_json_object(request, limits), limits)
+
+
+async def read_json_object(request: Request, limits: Limits) -> dict[str, Any]:
+    """A POST body that must be a JSON object: 415 for another media type, 413 past
+    MAX_BODY_BYTES (refused as the bytes arrive), 400 for anything but an object."""
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if content_type != "application/json":
         raise UnsupportedMediaType("send the request as Content-Type: application/json")
@@ -56,7 +62,7 @@ async def read_input(request: Request, limits: Limits) -> ChatInput:
     data = _loads(body, "body")
     if not isinstance(data, dict):
         raise BadRequest("the JSON body must be an object", code="INVALID_JSON")
-    return validate(data, limits)
+    return data
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -88,19 +94,27 @@ def _loads(raw: str | bytes, what: str) -> Any:
 
 
 def validate(data: Mapping[str, Any], limits: Limits) -> ChatInput:
-    query = data.get("query")
-    if not isinstance(query, str) or not query.strip():
-        raise BadRequest("query is required and must be a non-empty string", code="QUERY_REQUIRED")
-    if len(query.encode("utf-8", "surrogatepass")) > limits.max_query_bytes:
-        raise BadRequest(f"query must be at most {limits.max_query_bytes} bytes", code="QUERY_TOO_LONG")
-    check_text(query, "query")
+    query = check_query(data.get("query"), limits)
     email = _optional_str(data, "user_email")
     if email is not None and not _EMAIL.fullmatch(email):
         raise BadRequest("user_email is not an email address")
     role = _optional_str(data, "user_role")
     if role is not None and not _FIELD.fullmatch(role):
         raise BadRequest("user_role must be a short word such as member")
-    return ChatInput(query, email, role, _history(data.get("conversation_history"), limits))
+    return ChatInput(query, email, role, check_history(data.get("conversation_history"), limits))
+
+
+def check_query(query: Any, limits: Limits, name: str = "query") -> str:
+    """The question, checked; ``name`` is how the request spelled it (the 400 names it).
+
+    Shared by every way of asking (bridge/openai_compat.py too), so a limit holds on all of them.
+    """
+    if not isinstance(query, str) or not query.strip():
+        raise BadRequest(f"{name} is required and must be a non-empty string", code="QUERY_REQUIRED", param=name)
+    if len(query.encode("utf-8", "surrogatepass")) > limits.max_query_bytes:
+        raise BadRequest(f"{name} must be at most {limits.max_query_bytes} bytes", code="QUERY_TOO_LONG", param=name)
+    check_text(query, name)
+    return query
 
 
 def _optional_str(data: Mapping[str, Any], name: str) -> str | None:
@@ -113,29 +127,37 @@ def _optional_str(data: Mapping[str, Any], name: str) -> str | None:
     return value
 
 
-def _history(raw: Any, limits: Limits) -> tuple[tuple[str, str], ...]:
+def check_history(raw: Any, limits: Limits, name: str = "conversation_history") -> tuple[tuple[str, str], ...]:
+    """The earlier turns, checked: a list of at most MAX_HISTORY_MESSAGES ``{role, content}``.
+
+    ``name`` is how the request spelled the list (item errors name ``name[i]``); shared like
+    ``check_query``.
+    """
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        raise BadRequest("conversation_history must be a JSON list of {role, content}", code="INVALID_HISTORY")
+        raise BadRequest(f"{name} must be a JSON list of {{role, content}}", code="INVALID_HISTORY", param=name)
     if len(raw) > limits.max_history_messages:
         raise BadRequest(
-            f"conversation_history has more than {limits.max_history_messages} messages", code="INVALID_HISTORY"
+            f"{name} has more than {limits.max_history_messages} messages", code="INVALID_HISTORY", param=name
         )
     out = []
     for i, item in enumerate(raw):
+        where = f"{name}[{i}]"
         if not isinstance(item, dict) or set(item) - {"role", "content"}:
             raise BadRequest(
-                f"conversation_history[{i}] must be an object with role and content only", code="INVALID_HISTORY"
+                f"{where} must be an object with role and content only", code="INVALID_HISTORY", param=where
             )
         role, content = item.get("role"), item.get("content")
         if role not in ROLES:
             raise BadRequest(
-                f"conversation_history[{i}].role must be one of {', '.join(ROLES)}", code="INVALID_HISTORY"
+                f"{where}.role must be one of {', '.join(ROLES)}", code="INVALID_HISTORY", param=f"{where}.role"
             )
         if not isinstance(content, str) or not content:
-            raise BadRequest(f"conversation_history[{i}].content must be a non-empty string", code="INVALID_HISTORY")
-        check_text(content, f"conversation_history[{i}].content")
+            raise BadRequest(
+                f"{where}.content must be a non-empty string", code="INVALID_HISTORY", param=f"{where}.content"
+            )
+        check_text(content, f"{where}.content")
         out.append((role, content))
     return tuple(out)
 
@@ -152,4 +174,4 @@ def check_text(text: str, name: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise BadRequest(f"{name} is not valid Unicode text (lone surrogate)") from None
+        raise BadRequest(f"{name} is not valid Unicode text (lone surrogate)", param=name) from None

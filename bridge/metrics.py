@@ -96,7 +96,7 @@ class BridgeMetrics:
         )
         self._connections_closed = Counter(
             "bridge_connections_closed",
-            "HTTP connections the bridge closed itself before or between requests, by reason.",
+            "HTTP connections the bridge closed itself (a request head or body too large or late, idle), by reason.",
             ["reason"],
             registry=r,
         )
@@ -219,7 +219,7 @@ class BatchHistogram(Collector):
     """A histogram fed a batch of values at a time, for the per-token gaps.
 
     ``prometheus_client.Histogram.observe`` takes a lock and walks the bucket bounds in Python for
-    every value: about 2 us per token, several percent of a core at full token rate. Here a batch
+    every value, a per-token cost that shows as a share of a core at full token rate. Here a batch
     costs one C bisect per value and no lock: the histogram is only touched from the event loop,
     which also renders /metrics, so a scrape never sees half a batch. Exposed through the public
     custom-collector API, so the text format is still prometheus-client's own.

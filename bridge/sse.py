@@ -72,7 +72,7 @@ def token_frame(event_id: str, index: int, text: str) -> bytes:
     """The hot path: a ``token`` frame without building a dict per token.
 
     ``encode_basestring`` is the C function behind ``json.dumps(text, ensure_ascii=False)`` (same
-    output, checked by tests/test_sse_properties.py), without the encoder object ``dumps`` builds per call.
+    output, checked by tests/unit/test_sse_properties.py), without the encoder object ``dumps`` builds per call.
     """
     encoded = encode_basestring(text)
     return f'id: {event_id}\ndata: {{"type":"token","index":{index},"text":{encoded}}}\n\n'.encode()

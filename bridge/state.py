@@ -19,19 +19,22 @@ from bridge.gate import Gate
 from bridge.inputs import Limits
 from bridge.metrics import BridgeMetrics
 from bridge.ratelimit import RateLimiter
-from bridge.request_ids import request_ids
 from bridge.resume.client import ResumeStore
 from bridge.sharedcaps import caps_for
 from bridge.stats import FanOut, StreamStats
-from bridge.stream.policy import StreamPolicy
 from bridge.stream.registry import SessionRegistry
+from bridge.stream.source import StreamPolicy
 from bridge.streamcap import Caps
-from bridge.telemetry import Telemetry
+from bridge.telemetry import Telemetry, request_ids
 from bridge.types import Identity
 from bridge.upstream import Upstream
 from bridge.workers.role import WorkerRole
 
 log = logging.getLogger("bridge")
+
+# How long the drain waits for the streams it ended to wind down: an aborted pump ends within a
+# few event-loop turns (its gRPC call is cancelled), so this bound is reached only by a bug.
+ABORTED_STREAMS_WAIT_S = 2.0
 
 
 @dataclass(slots=True)
@@ -121,7 +124,17 @@ class BridgeState:
         return self.upstream
 
     def begin_drain(self) -> None:
-        """SIGTERM: refuse new requests, let streams run for SHUTDOWN_GRACE_S, then end the rest."""
+        """SIGTERM: refuse new requests, let streams run for SHUTDOWN_GRACE_S, then end the rest.
+
+        "Streams" are every stream this instance serves that a client can still read: the
+        sessions it owns, attached to a reader or detached inside their resume window with a
+        resume store (a client may be reading one on another instance, or come back there), and
+        the readers it serves from the store. A detached session with no store is unreachable
+        once the listener is closed: it is ended at once, or as soon as its reader leaves. Each
+        stream ends with a final retryable SHUTTING_DOWN frame, which a resume can read (elsewhere
+        from the store, or as the reader's last frame), and reports its end before the audit
+        trail closes (``drained``).
+        """
         if self.gate.draining:
             return
         self.gate.draining = True
@@ -131,25 +144,42 @@ class BridgeState:
         """A second Ctrl-C: cut the grace short and end the running streams with SHUTTING_DOWN now.
 
         uvicorn's own answer to a second Ctrl-C ("force quit") skips the lifespan shutdown, so
-        the audit queue was not flushed, and the open handlers were cancelled mid-stream, which
-        logged a CancelledError traceback for each.
+        the audit queue would not be flushed, and the open handlers would be cancelled mid-stream,
+        logging a CancelledError traceback for each.
         """
         self.begin_drain()
         self._grace_cut.set()
 
+    async def drained(self) -> None:
+        """Drain (if no signal started it) and return once every stream has ended and reported
+        its end, bounded by SHUTDOWN_GRACE_S plus ``ABORTED_STREAMS_WAIT_S``.
+
+        The lifespan awaits this before it closes the resume store and the audit trail. Going on
+        as soon as no HTTP request is open would cut short every detached stream (no connection,
+        inside its resume window): the upstream channel would close under it, the resume store
+        close before its end is mirrored (a reader elsewhere would get STREAM_EXPIRED instead of
+        SHUTTING_DOWN, and a stop sent there find no owner listening: 503), and its end record
+        reach an audit trail already closed (dropped).
+        """
+        self.begin_drain()
+        assert self._drain_task is not None
+        await self._drain_task
+
     async def _drain(self) -> None:
-        grace = asyncio.ensure_future(self.registry.wait_all(self.settings.shutdown_grace_s))
+        shutting_down = ServiceUnavailable(
+            "the bridge is shutting down; reconnect to continue",
+            code="SHUTTING_DOWN",
+            retryable=True,
+            retry_after_s=1,
+        )
+        self.registry.refuse_reconnects(shutting_down)  # the grace is for streams a client can read
+        grace = asyncio.ensure_future(self.registry.wait_ended(self.settings.shutdown_grace_s))
         cut = asyncio.ensure_future(self._grace_cut.wait())
         await asyncio.wait({grace, cut}, return_when=asyncio.FIRST_COMPLETED)
         grace.cancel()
         cut.cancel()
-        ended = self.registry.abort_all(
-            ServiceUnavailable(
-                "the bridge is shutting down; reconnect to continue",
-                code="SHUTTING_DOWN",
-                retryable=True,
-                retry_after_s=1,
-            )
-        )
+        ended = self.registry.abort_all(shutting_down)
         if ended:
-            log.warning("shutdown grace over: ended %d running stream(s)", len(ended))
+            log.warning("shutdown grace over: ended %d running stream(s)", ended)
+        if not await self.registry.wait_ended(ABORTED_STREAMS_WAIT_S):
+            log.warning("shutdown: streams still running after being ended; their end may go unrecorded")

@@ -44,7 +44,7 @@ class WindowedSamples:
         self._keep = math.ceil(window_s / self._bucket_s)
         self._clock = clock
         self._cap = samples_per_bucket
-        # Seeded: deterministic, and no shared global RNG state. random() beats randrange() 5x.
+        # Seeded: deterministic, and no shared global RNG state. random() is much cheaper than randrange().
         self._random = random.Random(seed).random
         self._buckets: deque[_Bucket] = deque()
 

@@ -10,7 +10,7 @@ the response async generator, so after ``call.cancel()`` the span ends only if t
 iterating (and then with status UNSET), and when the caller uses ``call.read()`` it never ends at
 all. Ours ends the span from the call's done callback, which fires on completion, error and
 cancellation alike, and it hands back the real call object, so ``read()`` and ``cancel()`` keep
-working (see tests/test_telemetry_grpc.py). Streams are traced without any interceptor at all
+working (see tests/e2e/test_telemetry_grpc.py). Streams are traced without any interceptor at all
 (``StreamTracing``): cancelling an intercepted stream mid-read leaks native memory in grpcio.
 
 The provider itself is built from ``OTEL_*`` by ``bzb_shared.otel`` (shared with the stub, which must
@@ -20,12 +20,18 @@ Tracing is off unless ``OTEL_TRACES_EXPORTER`` names an exporter or an OTLP endp
 SDK's own default is "otlp", which would make every developer run try localhost:4317.) Off means
 a ``NoOpTracer``, no interceptors or stream tracing and no span processors: a stream then costs one tiny
 ``NonRecordingSpan`` that still carries the caller's trace id for log correlation.
+
+A request is known by two ids (``request_ids``): its request id (echoed, logged, audited), a
+client's ``x-request-id`` only in a safe alphabet and length, and its trace id, from
+``traceparent``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+import uuid
 from collections.abc import Awaitable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -36,6 +42,7 @@ from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter, Setter
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from starlette.requests import Request
 
 from bridge.types import StreamResult
 from bzb_shared.otel import PROPAGATOR, build_tracer_provider
@@ -142,10 +149,10 @@ class StreamTracing(ClientCallTracer):
 
     Why: an intercepted unary-stream call is read through grpc.aio's async-generator wrapper
     (``InterceptedUnaryStreamCall.read``), and cancelling such a call while a read is pending
-    leaks native memory that closing the channel does not return: 0.2-0.7 KiB per cancelled
-    stream with grpcio 1.85, against a flat line for the same cancel on a plain call (measured by
-    tests/support/grpc_cancel.py; the same family as grpc/grpc#43360). With tracing on, every
-    disconnect would leak. ``bridge.upstream.Upstream`` opens its streams through ``open``.
+    leaks native memory that closing the channel does not return, where the same cancel on a plain
+    call leaks nothing (tests/support/grpc_cancel.py compares the two; the same family as
+    grpc/grpc#43360). With tracing on, every disconnect would leak. ``bridge.upstream.Upstream``
+    opens its streams through ``open``.
     """
 
     def open(self, multicallable: Any, request: Any, *, method: str, timeout: float, metadata: Any) -> Any:
@@ -322,3 +329,26 @@ class Telemetry:
         """Flush and stop the exporters. Blocking: from async code use ``asyncio.to_thread``."""
         if self.provider is not None:
             self.provider.shutdown()
+
+
+# ------------------------------------------------------------------- the ids a request is known by
+# ``fullmatch``, never ``match`` with ``$`` (which accepts a trailing "\n" too).
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def request_ids(request: Request) -> tuple[str, str | None]:
+    """(request id, trace id): from ``request.state`` if middleware set them, else from headers.
+
+    A client's ``x-request-id`` is kept only in a safe alphabet and length (it is echoed in a
+    header and written to logs and the audit trail); anything else gets a fresh id.
+    """
+    request_id = getattr(request.state, "request_id", None)
+    if not isinstance(request_id, str):
+        given = request.headers.get("x-request-id", "")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    trace_id = getattr(request.state, "trace_id", None)
+    if not isinstance(trace_id, str):
+        match = _TRACEPARENT.fullmatch(request.headers.get("traceparent", "").strip())
+        trace_id = match.group(1) if match else None
+    return request_id, trace_id

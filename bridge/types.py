@@ -9,9 +9,15 @@ from typing import Literal, Protocol
 Outcome = Literal["completed", "cancelled", "error"]
 IdentityKind = Literal["token", "proxy", "anonymous"]
 
-# Why the bridge itself closed an HTTP connection before or between requests (a metric label).
-ConnectionCloseReason = Literal["header_too_large", "header_timeout", "keepalive_idle"]
-CONNECTION_CLOSE_REASONS: tuple[ConnectionCloseReason, ...] = ("header_too_large", "header_timeout", "keepalive_idle")
+# Why the bridge itself closed an HTTP connection (a metric label): a request head or body too
+# large or too slow, or a connection idle between requests.
+ConnectionCloseReason = Literal["header_too_large", "header_timeout", "body_timeout", "keepalive_idle"]
+CONNECTION_CLOSE_REASONS: tuple[ConnectionCloseReason, ...] = (
+    "header_too_large",
+    "header_timeout",
+    "body_timeout",
+    "keepalive_idle",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +85,7 @@ class StreamObserver(Protocol):
     def first_token(self, seconds: float) -> None: ...
 
     def token_gaps(self, seconds: Sequence[float]) -> None:
-        """Inter-token gaps of one stream, in batches (a call per token cost ~7 us at full rate)."""
+        """Inter-token gaps of one stream, in batches (a call per token is a measurable cost at full token rate)."""
         ...
 
     def stream_closed(self, result: StreamResult) -> None: ...

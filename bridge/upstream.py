@@ -9,6 +9,9 @@ import time is bound to another loop and fails with "attached to a different loo
     A streaming call that fails with UNAVAILABLE before its first token is opened again, once
     (a replica was down or died after accepting; round robin picks another). Never after a
     token: the client would see it twice.
+
+The request messages are built here too (``stream_chat_request``, ``chat_request``), from a
+validated input and the caller's identity: a verified email wins over the one in the body.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bali_zero.rag.v1 import rag_pb2, rag_pb2_grpc
+from bridge.auth import effective_role
 from bridge.errors import from_grpc_status
+from bridge.inputs import ChatInput
 from bridge.telemetry import StreamTracing
+from bridge.types import Identity
 
 SERVICE_NAME: str = rag_pb2.DESCRIPTOR.services_by_name["RagService"].full_name
 STREAM_METHOD = f"/{SERVICE_NAME}/StreamChat"
@@ -49,7 +55,38 @@ def channel_target(rag_target: str) -> str:
     return target
 
 
-def channel_options(rag_target: str, ejection_interval_s: float = 10.0) -> list[tuple[str, Any]]:
+KEEPALIVE_ACK_TIMEOUT_MS = 10_000
+"""How long a keepalive ping may go unanswered; also the TCP_USER_TIMEOUT gRPC sets on the socket
+once keepalive is on, so a request written to a dead connection fails after this long."""
+
+
+def keepalive_options(keepalive_s: float) -> list[tuple[str, Any]]:
+    """Pings that a gRPC server with the default policy accepts: one per ``keepalive_s`` at most.
+
+    A gRPC C-core server counts a "ping strike" for every ping arriving sooner than
+    ``grpc.http2.min_ping_interval_without_data_ms`` (default 5 minutes) after the previous one
+    while it sent no data, and answers the third strike with GOAWAY ENHANCE_YOUR_CALM
+    "too_many_pings": the connection is dropped and every call on it fails with UNAVAILABLE. The
+    bridge always has a call open on each connection (the grpc.health.v1 Watch of
+    ``healthCheckConfig``, which sends nothing while the health does not change), so a client
+    pinging more often than that minimum is cut off every few pings, and so is a stream whose first
+    token takes a few pings to come. ``keepalive_s`` must be at least the server's minimum
+    (UPSTREAM_KEEPALIVE_S's default is above gRPC's default with a margin for timer skew).
+
+    No pings without a call (a default server allows one per two hours then); no cap on pings
+    without data (the Watch never sends any, and a capped client stops pinging altogether).
+    """
+    return [
+        ("grpc.keepalive_time_ms", round(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_ACK_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def channel_options(
+    rag_target: str, ejection_interval_s: float = 10.0, keepalive_s: float = 330.0
+) -> list[tuple[str, Any]]:
     """Round robin over every resolved address, each checked with grpc.health.v1 before use.
 
     Round robin alone keeps sending half the traffic to a replica that answers its health check
@@ -83,9 +120,7 @@ def channel_options(rag_target: str, ejection_interval_s: float = 10.0) -> list[
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.min_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2000),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.http2.max_pings_without_data", 0),
+        *keepalive_options(keepalive_s),
         # Without a growing receive window a stalled browser stalls the RAG server instead of
         # filling the bridge's memory (back-pressure reaches the producer).
         ("grpc.http2.bdp_probe", 0),
@@ -153,6 +188,7 @@ class Upstream:
         ejection_interval_s: float = 10.0,
         *,
         timeout_s: float = 120.0,
+        keepalive_s: float = 330.0,
         stream_tracing: StreamTracing | None = None,
     ) -> None:
         """``interceptors`` apply to unary calls only in practice: pass no unary-stream interceptor
@@ -163,7 +199,7 @@ class Upstream:
         self._stream_tracing = stream_tracing
         self._channel = grpc.aio.insecure_channel(
             self.target,
-            options=channel_options(self.target, ejection_interval_s),
+            options=channel_options(self.target, ejection_interval_s, keepalive_s),
             interceptors=list(interceptors) or None,
         )
         self._stub = rag_pb2_grpc.RagServiceStub(self._channel)  # type: ignore[no-untyped-call]
@@ -214,3 +250,26 @@ class Upstream:
 def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
     """The request id travels as metadata too, for proxies and interceptors that never parse the body."""
     return (("x-request-id", request_id),)
+
+
+# ------------------------------------------------------------------------ the RAG request messages
+_ROLES = {"user": rag_pb2.CHAT_ROLE_USER, "assistant": rag_pb2.CHAT_ROLE_ASSISTANT, "system": rag_pb2.CHAT_ROLE_SYSTEM}
+
+
+def _fields(chat: ChatInput, identity: Identity, request_id: str) -> dict[str, Any]:
+    return {
+        "query": chat.query,
+        # A verified email wins; an anonymous caller's email is a personalisation hint only.
+        "user_email": identity.email or chat.user_email or "",
+        "user_role": effective_role(identity, chat.user_role) or "",
+        "conversation_history": [rag_pb2.ChatMessage(role=_ROLES[r], content=c) for r, c in chat.history],
+        "request_id": request_id,
+    }
+
+
+def stream_chat_request(chat: ChatInput, identity: Identity, request_id: str) -> rag_pb2.StreamChatRequest:
+    return rag_pb2.StreamChatRequest(**_fields(chat, identity, request_id))
+
+
+def chat_request(chat: ChatInput, identity: Identity, request_id: str) -> rag_pb2.ChatRequest:
+    return rag_pb2.ChatRequest(**_fields(chat, identity, request_id))

@@ -1,7 +1,7 @@
 """The least-squares slope every memory measurement here reports (RSS per stream, per cancel, per minute).
 
 One definition for the soak (bench/) and the memory tests' helpers (tests/support/), which must not
-import each other: three copies had already drifted apart on what they did with fewer than two points.
+import each other: separate copies drift apart, e.g. on what they do with fewer than two points.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 // k6 load test of the chat stream: `k6 run load-tests/chat-stream-load.js`, as the deployment
 // guide (ORIGINAL-DESIGN) names it. `make loadtest` starts the stub, Redis and a bridge of
-// WORKERS workers and runs the long profile; tests/test_loadtest.py runs the short one in `make test`.
+// WORKERS workers and runs the long profile; tests/e2e/test_loadtest.py runs the short one in `make test`.
 //
 // Environment: BASE_URL (http://127.0.0.1:8000), JWT_SECRET (the bridge's HS256 secret),
 // PROFILE (short | long), QUERY_WORDS (tokens per answer with the echo stub).

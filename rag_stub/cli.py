@@ -33,9 +33,18 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, StubConfig]:
     )
     p.add_argument("--max-query-bytes", type=int, default=8 * 1024)
     p.add_argument("--shutdown-grace-s", type=float, default=5.0)
+    p.add_argument(
+        "--min-ping-interval-s",
+        type=float,
+        default=300.0,
+        help="keepalive policy: a client ping sooner than this after the previous one, while the server sent "
+        "no data, is a strike, and the third gets GOAWAY too_many_pings (gRPC's default policy: 300)",
+    )
     args = p.parse_args(argv)
     if args.repeat < 1 or (args.fail_after is not None and args.fail_after < 0):
         p.error("--repeat must be >= 1 and --fail-after >= 0")
+    if args.min_ping_interval_s < 0:
+        p.error("--min-ping-interval-s must be >= 0")
     config = StubConfig(
         mode=args.mode,
         first_token_delay_ms=args.first_token_delay_ms,
@@ -45,6 +54,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, StubConfig]:
         repeat=args.repeat,
         echo_delimiter=args.echo_delimiter,
         max_query_bytes=args.max_query_bytes,
+        min_ping_interval_s=args.min_ping_interval_s,
     )
     return args, config
 

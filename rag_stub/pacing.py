@@ -2,13 +2,13 @@
 
 A timer per stream per token costs the stub more CPU than the bridge under test at a few
 thousand paced streams, so benchmarks would measure the stub. A single periodic tick that
-releases every waiting stream at once is cheap but puts all streams in phase: 500 streams then
-write, and are closed, in the same millisecond, and the benchmark measures the queue behind that
-burst (cancellation p99 of ~60 ms even for a direct gRPC client). Here the pacing interval is cut
-into ``slots``; a stream waits for the slot its own deadline falls in, and one timer handle, armed
-for the earliest occupied slot, serves them all. Streams keep their phase within one slot
-(``interval / slots``) and load reaches the server spread over the interval, as real token
-generation would.
+releases every waiting stream at once is cheap but puts all streams in phase: hundreds of streams
+then write, and are closed, in the same millisecond, and the benchmark measures the queue behind
+that burst (a direct gRPC client's cancellation latency suffers as much as the bridge's). Here the
+pacing interval is cut into ``slots``; a stream waits for the slot its own deadline falls in, and
+one timer handle, armed for the earliest occupied slot, serves them all. Streams keep their phase
+within one slot (``interval / slots``) and load reaches the server spread over the interval, as
+real token generation would.
 """
 
 from __future__ import annotations

@@ -41,6 +41,23 @@ class StubConfig:
     echo_delimiter: str | None = None
     max_query_bytes: int = 8 * 1024
     max_history: int = 50
+    min_ping_interval_s: float = 300.0  # see keepalive_policy
+
+
+def keepalive_policy(min_ping_interval_s: float) -> list[tuple[str, int]]:
+    """The server's rule for its clients' keepalive pings, spelled out (gRPC's defaults at 300 s).
+
+    A ping arriving less than ``min_ping_interval_s`` after the previous one, while the server
+    sent no data, is a strike; the third strike gets GOAWAY ENHANCE_YOUR_CALM "too_many_pings" and
+    the connection is closed, failing its calls with UNAVAILABLE. On a connection without calls
+    only one ping per two hours is allowed. A RAG service behind the bridge needs
+    ``min_ping_interval_s`` no higher than the bridge's UPSTREAM_KEEPALIVE_S.
+    """
+    return [
+        ("grpc.http2.min_ping_interval_without_data_ms", round(min_ping_interval_s * 1000)),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.keepalive_permit_without_calls", 0),
+    ]
 
 
 def print_stream_end(record: dict[str, Any]) -> None:
@@ -204,7 +221,10 @@ async def start_server(
     """Start the stub with health checking and reflection; return the server and its bound port."""
     # grpc turns SO_REUSEPORT on by default: a second stub on a taken port would print "listening"
     # and silently share the port (and its callers) with the first one.
-    server = grpc.aio.server(interceptors=interceptors or None, options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(
+        interceptors=interceptors or None,
+        options=[("grpc.so_reuseport", 0), *keepalive_policy(config.min_ping_interval_s)],
+    )
     rag_pb2_grpc.add_RagServiceServicer_to_server(RagStub(config, on_stream_end), server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,6 +1,6 @@
 """Write the settings table of docs/configuration.md from the declarations in bridge/config.py.
 
-``make docs`` runs it before building the site; ``--check`` (run by ``tests/test_docs_pages.py``)
+``make docs`` runs it before building the site; ``--check`` (run by ``tests/unit/test_docs_pages.py``)
 fails when the committed page differs from what it would write, so the table cannot drift from the code.
 """
 

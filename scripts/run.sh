@@ -32,6 +32,7 @@ cat <<MSG
 
   Demo page:   http://127.0.0.1:$BRIDGE_PORT/
   Stream:      curl -N "http://127.0.0.1:$BRIDGE_PORT/api/v2/bali-zero/chat-stream?query=B211A%20visa"
+  OpenAI API:  base URL http://127.0.0.1:$BRIDGE_PORT/v1, model bali-zero (any api_key)
   Stop with Ctrl-C.
 
 MSG

@@ -6,6 +6,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -23,7 +24,12 @@ def require_binary(name: str, *candidates: str) -> str:
         )
         if found:
             return found
-    message = f"{name} is not installed (make test installs it with apt-get)"
+    missing_prerequisite(f"{name} is not installed (make test installs it with apt-get)")
+
+
+def missing_prerequisite(message: str) -> NoReturn:
+    """Something from outside a test needs (a binary, a package index) is not there: a skip
+    locally, a failure when CI=true, where everything must be."""
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(message)
     pytest.skip(message)
@@ -52,6 +58,9 @@ def bridge_factory(tmp_path: Path) -> Iterator[BridgeFactory]:
             "ENABLE_SSE_STREAMING": "true",
             "AUDIT_DB": str(tmp_path / f"audit-{len(started)}.sqlite3"),
             "LOG_LEVEL": "WARNING",
+            # A stream a test leaves in its resume window (with RESUME_STORE) holds the drain for
+            # the whole grace: short, so the stop() below ends the bridge cleanly, not by SIGKILL.
+            "SHUTDOWN_GRACE_S": "2",
         }
         if stub is not None:
             full["RAG_TARGET"] = stub.target

@@ -74,7 +74,10 @@ _GRPC_METADATA = ("grpc.aio._call:Call.initial_metadata", "grpc.aio._interceptor
 PROBES: tuple[Probe, ...] = (
     # The bridge's own HTTP/1.1 protocol (request head limits) replaces uvicorn's data_received.
     Probe(
-        RECEIVED, ("bridge.http_protocol:HeadLimitedProtocol.data_received", _DATA_RECEIVED), "entry", bridge_only=True
+        RECEIVED,
+        ("bridge.server.protocol:HeadLimitedProtocol.data_received", _DATA_RECEIVED),
+        "entry",
+        bridge_only=True,
     ),
     Probe(RECEIVED, (_DATA_RECEIVED,), "entry", peer_only=True),
     Probe("app_called", (f"{_CYCLE}.run_asgi",), "entry"),

@@ -254,10 +254,10 @@ def run(
                 peak["fds"], peak["rss"] = max(peak["fds"], fds), max(peak["rss"], rss)
                 if i % 60 == 0:
                     # The client keeps every stream's record (tokens included) for the final
-                    # accounting: millions of objects, which a full collection scans. In the
-                    # 30-minute run those collections stalled this client's loop for ~3.5 s at a
-                    # time, so planned 1 s reconnects arrived after the 5 s window (clusters of
-                    # STREAM_EXPIRED charged to the bridge). Frozen objects are not scanned again.
+                    # accounting: millions of objects, which a full collection scans. In a long
+                    # run such a collection stalls this client's loop for seconds, so planned
+                    # reconnects would arrive after the resume window (clusters of STREAM_EXPIRED
+                    # charged to the bridge). Frozen objects are not scanned again.
                     gc.freeze()
                 if i % 10 == 0:
                     resident, anonymous, file_backed = memory_split_mib(ps.pid)

@@ -1,7 +1,7 @@
 """Chain heads anchored outside the store, so an emptied, truncated or rolled-back store is caught.
 
 The chain and its head row live in the same file: whoever can write that file can delete every
-row (``audit verify`` then used to say "OK: 0 records") or cut the tail and put back an old,
+row (``audit verify`` of the store alone then says "OK: 0 records") or cut the tail and put back an old,
 validly MAC'd head row. Like CloudTrail's digest files, the fix keeps signed heads *elsewhere*:
 
 * the bridge logs ``{"event":"audit_head","seq","hash","head_ts","mac"}`` (the log ships to the log

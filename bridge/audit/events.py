@@ -1,13 +1,13 @@
 """Audit events, built only through ``EventFactory`` so the GDPR field rules live in one place.
 
-Rules (each enforced here, and asserted per event type by tests/test_audit_events.py):
+Rules (each enforced here, and asserted per event type by tests/unit/audit/test_events.py):
 
 * the query is stored only as ``query_hmac`` (keyed HMAC-SHA256), never raw: a plain SHA-256 of
   a short query is reversible by guessing, a keyed one is not without the key;
 * ``user_id`` is pseudonymous: the verified (or trusted-proxy) user id when there is one, else
   ``anon:<HMAC of the IP>``, so anonymous callers are still correlatable without storing the IP;
 * ``identity_kind`` says how that id was established (``token``, ``proxy`` or ``anonymous``):
-  without it a caller whose ``x-user-id: alice`` a proxy passed on was recorded exactly like the
+  without it a caller whose ``x-user-id: alice`` a proxy passed on would be recorded exactly like the
   verified token user ``alice``;
 * ``email`` only when ``Identity.authenticated`` (an unverified email is neither needed nor trusted);
 * ``client_ip`` only on the security events ``rate_limited`` and ``auth_failed``;

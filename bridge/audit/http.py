@@ -21,9 +21,8 @@ from starlette.responses import Response
 from bridge.audit.events import ALLOWED_FIELDS, EARLIEST_TS, LATEST_TS, parse_ts
 from bridge.audit.store import QueryFilters
 from bridge.audit.trail import AuditTrail
-from bridge.errors import BadRequest, BridgeError, Forbidden, Unauthorized
-from bridge.request_ids import request_ids
-from bridge.responses import JSONResponse, error_response
+from bridge.errors import BadRequest, BridgeError, Forbidden, JSONResponse, Unauthorized, error_response
+from bridge.telemetry import request_ids
 from bridge.types import Identity
 
 Authenticate = Callable[[Request], Awaitable[Identity]]

@@ -1,8 +1,8 @@
 """Refused requests folded into a bounded number of audit records per window.
 
-A record per refused request let anyone fill the audit store: every bad token was an
+A record per refused request would let anyone fill the audit store: every bad token an
 ``auth_failed`` record and every 429 a ``rate_limited`` one, each kept for the whole retention,
-written as fast as one client could send requests. ``RefusalLedger`` keeps, per (event type,
+written as fast as one client can send requests. ``RefusalLedger`` keeps, per (event type,
 subject, reason) and per fixed window of ``window_s`` (AUDIT_REFUSAL_WINDOW_S):
 
 * the first refusal, written at once (``count`` 1): an attack shows in the trail immediately;

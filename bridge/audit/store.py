@@ -8,7 +8,7 @@ implementing it. What an implementation must guarantee (the SQLite one does):
 * ``purge_through`` deletes a contiguous *prefix* by id, up to a record the caller verified (its
   hash is re-checked inside the write transaction), and appends the checkpoint in the same
   transaction: which records are old is decided by the verifier from the chained bodies, never
-  from a column an attacker can rewrite (backdating ``ts`` used to purge minutes-old records), and
+  from a column an attacker can rewrite (a backdated ``ts`` would get minutes-old records purged), and
   a crash between delete and checkpoint would leave a chain that can never verify again;
 * ``snapshot`` reads the head and all records in one read transaction, so a verify racing a writer
   does not see a head newer than the records (a false "tampered" alarm); ``hash_at`` answers

@@ -7,12 +7,16 @@ A dedicated writer thread, not an asyncio task + ``to_thread``, does all SQLite 
 * at shutdown the thread drains the inbox even while the loop is tearing down its default
   executor, so events queued before SIGTERM are written (``aclose`` waits for exactly that).
 
-Retention purges verify off the writer thread (bridge/audit/purger.py), so a purge of a large
-store never stalls writing. The writer anchors the chain head (bridge/audit/anchor.py) at start,
-every ``head_interval_s`` and at shutdown.
+The writer takes its work from an ``Inbox``: a bounded queue of events plus a lane for control
+tasks (flush, close, a purge's delete), each run after every event accepted before it.
+
+Retention purges verify off the writer thread (``RetentionPurger``), so a purge of a large store
+never stalls writing; which records may go is decided by bridge/audit/retention.py. The writer
+anchors the chain head (bridge/audit/anchor.py) at start, every ``head_interval_s`` and at
+shutdown.
 
 A full inbox drops the event rather than waiting: an audit stall must not become an outage. Every
-drop is counted, reported and logged without flooding the log (bridge/audit/drops.py).
+drop is counted, reported and logged without flooding the log (``DropCounter``).
 """
 
 from __future__ import annotations
@@ -21,26 +25,23 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from bridge.audit.anchor import HeadAnchor, HeadSigner, SealedHeadFile, head_path
 from bridge.audit.chain import Chain, VerifyResult, verify
-from bridge.audit.drops import DropCounter, DropHook
-from bridge.audit.events import AuditEvent, EventFactory, format_ts, utc_now
-from bridge.audit.inbox import Inbox, Task
+from bridge.audit.events import AuditEvent, EventFactory, format_ts, retention_cutoff, utc_now
 from bridge.audit.keys import AuditKeys, load_keys
-from bridge.audit.purger import RetentionPurger
-from bridge.audit.retention import sealed_heads
+from bridge.audit.retention import checkpoint_builder, plan_purge, sealed_heads
 from bridge.audit.store import AuditStore, QueryFilters, SQLiteStore, StoredRecord
 from bridge.config import Settings
 from bridge.errors import AuditChainBroken
 
 log = logging.getLogger("bridge.audit")
-
-__all__ = ["AuditTrail", "DropHook"]
 
 _LINGER_S = 0.02
 
@@ -250,8 +251,8 @@ class AuditTrail:
                 self._write(events)
             self._inflight = 0
             if task is None and 0 < len(events) < self._batch_size:
-                # Let a batch gather: one transaction and one wake-up per ~20 ms instead of one per
-                # event keeps the writer thread (and its GIL hand-offs) off the streams' core.
+                # Let a batch gather: one transaction and one wake-up per _LINGER_S instead of one
+                # per event keeps the writer thread (and its GIL hand-offs) off the streams' core.
                 time.sleep(_LINGER_S)
             if task is not None:
                 self._finish(task)
@@ -287,3 +288,198 @@ class AuditTrail:
                 return
         for event in events:  # one bad event (or a transient error) must not lose the whole batch
             self._write([event])
+
+
+# ------------------------------------------------------------------------------ the writer's inbox
+@dataclass(slots=True)
+class Task:
+    """Work for the writer thread, run after all events queued before it are written."""
+
+    run: Callable[[], Any] | None = None
+    stop: bool = False
+    future: Future[Any] = field(default_factory=Future)
+
+
+class Inbox:
+    """The writer's inbox: a bounded queue of events plus an unbounded lane for control tasks.
+
+    Why not ``queue.Queue``: a flush or shutdown marker must get in even when the queue is full of
+    events (otherwise ``aclose`` would block, or drop its own marker, exactly under overload), and it
+    must be ordered after every event accepted before it, so "flushed" really means written.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: deque[AuditEvent | Task] = deque()
+        self._events = 0
+        self._closed = False
+        self._cond = threading.Condition(threading.Lock())
+
+    def offer(self, event: AuditEvent) -> bool:
+        """Queue an event unless full or closed; O(1) and never waits beyond a short lock.
+
+        It does not wake the writer, which looks every few milliseconds instead: waking it would
+        make the writer thread take the GIL (and the core) right after a stream's start is
+        recorded, in the very moments that stream's first token is being read and written. Tasks (flush,
+        close) still wake it at once.
+        """
+        with self._cond:
+            if self._closed or self._events >= self.capacity:
+                return False
+            self._items.append(event)
+            self._events += 1
+            return True
+
+    def submit(self, task: Task, *, close: bool = False) -> None:
+        """Queue a control task regardless of capacity; ``close`` refuses all later events."""
+        with self._cond:
+            self._closed = self._closed or close
+            self._items.append(task)
+            self._cond.notify()
+
+    def submit_unless_closed(self, task: Task) -> bool:
+        """Queue a task only while open: a task queued after the stop marker would never run."""
+        with self._cond:
+            if self._closed:
+                return False
+            self._items.append(task)
+            self._cond.notify()
+            return True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __len__(self) -> int:
+        return self._events
+
+    def take(self, max_events: int, timeout: float | None) -> tuple[list[AuditEvent], Task | None]:
+        """Wait up to ``timeout`` for work; return queued events up to the first task, and that task."""
+        with self._cond:
+            if not self._items:
+                self._cond.wait(timeout)
+            events: list[AuditEvent] = []
+            while self._items and len(events) < max_events:
+                item = self._items.popleft()
+                if isinstance(item, Task):
+                    self._events -= len(events)
+                    return events, item
+                events.append(item)
+            self._events -= len(events)
+            return events, None
+
+
+# ---------------------------------------------------------------------------------- dropped events
+
+DropHook = Callable[[str, int], None]
+"""(reason, count): reason is ``queue_full``, ``closed`` or ``write_error``."""
+
+
+class DropCounter:
+    """Counts the audit events the trail could not keep, loudly but without flooding the log.
+
+    A full inbox drops the event rather than waiting: an audit stall must not become an outage. So
+    every drop is counted (``total``) and handed to ``on_drop`` (the metrics), and logged at error
+    level rate-limited to one line per interval: an overload that drops thousands of events a second
+    would otherwise also flood the error log and bury everything else in it.
+
+    Thread-safe: the request path (any thread) and the writer thread both report drops.
+    """
+
+    __slots__ = ("_lock", "_log_interval_s", "_logged_at", "_on_drop", "_unreported", "total")
+
+    def __init__(self, on_drop: DropHook | None, log_interval_s: float) -> None:
+        self.total = 0
+        self._on_drop = on_drop
+        self._log_interval_s = log_interval_s
+        self._lock = threading.Lock()
+        self._unreported = 0
+        self._logged_at = -float("inf")
+
+    def add(self, reason: str, count: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.total += count
+            self._unreported += count
+            report = now - self._logged_at >= self._log_interval_s
+            if report:
+                unreported, self._unreported, self._logged_at = self._unreported, 0, now
+        if report:
+            log.error(
+                "AUDIT EVENTS DROPPED (%s): %d since the last report, %d in total; the audit trail is incomplete",
+                reason,
+                unreported,
+                self.total,
+            )
+        if self._on_drop is not None:
+            try:
+                self._on_drop(reason, count)
+            except Exception:
+                log.exception("audit on_drop hook failed")
+
+
+# ---------------------------------------------------------- retention purges off the writer thread
+
+
+class RetentionPurger:
+    """Retention purges of one trail's store off the writer thread: verify on a read snapshot,
+    delete as one writer task; at most one background purge runs at a time.
+
+    Retention verifies the whole chain before it purges (bridge/audit/retention.py), which is O(n).
+    Run on the writer thread, a purge of a large store would stall writing until the inbox fills
+    and events are dropped; so verification runs in a thread of its own and only the delete itself
+    is queued for the writer, which keeps every write to the store on one thread.
+    """
+
+    __slots__ = ("_chain", "_chain_key", "_clock", "_inbox", "_sealed", "_store", "background")
+
+    def __init__(
+        self,
+        store: AuditStore,
+        chain_key: bytes,
+        chain: Chain,
+        inbox: Inbox,
+        sealed: SealedHeadFile | None,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._store = store
+        self._chain_key = chain_key
+        self._chain = chain
+        self._inbox = inbox
+        self._sealed = sealed
+        self._clock = clock
+        self.background: Future[int] | None = None
+        """The latest background purge (start-up or scheduled), for tests and status."""
+
+    def in_background(self, days: int) -> None:
+        """Start a retention purge in its own thread unless one is still running."""
+        if self.background is not None and not self.background.done():
+            return
+        future: Future[int] = Future()
+        self.background = future
+        threading.Thread(target=self._logged, args=(days, future), name="audit-purge", daemon=True).start()
+
+    def _logged(self, days: int, future: Future[int]) -> None:
+        try:
+            future.set_result(self.now(days))
+        except AuditChainBroken as exc:
+            log.critical("AUDIT RETENTION PURGE REFUSED: %s; nothing was deleted", exc)
+            future.set_exception(exc)
+        except BaseException as exc:
+            log.exception("audit retention purge failed")
+            future.set_exception(exc)
+
+    def now(self, days: int) -> int:
+        """Verify on a read snapshot (this thread), then delete on the writer thread."""
+        cutoff = retention_cutoff(self._clock(), days)
+        last = plan_purge(self._store, self._chain_key, sealed_heads(self._sealed), cutoff)
+        if last is None:
+            return 0
+        build = checkpoint_builder(lambda: format_ts(self._clock()), cutoff)
+        task = Task(lambda: self._store.purge_through(last, self._chain, build))
+        if not self._inbox.submit_unless_closed(task):
+            return 0  # shutting down: the next start purges
+        count: int = task.future.result()
+        if count:
+            log.info("audit retention: purged %d records older than %s", count, cutoff)
+        return count

@@ -28,7 +28,7 @@ from bridge.resume.keys import (
     owner_tag,
     reader_key,
 )
-from bridge.stream.policy import ENDED_HOLD_WINDOWS, StreamPolicy
+from bridge.stream.source import ENDED_HOLD_WINDOWS, StreamPolicy
 
 log = logging.getLogger("bridge.resume")
 
@@ -185,8 +185,8 @@ class ResumeStore:
         """Receive cancels addressed to this instance; reconnect with backoff forever.
 
         The backoff stays short (at most ``_SUBSCRIBE_BACKOFF_MAX_S``) and any other successful
-        Redis call ends it at once (``succeeded`` sets ``_reachable``): with a 5 s backoff the
-        subscriber slept through Redis's return, and the stops published meanwhile reached nobody.
+        Redis call ends it at once (``succeeded`` sets ``_reachable``): with a long backoff the
+        subscriber sleeps through Redis's return, and the stops published meanwhile reach nobody.
         """
         backoff = 0.2
         while True:
@@ -213,6 +213,43 @@ class ResumeStore:
             finally:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+
+    # -- owner side ------------------------------------------------------------------------------
+
+    @property
+    def down(self) -> bool:
+        """The last call failed and none has succeeded since (an outage is under way)."""
+        return self._down
+
+    async def claim(self, stream_id: str, owner: str, request_id: str, opening_s: float) -> bool:
+        """Store a new stream's meta record; True once Redis holds it.
+
+        Awaited before the stream's id leaves this instance (bridge.stream.opener): if it were
+        written only by the first flush of the stream's mirror, off the token path, a client that
+        had read the first frame and resumed on another instance at once could find no record, and
+        that instance would answer the final, non-retryable STREAM_EXPIRED for a live stream. The TTL covers
+        the open (``opening_s``, the longest the response head may wait) plus the running TTL; the
+        mirror refreshes it from then on. A failure is counted and answered False: the stream then
+        runs under single-instance rules until the mirror reaches Redis.
+        """
+        key = meta_key(stream_id)
+        record = {"owner": owner, "instance": self.instance, "request_id": request_id}
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hset(key, mapping=record)
+            pipe.pexpire(key, int((self.timings.ttl_s + opening_s) * 1000))
+            await self.call(pipe.execute())
+        except STORE_ERRORS as exc:
+            self.failed("write", exc)
+            return False
+        self.succeeded()
+        return True
+
+    async def unclaim(self, stream_id: str) -> None:
+        """Forget the meta record of a stream whose open was refused or interrupted (best effort:
+        its id never reached a client, and the record expires by itself anyway)."""
+        with contextlib.suppress(*STORE_ERRORS):
+            await self.call(self.client.delete(meta_key(stream_id)))
 
     # -- reader side -----------------------------------------------------------------------------
 
@@ -242,9 +279,9 @@ class ResumeStore:
         """A reader of an ended stream left (or still reads): keep its frames and meta for a
         resume window (``end_ttl_s``) from now, never longer than ``end_hold_max_s`` after its end.
 
-        The owner sets those keys' TTL once, at the end; counted from there, a reader on another
-        instance that lagged behind a finished answer and then dropped found them gone within
-        its own window (STREAM_EXPIRED for a completed answer). Returns the milliseconds applied,
+        The owner sets those keys' TTL once, at the end; counted only from there, a reader on
+        another instance that lagged behind a finished answer and then dropped would find them gone
+        within its own window (STREAM_EXPIRED for a completed answer). Returns the milliseconds applied,
         0 when nothing was held (the stream has not ended, or its ceiling passed), None when Redis
         failed (counted).
         """
@@ -271,6 +308,11 @@ class ResumeStore:
         meta = await self.lookup(stream_id)
         if meta is None or meta.owner != owner_tag(identity_key):
             return False
+        if meta.over:
+            # Over already (completed, ended by its owner's shutdown, stopped, expired): there is
+            # nothing left to stop. Published, such a stop finds no receiver once the owner has
+            # exited, and the caller would get a retryable 503 for a stream that has stopped.
+            return True
         try:
             pipe = self.client.pipeline(transaction=False)
             pipe.delete(reader_key(stream_id))

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 BATCH = 256  # frames per pipeline round trip, and per XREAD
 
+# The ``end`` a mirror that gave up stores: the stream may still run on its owner, unmirrored.
+LOST = "lost"
+
 
 def frames_key(stream_id: str) -> str:
     return f"bzb:frames:{stream_id}"
@@ -51,6 +54,12 @@ class StoredStream:
     last_seq: int
     final_seq: int | None
     end: str | None
+
+    @property
+    def over(self) -> bool:
+        """The owner stored the stream's end: it runs nowhere any more (``LOST`` says only that
+        mirroring stopped; the owner may still be streaming it)."""
+        return self.end is not None and self.end != LOST
 
     @classmethod
     def parse(cls, stream_id: str, raw: dict[bytes, bytes]) -> StoredStream | None:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bridge.errors import BridgeError, NotFound, ResumeStoreUnavailable, StreamExpired
 from bridge.resume.client import STORE_ERRORS, ResumeStore
 from bridge.resume.keys import BATCH, StoredStream, frames_key, meta_key, owner_tag, seq_of
-from bridge.stream.framelog import FrameLog
 from bridge.stream.frames import error_frame
+from bridge.stream.replay import FrameLog
 from bridge.stream.source import Notifier
 
 log = logging.getLogger("bridge.resume")
@@ -92,15 +91,26 @@ class RemoteStream:
         self._changed = Notifier()
         self._space = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+        self._shut_down = False  # ended here by ``shut_down``, not by the stream
 
     @property
     def sent_seq(self) -> int:
         return self._log.sent_seq
 
+    @property
+    def running(self) -> bool:
+        """A client is attached and its reading has not stopped."""
+        return bool(self._tasks)
+
+    async def wait_closed(self) -> None:
+        await self._stopped.wait()
+
     def attach(self, after_seq: int) -> int | BridgeError:
         self.generation += 1
         self._log.rewind(after_seq)
         self._next = after_seq + 1
+        self._stopped.clear()
         self._tasks = [self.store.spawn(self._read(f"{after_seq}-0")), self.store.spawn(self._keepalive())]
         return self.generation
 
@@ -108,20 +118,45 @@ class RemoteStream:
         for task in self._tasks:
             task.cancel()
         self._tasks = []
+        self._stopped.set()
+
+    def shut_down(self, error: BridgeError) -> None:
+        """This instance is shutting down: end the reader now with ``error`` (a retryable
+        SHUTTING_DOWN), id = the last frame delivered, and hold the owner a grace window as a
+        client leaving does, so the client resumes on another instance where it left off.
+
+        Cut by the server's shutdown instead, the response ended without a final frame, and its
+        release then dropped the reader key, so the owner could cancel the stream before the
+        client came back.
+        """
+        if not self._tasks or self.finished:
+            return
+        self._shut_down = True
+        self._stop()
+        self._leave()
+        self._fail(error)
+
+    def _leave(self) -> None:
+        """Hold the owner a grace window for the client (here or anywhere), and an ended stream's
+        keys a window from now."""
+        self.store.spawn(self.store.hold_reader(self.stream_id, self.store.timings.grace_s))
+        self.store.spawn(self.store.hold_ended(self.stream_id))  # a no-op while the owner still runs
 
     def detach(self, generation: int) -> None:
         """The client left: give it the grace window to come back (here or anywhere). Idempotent."""
         if generation != self.generation or not self._tasks:
             return
         self._stop()
-        self.store.spawn(self.store.hold_reader(self.stream_id, self.store.timings.grace_s))
-        self.store.spawn(self.store.hold_ended(self.stream_id))  # a no-op while the owner still runs
+        self._leave()
 
     def release(self, generation: int) -> None:
-        """The final frame was written: nobody needs the owner to wait any more."""
+        """The final frame was written: nobody needs the owner to wait any more, unless that frame
+        came from ``shut_down`` (the stream goes on; the client resumes elsewhere)."""
         if generation != self.generation:
             return
         self._stop()
+        if self._shut_down:  # ``shut_down`` already held the owner for the client
+            return
         self.store.spawn(self.store.drop_reader(self.stream_id))
         # Written is not received: a client cut right now may still come back for the tail.
         self.store.spawn(self.store.hold_ended(self.stream_id))
@@ -140,9 +175,6 @@ class RemoteStream:
 
     def wake(self) -> None:
         self._changed.notify()
-
-    def park(self, handover: Callable[[], Awaitable[None]] | None) -> None:
-        """Nothing to hand over: the store's frames are read by the writer itself."""
 
     def _push(self, seq: int, data: bytes, final: bool = False) -> None:
         self._log.append(data, seq)

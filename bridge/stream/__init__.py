@@ -1,19 +1,18 @@
-"""The stream core: one file per concern, each changeable without reading the others.
+"""The stream core: where a reader looks for each concept of one stream.
 
     opener.py     the one way to open a stream: identity, input, request id → a started session
-    session.py    one local stream, tying the parts below together (``StreamSession``)
+    session.py    one local stream (``StreamSession``) and its parts: who hears of it (``Audience``),
+                  the wait for the first answer (``FirstAnswer``), back-pressure (``Room``), who
+                  reads it and for how long (``Lifecycle``), token timing (``TokenClock``)
     pump.py       gRPC messages → the session, with back-pressure (``UpstreamPump``)
-    frames.py     messages and stream ends → SSE frames (``FrameEncoder``)
-    framelog.py   the replay buffer: unsent and sent frames, caps, trimming (pure)
-    lifecycle.py  attach, detach, grace window, expiry
+    frames.py     messages and stream ends → SSE frames (``FrameEncoder``); stream and event ids
+    replay.py     the replay log (``FrameLog``, pure) and whether a Last-Event-ID reconnect is
+                  served here, from the store, or refused
+    registry.py   the sessions this instance owns, and when an ended one is forgotten
     response.py   frames → the socket, heartbeats, send timeout, disconnect (``EventStreamResponse``)
-    registry.py   the sessions this instance owns
-    source.py     the interfaces between them (``FrameSource``, ``FrameSink``) and ``Notifier``
-    hooks.py      who hears of a stream: observer and the opener's hooks, told in order (``Audience``)
-    answer.py     the opener's wait for the first frame or a refusal (``FirstAnswer``)
-    backpressure.py  the pump waits while the reader is a window behind (``Room``)
-    resumption.py whether a Last-Event-ID reconnect is served here, from the store, or refused
-    ids.py        stream and event ids;  timing.py  token timing;  policy.py  the per-stream limits
+    source.py     the interfaces a response drains and a session mirrors to (``FrameSource``,
+                  ``FrameSink``), ``Notifier``, and the per-stream limits (``StreamPolicy``);
+                  shared with bridge.resume
 
 The UNAVAILABLE retry and the call's deadline live in ``bridge.upstream``; resume across
 instances in ``bridge.resume``.

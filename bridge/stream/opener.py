@@ -2,19 +2,27 @@
 
 Opening is ordered so that a refusal costs nothing and leaks nothing: the stream slot (caps)
 first, then the trace span, the upstream call, and once its request is out the session that
-pumps it, known to nobody but the registry yet, and its response. The response settles the open
+pumps it, known to nobody but the registry yet, and its response. With a resume store, the
+stream's meta record is stored before the response exists (``OpenStream.claim``), so no client
+learns a stream id another instance could not yet find. The response settles the open
 (``OpenStream``): its HTTP status waits for the RAG service's first message, or a refusal
 (answered as an HTTP error while no frame has been sent), or the accept wait; only then is the
 session announced to its hooks, observers and the resume store's mirror. A refused or interrupted
-open gives the slot back, ends the span and leaves the registry; an opened stream gives them back
-through its hooks when it ends.
+open gives the slot back, ends the span, leaves the registry and forgets the meta record; an
+opened stream gives them back through its hooks when it ends.
+
+Every face of the API opens its streams here (``face``, bridge/stream/face.py): the native event
+stream and the OpenAI-compatible one get the same caps, span, audit, session and drain, and differ
+only in the bytes of their frames. A face without resume gets no grace window and no mirror: its
+client cannot come back with ``Last-Event-ID``, so a disconnect cancels upstream at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from opentelemetry.context import Context
@@ -23,15 +31,15 @@ from opentelemetry.trace import Span
 from bridge.errors import BridgeError
 from bridge.inputs import ChatInput
 from bridge.logs import log_stream_end
-from bridge.rag_request import stream_chat_request
 from bridge.resume.keys import owner_tag
 from bridge.resume.mirror import FrameMirror
-from bridge.stream.ids import new_stream_id
+from bridge.stream.face import NATIVE, StreamFace
+from bridge.stream.frames import new_stream_id
 from bridge.stream.session import StreamSession
 from bridge.streamcap import Lease
 from bridge.telemetry import trace_id_of
 from bridge.types import Identity, StreamResult
-from bridge.upstream import ChatStream
+from bridge.upstream import ChatStream, stream_chat_request
 
 if TYPE_CHECKING:
     from bridge.state import BridgeState
@@ -44,6 +52,8 @@ class StreamOpener:
 
     def __init__(self, state: BridgeState) -> None:
         self.state = state
+        # A face without resume: no grace window, so a disconnect cancels upstream at once.
+        self._no_resume_policy = dataclasses.replace(state.policy, resume_grace_s=0)
 
     async def open(
         self,
@@ -55,12 +65,12 @@ class StreamOpener:
         method: str,
         path: str,
         respond: Callable[[StreamSession, OpenStream], R],
+        face: StreamFace = NATIVE,
     ) -> R:
         """The response of a started stream (``respond(session, pending)``), or raises the
         ``BridgeError`` to answer instead (429 and the like).
 
-        The response does not wait for the RAG service here: it settles the open itself
-        (``OpenStream``), so the pump can write the first frames without waking this task.
+        The RAG service is not waited for here: the response settles the open (``OpenStream``).
         """
         state = self.state
         try:
@@ -80,7 +90,7 @@ class StreamOpener:
                 call = state.rag.chat_stream(stream_chat_request(chat, identity, request_id))
             # grpc.aio sends the request from a task of its own, queued by now: let it go out
             # first, then build the session while the RAG service works on the answer. Built
-            # before the call instead, it delayed the request: 20 paired rounds, ratio 0.86.
+            # before the call, the session would delay the request by its own construction time.
             await asyncio.sleep(0)
         except BaseException:
             if call is not None:  # no pump reads it yet: nothing awaits the call, cancel it directly
@@ -92,20 +102,24 @@ class StreamOpener:
             )
             telemetry.end_stream_span(span, interrupted)
             raise
+        stream_id = new_stream_id()
         session = StreamSession(
-            stream_id=new_stream_id(),
+            stream_id=stream_id,
             request_id=request_id,
             owner=identity.key,
-            policy=state.policy,
+            policy=state.policy if face.resumable else self._no_resume_policy,
             observer=state.observer,
             trace_id=trace_id_of(span),
             started=started,
+            encoder=face.encoder(stream_id, request_id),
         )
-        session.start(call, announce=False)
+        session.start(call)
         # Known from now on (a DELETE right after the first frame must find it); forgotten
         # again if the RAG service refuses the call.
         state.registry.add(session)
-        return respond(session, OpenStream(state, session, lease, span, identity, chat.query))
+        opening = OpenStream(state, session, lease, span, identity, chat.query)
+        await opening.claim()  # while the RAG service works on its first message
+        return respond(session, opening)
 
 
 class OpenStream:
@@ -130,15 +144,45 @@ class OpenStream:
         self.identity = identity
         self.query = query
 
-    async def answered(self) -> BridgeError | None:
-        """Wait until the stream ended, ``release`` or the accept wait; the refusal, if refused.
-
-        The accept wait bounds how long the status line may wait for the RAG service; once it
-        passed, the status goes out and heartbeats cover the rest of the wait.
-        """
+    @property
+    def accept_wait_s(self) -> float:
+        """How long the status line may wait for the RAG service; then it goes out, and heartbeats
+        cover the rest of the wait."""
         settings = self.state.settings
-        accept_wait_s = min(settings.upstream_connect_timeout_s, settings.heartbeat_interval_s)
-        return await self.session.answered(accept_wait_s, on_frame=False)
+        return min(settings.upstream_connect_timeout_s, settings.heartbeat_interval_s)
+
+    async def claim(self) -> None:
+        """With a resume store: store the stream's meta record before the response can tell anyone
+        the stream id (``ResumeStore.claim``). Awaited while the RAG service works on the first
+        message, so it costs the first byte only a Redis round trip longer than that work.
+
+        Skipped while the store is known to be down, where each attempt would hold the status line
+        for a whole Redis timeout; the stream then runs under single-instance rules until its mirror
+        reaches Redis.
+        """
+        store = self.state.resume_store
+        session = self.session
+        if store is None or store.down or not session.resumable:  # a face without resume: nothing to claim
+            return
+        try:
+            await store.claim(session.stream_id, owner_tag(self.identity.key), session.request_id, self.accept_wait_s)
+        except BaseException:  # the request task was cancelled (server shutdown, client gone)
+            self.interrupted()
+            raise
+
+    def park(self, handover: Callable[[], Awaitable[None]] | None) -> None:
+        self.session.park(handover)
+
+    async def answered(self) -> BridgeError | None:
+        """Wait until ``release``, the end of the stream or the accept wait; the refusal, if refused.
+
+        Frames that arrived during ``claim`` end the wait at once: the pump had no writer to hand
+        them to, so the response writes them now instead of at the next message.
+        """
+        session = self.session
+        if session.last_seq > 0:  # no handover was parked yet to write them: the writer does
+            return None  # a refusal is a status before any frame, so there is none
+        return await session.answered(self.accept_wait_s)
 
     def release(self) -> None:
         self.session.release_answer()
@@ -154,7 +198,7 @@ class OpenStream:
         store = state.resume_store
         sink = (
             None
-            if store is None
+            if store is None or not session.resumable
             else FrameMirror(store, session.stream_id, session.request_id, owner_tag(identity.key))
         )
         session.announce(self, sink)
@@ -171,6 +215,8 @@ class OpenStream:
     def _close(self, code: str) -> StreamResult:
         state, session = self.state, self.session
         state.registry.discard(session)
+        if state.resume_store is not None and session.resumable:  # its id never reached a client: nothing may resume it
+            state.resume_store.spawn(state.resume_store.unclaim(session.stream_id))
         self.lease.release()
         elapsed = round((time.monotonic() - session.clock.started) * 1000, 3)
         result = StreamResult("", session.request_id, "error", 0, elapsed, None, code, trace_id=session.trace_id)
@@ -193,7 +239,7 @@ class OpenStream:
 
         Only now does the resume window start: counted from the upstream's end instead, a
         reader that lagged more than RESUME_GRACE_S behind a finished answer and then lost its
-        connection found the stream forgotten (STREAM_EXPIRED; the 7-minute soak found one).
+        connection would find the stream forgotten (STREAM_EXPIRED for a completed answer).
         """
         telemetry = self.state.telemetry
         if self.span.is_recording() and self.session.upstream_open:

@@ -41,7 +41,8 @@ class PumpTarget(Protocol):
 
     @property
     def handover(self) -> Callable[[], Awaitable[None]] | None:
-        """Set while the reader's writer is parked: the pump writes the new frames itself, now."""
+        """Set while a new stream opens: the pump awaits it after each frame it appends (the
+        response writes the frame in the turn its message arrived)."""
         ...
 
     async def make_room(self) -> bool:
@@ -87,8 +88,8 @@ class UpstreamPump:
         Invariant: a task suspended in ``call.read()`` is never cancelled; the *call* is, and the
         pending read then ends with CANCELLED by itself (handled like a task cancellation).
         Cancelling the awaiting task as well leaks native memory in grpcio: the cancelled awaiter
-        of ``execute_batch`` drops its ``grpc_op`` array, ~0.4 KiB per cancelled stream, never
-        freed (grpc/grpc#43360). Only a pump waiting for room (no gRPC op pending) is cancelled as
+        of ``execute_batch`` drops its ``grpc_op`` array, never freed, once per cancelled stream
+        (grpc/grpc#43360). Only a pump waiting for room (no gRPC op pending) is cancelled as
         a task.
         """
         self._abort_error = error
@@ -149,7 +150,7 @@ class UpstreamPump:
                 finish_reason = target.on_message(message)
                 handover = target.handover
                 if handover is not None:
-                    await handover()  # the frame leaves in the turn its message arrived
+                    await handover()
                 if finish_reason is None and target.needs_room() and not await target.make_room():
                     raise asyncio.CancelledError  # nobody is reading and the replay buffer is full
             if finish_reason is not None:
@@ -169,18 +170,19 @@ class UpstreamPump:
                 # A completed call ends with the server's OK status; cancelling it here would turn
                 # every finished stream into a CANCELLED client span.
                 call.cancel()
-            # A finished call holds ~30 KiB of grpc state and the session outlives it by the resume
-            # window: keeping it that long added ~8 MiB to the soak's working set.
+            # A finished call holds grpc state the session would otherwise keep for its whole resume
+            # window, multiplied by every ended stream still resumable.
             self._call = None
             # Nor the target: session → pump → session would leave every ended session to the
-            # cyclic garbage collector (RSS grew ~0.2 KiB per cancelled stream between collections).
+            # cyclic garbage collector, and RSS would climb with every cancelled stream between
+            # collections.
             self._target = None
             target.pump_ended(outcome, error, finish_reason)
         if outcome == "completed":
             # The answer is complete and its final frame is out; the server's status (trailers)
             # may still be in flight. The task lives until it arrives (bounded by the call's
             # deadline), so whoever waits for the pump, such as the trace span of the stream,
-            # ends after the gRPC call did: a span ended at the final frame closed ~0.5 ms before
-            # its own client span (CI failure in tests/test_observability_e2e.py).
+            # ends after the gRPC call did: a span ended at the final frame would close before its
+            # own client span, and the trace would show the child outliving its parent.
             with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                 await call.closed()

@@ -1,18 +1,21 @@
-"""The two interfaces around a session: what a response drains, and where frames are mirrored.
+"""The two interfaces around a session, what a response drains and where frames are mirrored, and
+the policy they share.
 
 ``FrameSource`` is implemented by the local ``StreamSession`` and by the resume store's
 ``RemoteStream``, so one response writer serves both. ``FrameSink`` is implemented by the resume
 store's ``FrameMirror``.
+
+``StreamPolicy``, the per-stream limits and timings both sides obey, is built once from Settings
+(bridge.state) and read by the local session, its registry and the resume store alike.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from bridge.errors import BridgeError
-from bridge.stream.policy import StreamPolicy
 from bridge.types import Outcome
 
 
@@ -20,8 +23,8 @@ class Notifier:
     """A level-triggered wake-up: one future per wait, no timer.
 
     The writer waits here between frames; heartbeats and the send timeout come from one periodic
-    timer per stream instead of a timeout around every wait (``asyncio.timeout()`` there cost
-    several percent of a core at full token throughput).
+    timer per stream instead of a timeout around every wait (an ``asyncio.timeout()`` per wait
+    costs a visible share of a core at full token throughput).
     """
 
     __slots__ = ("_flag", "_waiter")
@@ -86,19 +89,6 @@ class FrameSource(Protocol):
 
     def wake(self) -> None: ...
 
-    def park(self, handover: Callable[[], Awaitable[None]] | None) -> None:
-        """The writer waits in ``changed``; a producer may write new frames with ``handover``.
-
-        The pump awaits ``handover`` right after appending a frame, so that frame goes to the
-        socket in the turn its message arrived, instead of one event-loop hop later when the
-        writer task wakes (the hop cost ~0.25 ms on the first token: gRPC's poller thread takes
-        the GIL in between). The writer offers it while a new stream opens (the status line and
-        every frame up to the first token) and for the first token: later frames keep the
-        writer's coalescing and send timeout. ``None`` withdraws the offer, so only one write is
-        ever in flight.
-        """
-        ...
-
 
 class FrameSink(Protocol):
     """Where a session mirrors its frames for readers on other instances (bridge.resume.mirror).
@@ -127,10 +117,29 @@ class FrameSink(Protocol):
         ...
 
     def reader_left(self) -> None:
-        """This instance's reader of the ended stream left: hold the stored frames a resume
-        window from now (bounded; never awaited)."""
+        """This instance's reader left: once the stream ended, hold the stored frames a resume
+        window from now (bounded; never awaited); before that, only note that nobody reads here."""
         ...
 
     async def reader_hold_s(self) -> float:
         """Seconds a reader elsewhere still holds the stream (0: nobody; also 0 on any error)."""
         ...
+
+
+# --------------------------------------------------------------------------- the per-stream policy
+# An ended stream is held at the latest this many resume windows after it ended, however often its
+# client comes back: each reconnect re-opens the window (here: ``SessionRegistry.discard_after``; in
+# the shared resume store: ``ResumeStore.hold_ended``), and without a ceiling a client reconnecting
+# with an old Last-Event-ID every few seconds would keep an ended stream's replay buffer (up to
+# RESUME_BUFFER_BYTES), or its Redis keys, for ever, one per stream it ever opened.
+ENDED_HOLD_WINDOWS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPolicy:
+    heartbeat_interval_s: float  # HEARTBEAT_INTERVAL_S: a comment-free ``heartbeat`` event in silences
+    send_timeout_s: float  # SEND_TIMEOUT_S: a reader that takes no bytes this long is dropped
+    resume_grace_s: float  # RESUME_GRACE_S: how long a detached stream waits for a reconnect
+    window_frames: int  # STREAM_WINDOW_FRAMES: unsent frames before the pump waits (back-pressure)
+    buffer_frames: int  # RESUME_BUFFER_FRAMES: frames kept for resume
+    buffer_bytes: int  # RESUME_BUFFER_BYTES: bytes kept for resume

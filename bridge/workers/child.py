@@ -42,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     role = WorkerRole(args.slot, args.count, args.server_id, args.runtime_dir)
 
     def ready() -> None:
-        control.sendall(READY)
+        try:
+            control.sendall(READY)
+        except OSError:  # the supervisor is already gone: stop as on SIGTERM
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         _drain_when_orphaned(control)
 
     try:

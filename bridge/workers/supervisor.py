@@ -40,6 +40,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.multiprocess import mark_process_dead
 
@@ -60,6 +61,10 @@ class Worker:
     control: socket.socket
     ready: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     started: float = field(default_factory=time.monotonic)
+    watcher: asyncio.Task[None] | None = None
+    """The task that resolves ``ready`` and notes the exit. Held here: the loop keeps only a weak
+    reference to a task, and a watcher collected mid-await left ``ready`` pending for ever (the
+    supervisor then never announced, nor stopped on SIGTERM)."""
 
 
 def supervise(settings: Settings, environ: Mapping[str, str], host: str, port: int) -> int:
@@ -123,6 +128,8 @@ class Supervisor:
         self.workers: dict[int, Worker] = {}
         self.stopping = False
         self.changed = asyncio.Event()
+        self.stopped = asyncio.Event()
+        self.pending: set[asyncio.Task[None]] = set()
         self.codes: dict[int, int] = {}
 
     async def run(self) -> int:
@@ -147,14 +154,23 @@ class Supervisor:
         return await self.drain()
 
     async def first_start(self) -> int | None:
-        """None once every worker is ready; else stop the rest and give the failed one's status."""
-        pending = {w.ready for w in self.workers.values()}
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            if self.stopping or not all(f.result() for f in done):
-                break
-        else:
-            return None
+        """None once every worker is ready; else stop the rest and give the failed one's status.
+
+        A SIGTERM meanwhile ends the wait too (``stopped``): waiting on the workers alone, a stop
+        that came before every worker was ready left the supervisor waiting for ever.
+        """
+        stop = asyncio.ensure_future(self.stopped.wait())
+        pending: set[asyncio.Future[Any]] = {w.ready for w in self.workers.values()}
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending | {stop}, return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(stop)
+                if self.stopping or not all(f.result() for f in done if f is not stop):
+                    break
+            else:
+                return None
+        finally:
+            stop.cancel()
         failed = [w for w in self.workers.values() if w.ready.done() and not w.ready.result()]
         self.stopping = True
         for worker in self.workers.values():
@@ -192,7 +208,7 @@ class Supervisor:
             child_end.close()
         worker = Worker(slot, process, parent_end)
         self.workers[slot] = worker
-        asyncio.get_running_loop().create_task(self.watch(worker))
+        worker.watcher = asyncio.get_running_loop().create_task(self.watch(worker))
         if self.stopping:  # stopped while it was being started: the forwarded signal missed it
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGKILL)
@@ -235,11 +251,14 @@ class Supervisor:
             if not self.stopping:
                 await self.spawn(worker.slot)
 
-        asyncio.get_running_loop().create_task(respawn())
+        task = asyncio.get_running_loop().create_task(respawn())
+        self.pending.add(task)  # referenced until done (see Worker.watcher)
+        task.add_done_callback(self.pending.discard)
 
     def stop(self, sig: int) -> None:
         """SIGTERM/SIGINT: forward it to every worker (again on a repeat: end streams now)."""
         self.stopping = True
+        self.stopped.set()
         for worker in self.workers.values():
             if worker.process.returncode is not None:
                 continue

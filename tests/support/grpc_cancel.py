@@ -7,7 +7,7 @@ cancels after ``--warmup`` cancels, and the least-squares slope in bytes per can
 
 Patterns:
 - ``task``: cancel the call *and* the task awaiting ``call.read()`` (grpc/grpc#43360: the
-  cancelled awaiter of ``execute_batch`` drops its op array, ~0.3 KiB per cancel, forever);
+  cancelled awaiter of ``execute_batch`` drops its op array on every cancel, forever);
 - ``call``: ``call.cancel()`` only; the pending read finishes with CANCELLED by itself;
 - ``session``: the bridge's own path, ``StreamSession.abort()`` on a session pumping the call
   (what a disconnect, a DELETE or the end of the resume window does);
@@ -33,8 +33,8 @@ import uvloop
 from opentelemetry.sdk.trace import TracerProvider
 
 from bali_zero.rag.v1 import rag_pb2, rag_pb2_grpc
-from bridge.stream.policy import StreamPolicy
-from bridge.stream.session import StreamSession
+from bridge.stream.session import NoHooks, StreamSession
+from bridge.stream.source import StreamPolicy
 from bridge.telemetry import StreamTracing, client_interceptors_for
 from bridge.upstream import Upstream
 from bzb_shared.fit import least_squares_slope
@@ -91,6 +91,7 @@ def session_abort(upstream: Upstream) -> Callable[[Any], Awaitable[None]]:
     async def one(_stub: Any) -> None:
         session = StreamSession(stream_id="s", request_id="r", owner="o", policy=POLICY)
         session.start(upstream.chat_stream(request()))
+        session.announce(NoHooks())  # as the opener does once the response accepted the stream
         while session.last_seq < MESSAGES_BEFORE_CANCEL - 1:  # metadata + tokens appended
             await session.changed()
         session.abort()

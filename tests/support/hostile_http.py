@@ -5,7 +5,7 @@
 HTTP library: the server must be free to break every rule a library would enforce (a
 ``Content-Length`` it never honours, headers that never end, a TLS record that never completes).
 
-Built for ``bali-zero-bridge doctor`` (tests/test_doctor_hostile.py), whose requests it answers;
+Built for ``bali-zero-bridge doctor`` (tests/adversarial/test_doctor_hostile_server.py), whose requests it answers;
 ``MODES`` names each attack. Where an attack needs the doctor to get past its first request (the
 CORS preflight, the idle stream, the ALPN probe), the first diagnostic stream is answered well
 (``_diagnostic_stream``) and the attack waits for the later request.

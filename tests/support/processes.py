@@ -10,12 +10,11 @@ import asyncio
 import json
 import re
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 from bzb_shared.childproc import ROOT as ROOT
 from bzb_shared.childproc import Process as Process
@@ -94,17 +93,3 @@ class Bridge(Process):
         super().__init__(argv, base_env(env), cwd or ROOT)
         self.url = self.ready.group(1)
         self.port = int(self.url.rsplit(":", 1)[1])
-
-
-def audit_cli(db: Path, *args: str, stdout: int | IO[str] = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
-    """``python -m bridge audit ARGS`` with AUDIT_DB=db, as an operator runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "bridge", "audit", *args],
-        env=base_env({"AUDIT_DB": str(db)}),
-        cwd=ROOT,
-        stdout=stdout,
-        stderr=subprocess.PIPE,
-        text=True,
-        timeout=60,
-        check=False,
-    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bridge.stream.policy import StreamPolicy
+from bridge.stream.source import StreamPolicy
 
 # No resume window, so abort() (or stop()) is the only way such a session ends early.
 NO_RESUME = StreamPolicy(

@@ -48,8 +48,10 @@ async def open_stream(
     headers: dict[str, str] | None = None,
     stop_after_tokens: int | None = None,
     timeout: float = 30,
+    first_token: asyncio.Event | None = None,
 ) -> StreamReply:
-    """Read a whole stream (or stop after N tokens, closing the connection)."""
+    """Read a whole stream (or stop after N tokens, closing the connection); ``first_token`` is set
+    when the first token frame arrived (for a test that acts while the stream is being read)."""
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout) as client:
         request = client.build_request(method, STREAM_PATH, params=params, json=json_body, headers=headers)
         response = await client.send(request, stream=True)
@@ -65,6 +67,8 @@ async def open_stream(
                     reply.events.append(event)
                     if event.type == "message" and json.loads(event.data)["type"] == "token":
                         tokens += 1
+                        if first_token is not None:
+                            first_token.set()
                         if stop_after_tokens is not None and tokens >= stop_after_tokens:
                             return reply
             return reply

@@ -5,7 +5,7 @@ one still costs what it costs, so the slope of VmRSS over streams started is wha
 from a slow host. Most streams are cut after their first token (the disconnect path: the bridge
 cancels the upstream call), the rest read to ``done``: both ends of a stream's life are covered.
 
-Used by tests/test_memory_streams.py; ``python -m tests.support.stream_rss URL PID`` prints the
+Used by tests/e2e/test_memory_streams.py; ``python -m tests.support.stream_rss URL PID`` prints the
 same figures for a bridge started by hand (elimination runs).
 """
 
@@ -56,7 +56,7 @@ class Run:
 
         A leak costs the same in every stream, so it shows in both halves. A bounded cache that
         finishes filling, or one allocator arena step, lands in one half only: on a clean bridge
-        that alone pushed the whole-run slope from ~150 to 336 B per stream in one CI run.
+        that alone can push the whole-run slope past a leak's bound.
         """
         half = len(self.samples) // 2
         return min(_bytes_per_stream(self.samples[:half]), _bytes_per_stream(self.samples[half:]))
