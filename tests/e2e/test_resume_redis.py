@@ -136,7 +136,7 @@ async def first_frame_id(client: httpx.AsyncClient, query: str) -> str:
 
 async def test_resume_on_other_instance_right_after_the_first_frame_is_never_expired(
     stub_factory: StubFactory,
-    bridge_factory: BridgeFactory,
+    pair: Pair,
     redis_server: str,  # noqa: F811
 ) -> None:
     """A client reads a new stream's first frame on A, drops, and resumes on B at once, 200 times.
@@ -146,7 +146,7 @@ async def test_resume_on_other_instance_right_after_the_first_frame_is_never_exp
     non-retryable STREAM_EXPIRED for a live stream.
     """
     stub = stub_factory("--mode", "echo", "--echo-delimiter", ",", "--first-token-delay-ms", "50")
-    a, b = pair(bridge_factory, stub, redis_server, RATE_LIMIT="100000/minute", MAX_STREAMS_PER_USER="50")
+    a, b = pair(stub, redis_server, RATE_LIMIT="100000/minute", MAX_STREAMS_PER_USER="50")
     words = ["f0", "f1", "f2"]
     query = ",".join(words)
 
@@ -308,7 +308,7 @@ async def test_store_keys_expire_after_stream_end_and_grace(
 
 async def test_keys_of_a_stream_that_ends_while_nobody_reads_it_expire_a_window_after_its_end(
     stub_factory: StubFactory,
-    bridge_factory: BridgeFactory,
+    pair: Pair,
     redis_server: str,  # noqa: F811
     store: redis.asyncio.Redis,
 ) -> None:
@@ -317,7 +317,7 @@ async def test_keys_of_a_stream_that_ends_while_nobody_reads_it_expire_a_window_
     keys as for an attached reader until their ceiling (four windows): Redis kept every abandoned
     answer four times as long, and the owner's shutdown waited on that holder."""
     stub = stub_factory("--mode", "echo", "--echo-delimiter", ",", "--token-delay-ms", "5")
-    a, _ = pair(bridge_factory, stub, redis_server, RESUME_GRACE_S="1")
+    a, _ = pair(stub, redis_server, RESUME_GRACE_S="1")
     first = await open_stream(a.url, params={"query": ",".join(f"e{i}" for i in range(20))}, stop_after_tokens=2)
     stream_id = first.frames[0]["stream_id"]
     assert (await stub.ended(first.frames[0]["request_id"]))["outcome"] == "completed"  # nobody reading
