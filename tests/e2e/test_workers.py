@@ -213,3 +213,38 @@ async def test_the_rollout_gives_a_user_the_same_answer_on_every_worker(
             answers.setdefault(f"user-{user}", set()).add(reply.status_code)
     assert all(len(codes) == 1 for codes in answers.values()), answers
     assert {code for codes in answers.values() for code in codes} == {200, 404}, "50 %: some in, some out"
+
+
+def test_sigterm_while_the_workers_start_stops_the_supervisor_with_0(
+    tmp_path: Path,
+    redis_server: str,  # noqa: F811
+) -> None:
+    """A stop before every worker is ready ends the start: the supervisor used to wait for the
+    workers' readiness alone and, stopped meanwhile, exited 1 or never."""
+    env = base_env({"AUDIT_DB": str(tmp_path / "audit.sqlite3"), **two_workers(redis_server)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "--port", "0"],
+        env=env,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        supervisor = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 30
+        while len(supervisor.children()) < 2:  # both workers started, neither serving yet
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
+            time.sleep(0.01)  # polling a process table: there is no event to await
+        workers = supervisor.children()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    assert "listening on" not in out
+    _, alive = psutil.wait_procs(workers, 10)
+    assert not alive
