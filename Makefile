@@ -9,7 +9,7 @@ BUF := node_modules/.bin/buf
 SYSTEM_TEST_DEPS := chromium=chromium redis-server=redis-server nginx=nginx node=nodejs npm=npm curl=curl ip=iproute2 tc=iproute2
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: run test lint docs proto bench fuzz soak clean system-deps constraints
+.PHONY: run test lint docs proto bench bench-workers fuzz soak loadtest clean system-deps constraints
 
 $(INSTALLED): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "error: Python 3.11+ needed ($(PYTHON))" >&2; exit 1; }
@@ -57,8 +57,21 @@ proto: $(INSTALLED)
 bench: $(INSTALLED)
 	$(BIN)/python -m bench.run
 
+# Paced streams held within the targets at 1 and 2 workers, interleaved (bench/workers.py).
+bench-workers: $(INSTALLED)
+	@scripts/system-deps.sh redis-server=redis-server
+	$(BIN)/python -m bench.workers
+
 fuzz: $(INSTALLED)
 	FUZZ_EXAMPLES=5000 $(BIN)/pytest tests/e2e/test_fuzz.py tests/unit/test_sse_properties.py -q
+
+# `make loadtest`: the deployment guide's `k6 run load-tests/chat-stream-load.js` (long profile)
+# against the stub, Redis and a bridge of LOADTEST_WORKERS workers; k6's summary goes to
+# bench/results/k6-summary.json. The short profile runs in `make test` (tests/e2e/test_loadtest.py).
+LOADTEST_WORKERS ?= 2
+loadtest: $(INSTALLED)
+	@scripts/system-deps.sh redis-server=redis-server
+	$(BIN)/python -m bench.loadtest --workers $(LOADTEST_WORKERS) --profile long --summary bench/results/k6-summary.json
 
 # `make soak SOAK_DURATION=1800` is the long run that proves the RSS plateau (chart and JSON in
 # bench/results/soak-long.*); plain `make soak` is the one-minute accounting run.

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
+import socket
 import sys
 import threading
 import time
@@ -24,6 +26,7 @@ STUB_READY = re.compile(r"^rag-stub listening on (\S+):(\d+)$")
 BRIDGE_READY = re.compile(r"^bali-zero-bridge listening on (http://\S+)$")
 PEER_READY = re.compile(r"^reference-bridge listening on (http://\S+)$")
 LOADGEN_READY = re.compile(r'^\{"event":"start"')
+REDIS_READY = re.compile(r".*Ready to accept connections")
 STREAM_PATH = "/api/v2/bali-zero/chat-stream"
 
 
@@ -60,6 +63,24 @@ class Child(Process):
 
     def rss(self) -> int:
         return int(self.ps.memory_info().rss)
+
+
+class RedisProc(Process):
+    ready_pattern = REDIS_READY
+
+    def __init__(self, port: int) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit("redis-server is not installed (make system-deps installs it)")
+        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        super().__init__(argv, base_env(), ROOT)
+        self.url = f"redis://127.0.0.1:{port}/0"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class StubProc(Child):

@@ -22,12 +22,13 @@ from bridge import openai_compat
 from bridge.apidocs import docs_routes, openapi_endpoint
 from bridge.audit.http import admin_audit_endpoint
 from bridge.config import Settings
-from bridge.endpoints import Endpoints
+from bridge.endpoints import Endpoints, worker_stats
 from bridge.errors import BridgeError, MethodNotAllowed, NotFound
 from bridge.middleware import HeaderSizeLimit, with_security_headers
 from bridge.resume.client import ResumeStore
 from bridge.state import BridgeState
 from bridge.upstream import Upstream
+from bridge.workers.peers import PeerServer
 
 STATIC_DIR = Path(__file__).parent / "static"
 log = logging.getLogger("bridge")
@@ -62,9 +63,20 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
             state.resume_store = ResumeStore(settings.resume_store, state.policy, on_cancel=state.registry.cancel)
             state.resume_store.start()  # subscribe to remote cancels at boot
             state.metrics.watch_resume_store(state.resume_store.stats)
+        peers = None
+        if state.role.peers_dir is not None:  # one of several workers: answer the others' stats asks
+            peers = PeerServer(state.role.peers_dir, state.role.slot, lambda: worker_stats(state))
+            await peers.start()
+        publisher = None
+        if state.metrics.multiprocess_dir is not None:
+            publisher = asyncio.get_running_loop().create_task(state.metrics.publish_forever())
         try:
             yield
         finally:
+            if publisher is not None:
+                publisher.cancel()
+            if peers is not None:
+                await peers.aclose()
             # Every stream ended (the grace, then SHUTTING_DOWN), its end mirrored to the store
             # and reported to the audit trail, before anything those need is closed.
             try:
@@ -74,6 +86,7 @@ def create_app(settings: Settings, state: BridgeState | None = None) -> Starlett
             if state.resume_store is not None:  # flush its writes, stop its cancel subscriber
                 await state.resume_store.aclose()
             await state.gate.aclose()
+            await state.caps.aclose()
             await state.upstream.close()
             await state.refusals.aclose()  # the counts folded since the last window close
             await state.audit.aclose()  # after the streams: their end records are written too

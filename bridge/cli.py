@@ -16,20 +16,22 @@ quiet_grpc_core_logs(os.environ)
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import socket
 import sqlite3
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import FrameType
 
 import uvicorn
 
 from bridge.audit.cli import add_audit_commands
-from bridge.config import Settings, variables_help
+from bridge.config import Settings, parse_workers, variables_help
 from bridge.doctor.probe import add_doctor_command, run_doctor
 from bridge.errors import ConfigError, UnsupportedUvicorn
 from bridge.server.netsock import HalfOpenDetection
+from bridge.workers.role import WorkerRole
 
 PATH_VARIABLES = ("AUDIT_DB", "LOG_FILE", "ERROR_LOG_FILE", "JWT_PUBLIC_KEY_FILE")
 """Settings naming files: a relative one in an env file is relative to that file, not to the cwd,
@@ -64,7 +66,11 @@ class _Server(uvicorn.Server):
     """uvicorn's server, announcing readiness and telling the app when SIGTERM or SIGINT arrives."""
 
     def __init__(
-        self, config: uvicorn.Config, on_exit_signal: object, announce: str, on_repeated_signal: object = None
+        self,
+        config: uvicorn.Config,
+        on_exit_signal: object,
+        announce: Callable[[], None],
+        on_repeated_signal: object = None,
     ) -> None:
         super().__init__(config)
         self._on_exit_signal = on_exit_signal
@@ -74,7 +80,7 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
         if not self.should_exit:
-            print(self._announce, flush=True)
+            self._announce()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         repeated = self.should_exit
@@ -104,7 +110,34 @@ def _after_drain(sig: int, frame: FrameType | None) -> None:
     """
 
 
-def serve(settings: Settings, host: str, port: int) -> int:
+def listen_socket(settings: Settings, host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A TCP socket bound to ``host:port`` with the half-open detection options; OSError if taken.
+
+    ``reuse_port``: SO_REUSEPORT, so the supervisor can bind one socket per worker to one port
+    (bridge/workers/supervisor.py). Only sockets of this same user can join such a group.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        # Accepted sockets inherit these: a client that vanished without a FIN is dropped in seconds.
+        HalfOpenDetection(settings.tcp_user_timeout_s, settings.tcp_keepalive_s).apply(sock)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def listening_url(host: str, port: int) -> str:
+    shown_host = f"[{host}]" if ":" in host else host
+    return f"http://{shown_host}:{port}"
+
+
+def serve(settings: Settings, host: str, port: int, environ: Mapping[str, str] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; with ``settings.workers`` > 1 through the worker supervisor,
+    which starts each worker with ``environ`` (the environment the settings were read from)."""
     try:
         # Before anything that serves is imported: a uvicorn the connection protocol was not
         # tested with, or one lacking a name it uses, is one line here, not an error mid-request.
@@ -114,24 +147,31 @@ def serve(settings: Settings, host: str, port: int) -> int:
     except UnsupportedUvicorn as exc:
         print(f"bali-zero-bridge: cannot start: {exc}", file=sys.stderr)
         return 2
+    if settings.workers > 1:
+        from bridge.workers.supervisor import supervise
+
+        return supervise(settings, dict(environ or os.environ), host, port)
+    try:
+        sock = listen_socket(settings, host, port)
+    except OSError as exc:
+        print(f"bali-zero-bridge: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    announce = f"bali-zero-bridge listening on {listening_url(host, sock.getsockname()[1])}"
+    return serve_on(settings, sock, lambda: print(announce, flush=True))
+
+
+def serve_on(
+    settings: Settings, sock: socket.socket, announce: Callable[[], None], role: WorkerRole | None = None
+) -> int:
+    """Serve on the bound ``sock`` (one process, or one worker of several); ``announce`` once ready."""
     from bridge.app import create_app
     from bridge.logs import configure_logging
     from bridge.server.protocol import ConnectionLimits, protocol_class
     from bridge.state import BridgeState
 
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # Accepted sockets inherit these: a client that vanished without a FIN is dropped in seconds.
-    HalfOpenDetection(settings.tcp_user_timeout_s, settings.tcp_keepalive_s).apply(sock)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        print(f"bali-zero-bridge: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
-        return 1
-    bound_port = sock.getsockname()[1]
     try:
         configure_logging(settings)
-        state = BridgeState.from_settings(settings)
+        state = BridgeState.from_settings(settings, role=role)
     except ConfigError as exc:
         # A file it must trust (audit key, store, log) that another user could choose, or a
         # malformed audit key or JWT key file: like a bad variable, one line and exit 2.
@@ -160,13 +200,7 @@ def serve(settings: Settings, host: str, port: int) -> int:
         # letting a local client pick its own rate-limit key; bridge/clientip.py decides instead.
         proxy_headers=False,
     )
-    shown_host = f"[{host}]" if ":" in host else host
-    server = _Server(
-        config,
-        state.begin_drain,
-        f"bali-zero-bridge listening on http://{shown_host}:{bound_port}",
-        on_repeated_signal=state.end_streams_now,
-    )
+    server = _Server(config, state.begin_drain, announce, on_repeated_signal=state.end_streams_now)
     previous = {sig: signal.signal(sig, _after_drain) for sig in STOP_SIGNALS}
     try:
         server.run(sockets=[sock])
@@ -186,6 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--env-file", default=None, help="load settings from a .env file")
+    parser.add_argument(
+        "--workers",
+        type=_workers_option,
+        default=None,
+        metavar="N",
+        help="server processes on one port, or `auto` (overrides WORKERS; above 1 needs Redis, see WORKERS)",
+    )
     # The same option after a subcommand (`audit verify --env-file .env`); SUPPRESS keeps the
     # top-level value when it is not repeated there.
     env_file = argparse.ArgumentParser(add_help=False)
@@ -202,10 +243,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "audit":
             code: int = args.func(args)
             return code
-        settings = Settings.from_env(load_environment(args.env_file))
+        environ = load_environment(args.env_file)
+        settings = Settings.from_env(environ)
+        if args.workers is not None:
+            settings = dataclasses.replace(settings, workers=args.workers)
+            settings.validate()
         if args.command == "config":
             return print_config(settings)
     except ConfigError as exc:
         print(f"bali-zero-bridge: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    return serve(settings, args.host, args.port)
+    return serve(settings, args.host, args.port, environ)
+
+
+def _workers_option(text: str) -> int:
+    """``--workers``: as WORKERS (a number, or ``auto``), checked by the same rule."""
+    try:
+        return parse_workers(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of workers or auto, got {text!r}") from None

@@ -30,6 +30,7 @@ _RATE_RE = re.compile(r"^\s*(\d+)\s*(?:/|per)\s*(\d+)?\s*(second|minute|hour|day
 
 
 DEFAULT_AUDIT_DB = "./data/audit.sqlite3"
+MAX_WORKERS = 64
 
 RangeCheck = Callable[[Any], "str | None"]
 """A parsed value's problem ("must be > 0"), or None."""
@@ -272,6 +273,14 @@ class Settings:
         "", "a file receiving the errors only", shape=lambda value: _writable_file_problem(value)
     )
     stats_window_s: float = setting(300.0, "sliding window of the stats endpoint")
+    workers: int = setting(
+        1,
+        "server processes accepting on one port (`auto` = the CPUs this process may use); above 1 needs "
+        "`RATE_LIMIT_STORAGE` (and with `RESUME_GRACE_S` > 0 `RESUME_STORE`) on Redis, so limits, caps, resume "
+        "and stops are shared (`--workers` overrides it)",
+        check=_within(1, MAX_WORKERS),
+        parse=lambda raw: parse_workers(raw),
+    )
     otel: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -336,6 +345,8 @@ class Settings:
             yield "AUTH_REQUIRED=true needs one of JWT_SECRET, JWT_PUBLIC_KEY_FILE, JWT_JWKS_URL"
         if self.jwt_public_key_file and not Path(self.jwt_public_key_file).is_file():
             yield f"JWT_PUBLIC_KEY_FILE={self.jwt_public_key_file!r}: no such file"
+        if problem := self.shared_state_problem():
+            yield problem
         try:
             check_telemetry_environ(self.otel)
         except TelemetryConfigError as exc:
@@ -366,6 +377,29 @@ class Settings:
         for name, value in sorted(self.otel.items()):
             shown.append((name, "(set, hidden)" if "HEADERS" in name else mask_url_password(value)))
         return shown
+
+    def shared_state_problem(self) -> str | None:
+        """Why these settings cannot run ``workers`` processes, or None.
+
+        Every worker is a process of its own: with the rate limit, the stream caps or resume state
+        in process memory, each worker would grant its own budget (a 20/minute limit becoming
+        20 x WORKERS) and a reconnect landing on another worker would find nothing. Refused at
+        start-up rather than served with silently per-worker limits.
+        """
+        if self.workers <= 1:
+            return None
+        missing = []
+        if not self.rate_limit_storage.startswith(("redis://", "rediss://")):
+            missing.append("RATE_LIMIT_STORAGE")
+        if self.resume_grace_s > 0 and not self.resume_store:
+            missing.append("RESUME_STORE")
+        if not missing:
+            return None
+        both = " (one Redis can serve both)" if len(missing) > 1 else ""
+        return (
+            f"WORKERS={self.workers} needs state shared by all workers: set {' and '.join(missing)} to "
+            f"redis://HOST:PORT/DB{both}, or run one worker"
+        )
 
     @property
     def jwt_configured(self) -> bool:
@@ -405,6 +439,21 @@ def variables_help(width: int = 100) -> str:
         )
     lines.append("  OTEL_*: the standard OpenTelemetry variables")
     return "\n".join(lines)
+
+
+def parse_workers(raw: str) -> int:
+    """``WORKERS`` / ``--workers``: a whole number, or ``auto`` for the CPUs this process may use."""
+    if raw.strip().lower() == "auto":
+        return usable_cpus()
+    return _int(raw)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, so a container's cpuset counts)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity API on this platform
+        return max(1, os.cpu_count() or 1)
 
 
 def _rate_problem(value: str) -> str | None:

@@ -4,6 +4,7 @@ policy lives in the modules they call (gate, inputs, stream.opener, stream.sessi
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from opentelemetry.context import Context
 from starlette.requests import Request
@@ -18,6 +19,7 @@ from bridge.inputs import ChatInput, read_input, read_json_object
 from bridge.resume.client import ResumeStore
 from bridge.resume.remote import NothingLeft, open_remote
 from bridge.state import BridgeState
+from bridge.stats import merge_snapshots
 from bridge.stream.face import NATIVE, StreamFace
 from bridge.stream.frames import resume_point, sources
 from bridge.stream.opener import StreamOpener
@@ -26,6 +28,7 @@ from bridge.stream.response import ErrorFrameResponse, EventStreamResponse
 from bridge.telemetry import Telemetry, request_ids
 from bridge.types import Identity
 from bridge.upstream import chat_request
+from bridge.workers.peers import gather as gather_peers
 
 
 class Endpoints:
@@ -160,7 +163,7 @@ class Endpoints:
         except BridgeError as exc:
             return error_response(exc)
         try:
-            lease = state.caps.acquire(admission.identity.key)  # counts against MAX_STREAMS_PER_USER
+            lease = await state.caps.take(admission.identity.key)  # counts against MAX_STREAMS_PER_USER
         except BridgeError as exc:
             return error_response(exc, admission.headers)
         return DiagnosticStream(
@@ -300,9 +303,18 @@ class Endpoints:
         return Response(body, headers={"content-type": content_type})
 
     async def stream_stats(self, request: Request) -> Response:
-        snapshot = self.state.stats.snapshot()
-        snapshot["sessions_held"] = len(self.state.registry)
-        snapshot["open_connections_by_cap"] = self.state.caps.open_total
+        """The whole server's stats: with several workers, every worker's figures merged."""
+        state = self.state
+        own = worker_stats(state)
+        role = state.role
+        parts = [own]
+        if role.count > 1 and role.peers_dir is not None:
+            parts = await gather_peers(role.peers_dir, role.slot, role.count, own)
+        snapshot = merge_snapshots(state.settings.stats_window_s, parts)
+        snapshot["sessions_held"] = sum(part["sessions_held"] for part in parts)
+        snapshot["open_connections_by_cap"] = sum(part["open_connections_by_cap"] for part in parts)
+        if role.count > 1:
+            snapshot["workers"] = {"count": role.count, "reporting": len(parts)}
         return JSONResponse(snapshot)
 
     # -- health ----------------------------------------------------------------------------------
@@ -317,6 +329,16 @@ class Endpoints:
         if upstream is None or not await upstream.serving():
             return JSONResponse({"status": "unavailable", "upstream": "not serving"}, status_code=503)
         return JSONResponse({"status": "ready", "upstream": "serving"})
+
+
+def worker_stats(state: BridgeState) -> dict[str, Any]:
+    """This worker's part of the stats endpoint (``StreamStats.export`` plus its held sessions and
+    open streams), what it answers its peers."""
+    return {
+        **state.stats.export(),
+        "sessions_held": len(state.registry),
+        "open_connections_by_cap": state.caps.open_total,
+    }
 
 
 def _trace_parent(request: Request) -> Context:

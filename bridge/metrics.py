@@ -8,16 +8,26 @@ registry per app, so two apps (or two tests) in one process never share or colli
 Traces stay on OpenTelemetry (bridge/telemetry.py); the trace id goes into logs for correlation.
 
 Every metric lives in the registry passed in (a fresh one by default), never the global one.
+
+With several workers (``--workers``) every worker writes its metrics into files of the
+supervisor's private directory, prometheus-client's multiprocess mode, and a scrape of any
+worker renders all of them: one scrape shows the whole server, and the counters of a worker that
+died stay counted. In that mode the per-token histogram is prometheus-client's own (a custom
+collector would show one worker only), open-stream gauges are summed over live workers, and the
+resume store's counters are copied into real counters every second and at each scrape.
 """
 
 from __future__ import annotations
 
+import asyncio
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -31,8 +41,12 @@ DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 class BridgeMetrics:
     """The bridge's metrics; a StreamObserver plus counters the HTTP layer calls directly."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, multiprocess_dir: Path | None = None) -> None:
+        """``multiprocess_dir``: the workers' shared metric files (only with PROMETHEUS_MULTIPROC_DIR
+        naming the same directory in this process's environment, set by the supervisor)."""
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.multiprocess_dir = multiprocess_dir
+        self._resume_counters: ResumeStoreCounters | None = None
         r = self.registry
         self._first_token = Histogram(
             "bridge_first_token_seconds",
@@ -40,7 +54,9 @@ class BridgeMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self._inter_token = BatchHistogram(
+        self._inter_token: BatchHistogram | PerValueHistogram = (
+            BatchHistogram if multiprocess_dir is None else PerValueHistogram
+        )(
             "bridge_inter_token_seconds",
             "Time between consecutive tokens of one stream.",
             buckets=LATENCY_BUCKETS,
@@ -60,8 +76,12 @@ class BridgeMetrics:
             registry=r,
         )
         self._tokens = Counter("bridge_tokens", "Tokens relayed to clients.", registry=r)
-        self._open_streams = Gauge("bridge_open_streams", "Streams currently open.", registry=r)
-        self._open_connections = Gauge("bridge_open_connections", "SSE connections currently held open.", registry=r)
+        self._open_streams = Gauge(
+            "bridge_open_streams", "Streams currently open.", registry=r, multiprocess_mode="livesum"
+        )
+        self._open_connections = Gauge(
+            "bridge_open_connections", "SSE connections currently held open.", registry=r, multiprocess_mode="livesum"
+        )
         self._reconnections = Counter("bridge_reconnections", "Streams resumed with Last-Event-ID.", registry=r)
         self._rate_limited = Counter(
             "bridge_rate_limited", "Requests rejected by limits, by reason.", ["reason"], registry=r
@@ -124,14 +144,75 @@ class BridgeMetrics:
 
     def watch_resume_store(self, stats: Callable[[], Mapping[str, int | bool]]) -> None:
         """Export the resume store's counters (RESUME_STORE), read at scrape time."""
-        ResumeStoreCollector(stats, self.registry)
+        if self.multiprocess_dir is None:
+            ResumeStoreCollector(stats, self.registry)
+        else:
+            self._resume_counters = ResumeStoreCounters(stats, self.registry)
+
+    async def publish_forever(self, every_s: float = 1.0) -> None:
+        """Multiprocess mode: copy the resume store's counters into the shared files periodically,
+        so a scrape of another worker sees this one's within ``every_s``."""
+        while True:
+            await asyncio.sleep(every_s)  # the publishing period, not synchronisation
+            if self._resume_counters is not None:
+                self._resume_counters.sync()
 
     def connection_closed_by_bridge(self, reason: ConnectionCloseReason) -> None:
         self._connections_closed.labels(reason).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition body and its content type, for GET /metrics."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if self._resume_counters is not None:
+            self._resume_counters.sync()
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
+        return generate_latest(merged), CONTENT_TYPE_LATEST
+
+
+class PerValueHistogram:
+    """``BatchHistogram``'s interface over prometheus-client's ``Histogram``, for multiprocess
+    mode, where only prometheus-client's own metric types reach the shared files."""
+
+    def __init__(self, name: str, documentation: str, *, buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self._histogram = Histogram(name, documentation, buckets=buckets, registry=registry)
+
+    def observe_many(self, values: Sequence[float]) -> None:
+        for value in values:
+            self._histogram.observe(value)
+
+
+class ResumeStoreCounters:
+    """Multiprocess mode: the resume store's counters as real counters, advanced by the difference
+    since the last ``sync`` (the store keeps plain integers on its hot paths)."""
+
+    def __init__(self, stats: Callable[[], Mapping[str, int | bool]], registry: CollectorRegistry) -> None:
+        self._stats = stats
+        self._registry = registry
+        self._counters: dict[str, Counter] = {}
+        self._seen: dict[str, int] = {}
+        self._down = Gauge(
+            "bridge_resume_store_down",
+            "1 while the resume store is failing.",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+
+    def sync(self) -> None:
+        for name, value in self._stats().items():
+            if name == "store_down":
+                self._down.set(float(value))
+                continue
+            counter = self._counters.get(name)
+            if counter is None:
+                counter = self._counters[name] = Counter(
+                    f"bridge_resume_store_{name}", f"Resume store: {name.replace('_', ' ')}.", registry=self._registry
+                )
+            delta = int(value) - self._seen.get(name, 0)
+            if delta > 0:
+                counter.inc(delta)
+                self._seen[name] = int(value)
 
 
 class BatchHistogram(Collector):

@@ -20,13 +20,15 @@ from bridge.inputs import Limits
 from bridge.metrics import BridgeMetrics
 from bridge.ratelimit import RateLimiter
 from bridge.resume.client import ResumeStore
+from bridge.sharedcaps import caps_for
 from bridge.stats import FanOut, StreamStats
 from bridge.stream.registry import SessionRegistry
 from bridge.stream.source import StreamPolicy
-from bridge.streamcap import StreamCaps
+from bridge.streamcap import Caps
 from bridge.telemetry import Telemetry, request_ids
 from bridge.types import Identity
 from bridge.upstream import Upstream
+from bridge.workers.role import WorkerRole
 
 log = logging.getLogger("bridge")
 
@@ -39,7 +41,7 @@ ABORTED_STREAMS_WAIT_S = 2.0
 class BridgeState:
     settings: Settings
     gate: Gate
-    caps: StreamCaps
+    caps: Caps
     policy: StreamPolicy
     limits: Limits
     telemetry: Telemetry
@@ -48,6 +50,7 @@ class BridgeState:
     observer: FanOut
     audit: AuditTrail
     refusals: RefusalLedger
+    role: WorkerRole = field(default_factory=WorkerRole)
     registry: SessionRegistry = field(default_factory=SessionRegistry)
     upstream: Upstream | None = None  # opened in the lifespan (a channel is bound to its loop)
     resume_store: ResumeStore | None = None  # likewise; None without RESUME_STORE or a grace window
@@ -55,10 +58,15 @@ class BridgeState:
     _grace_cut: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
-    def from_settings(cls, settings: Settings, telemetry: Telemetry | None = None) -> BridgeState:
-        metrics = BridgeMetrics()
+    def from_settings(
+        cls, settings: Settings, telemetry: Telemetry | None = None, role: WorkerRole | None = None
+    ) -> BridgeState:
+        role = role or WorkerRole()
+        metrics = BridgeMetrics(multiprocess_dir=role.metrics_dir)
         stats = StreamStats(settings.stats_window_s)
-        audit = AuditTrail.from_settings(settings, on_drop=lambda reason, count: metrics.audit_dropped(count))
+        audit = AuditTrail.from_settings(
+            settings, on_drop=lambda reason, count: metrics.audit_dropped(count), retention=role.primary
+        )
         refusals = RefusalLedger(audit, settings.audit_refusal_window_s)
 
         def limiter(reason: str, rate: tuple[int, int] | None = None, key_space: str = "") -> RateLimiter:
@@ -90,7 +98,8 @@ class BridgeState:
         return cls(
             settings=settings,
             gate=gate,
-            caps=StreamCaps(settings.max_streams_per_user, settings.max_streams_total),
+            caps=caps_for(settings, role.server_id, on_storage_error=lambda exc: metrics.rate_limit_storage_failed()),
+            role=role,
             telemetry=telemetry or Telemetry.from_settings(settings),
             metrics=metrics,
             stats=stats,

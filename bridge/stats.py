@@ -18,7 +18,7 @@ import math
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from bridge.types import StreamObserver, StreamResult
@@ -77,19 +77,34 @@ class WindowedSamples:
 
     def summary(self, scale: float = 1.0) -> dict[str, Any]:
         """``count`` in the window and nearest-rank p50/p95/p99 (None when empty), times ``scale``."""
+        return summarize([self.export()], scale)
+
+    def export(self) -> list[tuple[int, int, list[float]]]:
+        """The window's buckets as ``(index, count, kept samples)``, for ``summarize`` elsewhere.
+
+        Bucket indices count ``bucket_s`` periods of the monotonic clock, which every process of
+        one host shares, so the buckets of several workers line up.
+        """
         self._expire(int(self._clock() // self._bucket_s))
-        weighted: list[tuple[float, float]] = []
-        total = 0
-        for bucket in self._buckets:
-            total += bucket.count
-            if bucket.samples:
-                weight = bucket.count / len(bucket.samples)
-                weighted.extend((value, weight) for value in bucket.samples)
-        result: dict[str, Any] = {"count": total}
-        weighted.sort()
-        for name, q in PERCENTILES:
-            result[name] = _weighted_rank(weighted, q * total) * scale if weighted else None
-        return result
+        return [(b.index, b.count, list(b.samples)) for b in self._buckets]
+
+
+def summarize(exports: Sequence[Sequence[Sequence[Any]]], scale: float = 1.0) -> dict[str, Any]:
+    """``count`` and nearest-rank p50/p95/p99 (times ``scale``) over the buckets of one or several
+    ``WindowedSamples.export()``: each kept sample weighs its bucket's count over its kept ones."""
+    weighted: list[tuple[float, float]] = []
+    total = 0
+    for buckets in exports:
+        for _index, count, samples in buckets:
+            total += int(count)
+            if samples:
+                weight = count / len(samples)
+                weighted.extend((float(value), weight) for value in samples)
+    result: dict[str, Any] = {"count": total}
+    weighted.sort()
+    for name, q in PERCENTILES:
+        result[name] = _weighted_rank(weighted, q * total) * scale if weighted else None
+    return result
 
 
 def _weighted_rank(weighted: list[tuple[float, float]], rank: float) -> float:
@@ -141,16 +156,39 @@ class StreamStats:
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-ready: totals since start, and latency percentiles in ms over the window."""
+        return merge_snapshots(self.window_s, [self.export()])
+
+    def export(self) -> dict[str, Any]:
+        """This process's counts and window samples, JSON-ready, for ``merge_snapshots``."""
         return {
-            "window_s": self.window_s,
             "open_streams": self._open,
             "streams_opened": self._opened,
-            "outcomes": {k: self._outcomes.get(k, 0) for k in ("completed", "cancelled", "error")},
+            "outcomes": dict(self._outcomes),
             "error_codes": dict(self._error_codes),
             "reconnections": self._reconnections,
-            "first_token_ms": self._first_token.summary(1000.0),
-            "inter_token_ms": self._inter_token.summary(1000.0),
+            "first_token": self._first_token.export(),
+            "inter_token": self._inter_token.export(),
         }
+
+
+def merge_snapshots(window_s: float, exports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The snapshot of several processes' ``StreamStats.export()``: counts added, percentiles over
+    the union of their samples (one process: exactly its own ``snapshot``)."""
+    outcomes: Counter[str] = Counter()
+    error_codes: Counter[str] = Counter()
+    for part in exports:
+        outcomes.update(part["outcomes"])
+        error_codes.update(part["error_codes"])
+    return {
+        "window_s": window_s,
+        "open_streams": sum(int(part["open_streams"]) for part in exports),
+        "streams_opened": sum(int(part["streams_opened"]) for part in exports),
+        "outcomes": {k: outcomes.get(k, 0) for k in ("completed", "cancelled", "error")},
+        "error_codes": dict(error_codes),
+        "reconnections": sum(int(part["reconnections"]) for part in exports),
+        "first_token_ms": summarize([part["first_token"] for part in exports], 1000.0),
+        "inter_token_ms": summarize([part["inter_token"] for part in exports], 1000.0),
+    }
 
 
 class FanOut:

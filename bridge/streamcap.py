@@ -8,7 +8,20 @@ let a user exceed the cap, or drive a count negative).
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from bridge.errors import ServiceUnavailable, TooManyRequests
+
+
+class Caps(Protocol):
+    """What the handlers use: in process memory (``StreamCaps``) or shared (bridge/sharedcaps.py)."""
+
+    @property
+    def open_total(self) -> int: ...
+
+    async def take(self, key: str) -> Lease: ...
+
+    async def aclose(self) -> None: ...
 
 
 class Lease:
@@ -73,6 +86,13 @@ class StreamCaps:
         self._by_key[key] = mine + 1
         self._open += 1
         return Lease(self, key)
+
+    async def take(self, key: str) -> Lease:
+        """``acquire`` behind the ``Caps`` interface (nothing to wait for in process memory)."""
+        return self.acquire(key)
+
+    async def aclose(self) -> None:
+        """Nothing to release: the counts live in this process."""
 
     def _release(self, lease: Lease) -> None:
         if lease._released:

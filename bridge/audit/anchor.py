@@ -294,6 +294,14 @@ class HeadAnchor:
             return None
 
     def _anchor(self) -> AnchoredHead | None:
+        """Under the store's write lock: with several workers appending to one chain, a head read
+        and then sealed outside it could be overtaken (worker A reads head 100, B appends up to
+        105 and seals it, A seals 100 over it), and the sealed head would no longer cover a tail
+        an attacker could then cut."""
+        with self._store.locked():
+            return self._anchor_locked()
+
+    def _anchor_locked(self) -> AnchoredHead | None:
         head = self._store.head()
         if head is None:
             if self._store.edges().last_id is not None:

@@ -124,6 +124,8 @@ class AuditStore(Protocol):
 
     def snapshot(self) -> AbstractContextManager[ChainSnapshot]: ...
 
+    def locked(self) -> AbstractContextManager[None]: ...
+
     def head(self) -> Head | None: ...
 
     def edges(self) -> Edges: ...
@@ -244,6 +246,13 @@ class SQLiteStore:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the store's write lock (every process's appends wait): what the head anchor reads
+        and seals under it cannot be overtaken by another worker's append or seal."""
+        with self._write():
+            yield
 
     def append_batch(self, bodies: Sequence[Mapping[str, Any]], sealer: Sealer) -> Link:
         with self._write() as conn:

@@ -63,8 +63,12 @@ class AuditTrail:
         drop_log_interval_s: float = 10.0,
         sealed: SealedHeadFile | None = None,
         head_interval_s: float = 60.0,
+        retention: bool = True,
     ) -> None:
+        """``retention``: run the retention purges (at start and every ``purge_interval_s``); off in
+        every worker but the primary, which purges the one store for all of them."""
         self.store = store
+        self.retention = retention
         self.keys = keys
         self.events = EventFactory(keys, clock)
         self.retention_days = retention_days
@@ -148,7 +152,8 @@ class AuditTrail:
             return
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
-        self._purger.in_background(self.retention_days)
+        if self.retention:
+            self._purger.in_background(self.retention_days)
 
     async def flush(self) -> None:
         """Return once every event queued before the call is written."""
@@ -256,7 +261,7 @@ class AuditTrail:
             if time.monotonic() >= next_head:
                 self.anchor.anchor()
                 next_head = time.monotonic() + self.head_interval_s
-            if time.monotonic() >= next_purge:
+            if time.monotonic() >= next_purge and self.retention:
                 self._purger.in_background(self.retention_days)
                 next_purge = time.monotonic() + self.purge_interval_s
 

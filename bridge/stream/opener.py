@@ -74,7 +74,7 @@ class StreamOpener:
         """
         state = self.state
         try:
-            lease = state.caps.acquire(identity.key)
+            lease = await state.caps.take(identity.key)
         except BridgeError as exc:
             state.metrics.rate_limited("streams")
             state.audit.record(state.audit.events.rate_limited(identity, request_id, None, path=path, reason=exc.code))

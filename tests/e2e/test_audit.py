@@ -39,7 +39,9 @@ from bridge.types import Identity
 from tests.conftest import StubFactory
 from tests.support.audit import audit_cli as cli
 from tests.support.processes import ROOT, Bridge, Stub, base_env
+from tests.support.redis import redis_factory, redis_server  # noqa: F401  (fixtures)
 from tests.support.sse_client import STREAM_PATH, open_stream
+from tests.support.workers import two_workers
 
 JWT_SECRET = "audit-e2e-secret-" + "x" * 32
 UNLIMITED = "100000/minute"
@@ -106,6 +108,13 @@ def start_bridge() -> Iterator[BridgeStarter]:
     yield start
     for bridge in started:
         bridge.stop()
+
+
+def workers_env(request: pytest.FixtureRequest, workers: int, **env: str) -> dict[str, str]:
+    """``env``, plus a shared Redis for a bridge of two workers."""
+    if workers > 1:
+        return two_workers(request.getfixturevalue("redis_server"), **env)
+    return env
 
 
 async def acli(db: Path, *args: str) -> tuple[int, str, str]:
@@ -302,15 +311,16 @@ def assert_absent(needles: Mapping[str, str], directory: Path, outputs: Mapping[
 # -- SIGTERM with 200 streams in flight ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
 async def test_sigterm_during_200_streams_loses_no_audit_record(
-    stub_factory: StubFactory, start_bridge: BridgeStarter, tmp_path: Path
+    stub_factory: StubFactory, start_bridge: BridgeStarter, tmp_path: Path, request: pytest.FixtureRequest, workers: int
 ) -> None:
+    """Two workers write one chain: every record of both is there, and the chain verifies."""
     n = 200
     db = tmp_path / "audit.sqlite3"
     stub = stub_factory("--mode", "echo", "--token-delay-ms", "100", "--repeat", "100")
-    bridge = start_bridge(
-        stub, db, RATE_LIMIT=UNLIMITED, MAX_STREAMS_PER_USER="1000", MAX_STREAMS_TOTAL="1000", SHUTDOWN_GRACE_S="0.5"
-    )
+    env = workers_env(request, workers, MAX_STREAMS_PER_USER="1000", MAX_STREAMS_TOTAL="1000", SHUTDOWN_GRACE_S="0.5")
+    bridge = start_bridge(stub, db, RATE_LIMIT=UNLIMITED, **env)
     mid_flight = 0
     all_mid_flight = asyncio.Event()
     request_ids: list[str] = []
@@ -363,12 +373,14 @@ async def test_sigterm_during_200_streams_loses_no_audit_record(
 # -- the admin endpoint over HTTP ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
 async def test_admin_endpoint_access_filters_pagination_and_reads_are_audited(
-    stub_factory: StubFactory, start_bridge: BridgeStarter, tmp_path: Path
+    stub_factory: StubFactory, start_bridge: BridgeStarter, tmp_path: Path, request: pytest.FixtureRequest, workers: int
 ) -> None:
+    """With two workers, any worker's admin read sees the records every worker wrote."""
     db = tmp_path / "audit.sqlite3"
     stub = stub_factory("--mode", "echo")
-    bridge = start_bridge(stub, db, JWT_SECRET=JWT_SECRET, RATE_LIMIT=UNLIMITED)
+    bridge = start_bridge(stub, db, JWT_SECRET=JWT_SECRET, RATE_LIMIT=UNLIMITED, **workers_env(request, workers))
     admin = bearer(token("root", role="admin", email="ops@example.com"))
     member = bearer(token("m1", email="m1@example.com"))
     async with httpx.AsyncClient(base_url=bridge.url, timeout=30) as client:
@@ -512,10 +524,14 @@ class Traffic:
             await self._client.aclose()
 
 
-@pytest.fixture
-async def traffic(stub_factory: StubFactory, start_bridge: BridgeStarter, tmp_path: Path) -> AsyncIterator[Traffic]:
+@pytest.fixture(params=[1, 2], ids=["one-process", "two-workers"])
+async def traffic(
+    stub_factory: StubFactory, start_bridge: BridgeStarter, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Traffic]:
+    """Streams written into the store all along; with two workers, both write the one chain."""
     stub = stub_factory("--mode", "echo", "--token-delay-ms", "20")
-    bridge = start_bridge(stub, tmp_path / "audit.sqlite3", RATE_LIMIT=UNLIMITED, MAX_STREAMS_PER_USER="100")
+    env = workers_env(request, request.param, MAX_STREAMS_PER_USER="100")
+    bridge = start_bridge(stub, tmp_path / "audit.sqlite3", RATE_LIMIT=UNLIMITED, **env)
     running = Traffic(bridge)
     await running.reach(20)
     yield running

@@ -22,14 +22,30 @@ from tests.conftest import BridgeFactory, StubFactory
 from tests.support.processes import Bridge, Stub
 from tests.support.redis import redis_factory, redis_server  # noqa: F401  (fixtures)
 from tests.support.sse_client import STREAM_PATH, StreamReply, lagging_reader, open_stream
+from tests.support.workers import two_workers
 
 pytestmark = pytest.mark.redis
 
 
-def pair(bridge_factory: BridgeFactory, stub: Stub, store: str, **env: str) -> tuple[Bridge, Bridge]:
-    """Two instances behind an imaginary non-sticky load balancer: same stub, same store."""
-    full = {"RESUME_GRACE_S": "5", "TRUSTED_PROXIES": "127.0.0.1/32", "RESUME_STORE": store, **env}
-    return bridge_factory(stub, **full), bridge_factory(stub, **full)
+class Pair:
+    """Two instances behind an imaginary non-sticky load balancer (same stub, same store), or one
+    bridge of two workers on one port, whose every connection may reach either worker."""
+
+    def __init__(self, bridge_factory: BridgeFactory, workers: bool) -> None:
+        self.bridge_factory = bridge_factory
+        self.workers = workers
+
+    def __call__(self, stub: Stub, store: str, **env: str) -> tuple[Bridge, Bridge]:
+        full = {"RESUME_GRACE_S": "5", "TRUSTED_PROXIES": "127.0.0.1/32", "RESUME_STORE": store, **env}
+        if self.workers:
+            one = self.bridge_factory(stub, **two_workers(store, **full))
+            return one, one
+        return self.bridge_factory(stub, **full), self.bridge_factory(stub, **full)
+
+
+@pytest.fixture(params=["two instances", "two workers"])
+def pair(request: pytest.FixtureRequest, bridge_factory: BridgeFactory) -> Pair:
+    return Pair(bridge_factory, request.param == "two workers")
 
 
 def seqs(reply: StreamReply) -> list[int]:
@@ -66,11 +82,11 @@ async def store(redis_server: str) -> AsyncIterator[redis.asyncio.Redis]:  # noq
 
 async def test_reconnect_to_other_instance_continues_exactly(
     stub_factory: StubFactory,
-    bridge_factory: BridgeFactory,
+    pair: Pair,
     redis_server: str,  # noqa: F811
 ) -> None:
     stub = stub_factory("--mode", "echo", "--echo-delimiter", ",", "--token-delay-ms", "5")
-    a, b = pair(bridge_factory, stub, redis_server)
+    a, b = pair(stub, redis_server)
     query = ",".join(f"t{i}" for i in range(200))
     first = await open_stream(a.url, params={"query": query}, stop_after_tokens=10)
     assert first.tokens() == [f"t{i}" for i in range(10)]
@@ -95,6 +111,9 @@ async def test_reconnect_to_other_instance_continues_exactly(
         )
         scrape = (await client.get("/metrics")).text
     assert done.status_code == 204
+    if pair.workers:  # either worker may have served the resume: one scrape counts both
+        assert "bridge_reconnections_total 1.0" in scrape.splitlines()
+        return
     # The store's counters reach /metrics: B served one resume from Redis and A wrote the frames.
     assert "bridge_resume_store_remote_resumes_total 1.0" in scrape.splitlines()
     async with httpx.AsyncClient(base_url=a.url) as client:
@@ -117,7 +136,7 @@ async def first_frame_id(client: httpx.AsyncClient, query: str) -> str:
 
 async def test_resume_on_other_instance_right_after_the_first_frame_is_never_expired(
     stub_factory: StubFactory,
-    bridge_factory: BridgeFactory,
+    pair: Pair,
     redis_server: str,  # noqa: F811
 ) -> None:
     """A client reads a new stream's first frame on A, drops, and resumes on B at once, 200 times.
@@ -127,7 +146,7 @@ async def test_resume_on_other_instance_right_after_the_first_frame_is_never_exp
     non-retryable STREAM_EXPIRED for a live stream.
     """
     stub = stub_factory("--mode", "echo", "--echo-delimiter", ",", "--first-token-delay-ms", "50")
-    a, b = pair(bridge_factory, stub, redis_server, RATE_LIMIT="100000/minute", MAX_STREAMS_PER_USER="50")
+    a, b = pair(stub, redis_server, RATE_LIMIT="100000/minute", MAX_STREAMS_PER_USER="50")
     words = ["f0", "f1", "f2"]
     query = ",".join(words)
 
@@ -153,11 +172,11 @@ async def test_resume_on_other_instance_right_after_the_first_frame_is_never_exp
 
 async def test_other_user_gets_the_unknown_stream_answer_on_other_instance(
     stub_factory: StubFactory,
-    bridge_factory: BridgeFactory,
+    pair: Pair,
     redis_server: str,  # noqa: F811
 ) -> None:
     stub = stub_factory("--mode", "echo", "--echo-delimiter", ",", "--token-delay-ms", "20")
-    a, b = pair(bridge_factory, stub, redis_server)
+    a, b = pair(stub, redis_server)
     query = ",".join(f"y{i}" for i in range(100))
     first = await open_stream(a.url, params={"query": query}, headers={"x-user-id": "alice"}, stop_after_tokens=3)
     last_id = first.events[-1].last_event_id
@@ -176,11 +195,11 @@ async def test_other_user_gets_the_unknown_stream_answer_on_other_instance(
 
 async def test_unknown_stream_on_other_instance_is_expired(
     stub_factory: StubFactory,
-    bridge_factory: BridgeFactory,
+    pair: Pair,
     redis_server: str,  # noqa: F811
 ) -> None:
     stub = stub_factory("--mode", "echo")
-    _, b = pair(bridge_factory, stub, redis_server)
+    _, b = pair(stub, redis_server)
     late = await open_stream(b.url, params={"query": "q"}, headers={"Last-Event-ID": "nosuchstream:4"})
     assert late.status == 200
     assert late.frames == [
@@ -191,11 +210,11 @@ async def test_unknown_stream_on_other_instance_is_expired(
 
 async def test_delete_on_other_instance_cancels_upstream_on_owner(
     stub_factory: StubFactory,
-    bridge_factory: BridgeFactory,
+    pair: Pair,
     redis_server: str,  # noqa: F811
 ) -> None:
     stub = stub_factory("--mode", "echo", "--echo-delimiter", ",", "--token-delay-ms", "20")
-    a, b = pair(bridge_factory, stub, redis_server, RESUME_GRACE_S="30")  # only the stop can end it
+    a, b = pair(stub, redis_server, RESUME_GRACE_S="30")  # only the stop can end it
     query = ",".join(f"z{i}" for i in range(500))
     first = await open_stream(a.url, params={"query": query}, stop_after_tokens=2)
     stream_id = first.frames[0]["stream_id"]
@@ -216,11 +235,11 @@ async def test_delete_on_other_instance_cancels_upstream_on_owner(
 
 async def test_reader_on_other_instance_keeps_owner_past_grace(
     stub_factory: StubFactory,
-    bridge_factory: BridgeFactory,
+    pair: Pair,
     redis_server: str,  # noqa: F811
 ) -> None:
     stub = stub_factory("--mode", "echo", "--echo-delimiter", ",", "--token-delay-ms", "40")
-    a, b = pair(bridge_factory, stub, redis_server, RESUME_GRACE_S="1")
+    a, b = pair(stub, redis_server, RESUME_GRACE_S="1")
     query = ",".join(f"s{i}" for i in range(100))  # ~4 s of tokens: well past A's 1 s grace
     first = await open_stream(a.url, params={"query": query}, stop_after_tokens=2)
     started = time.monotonic()
@@ -235,11 +254,11 @@ async def test_reader_on_other_instance_keeps_owner_past_grace(
 
 async def test_reader_leaving_other_instance_releases_owner_after_grace(
     stub_factory: StubFactory,
-    bridge_factory: BridgeFactory,
+    pair: Pair,
     redis_server: str,  # noqa: F811
 ) -> None:
     stub = stub_factory("--mode", "echo", "--echo-delimiter", ",", "--token-delay-ms", "40")
-    a, b = pair(bridge_factory, stub, redis_server, RESUME_GRACE_S="1")
+    a, b = pair(stub, redis_server, RESUME_GRACE_S="1")
     query = ",".join(f"r{i}" for i in range(500))
     first = await open_stream(a.url, params={"query": query}, stop_after_tokens=2)
     second = await open_stream(
@@ -254,11 +273,11 @@ async def test_reader_leaving_other_instance_releases_owner_after_grace(
 
 async def test_owner_keeps_streaming_past_local_buffer_cap_while_mirroring(
     stub_factory: StubFactory,
-    bridge_factory: BridgeFactory,
+    pair: Pair,
     redis_server: str,  # noqa: F811
 ) -> None:
     stub = stub_factory("--mode", "echo", "--echo-delimiter", ",", "--token-delay-ms", "1")
-    a, _ = pair(bridge_factory, stub, redis_server, RESUME_BUFFER_FRAMES="20")
+    a, _ = pair(stub, redis_server, RESUME_BUFFER_FRAMES="20")
     query = ",".join(f"c{i}" for i in range(200))
     first = await open_stream(a.url, params={"query": query}, stop_after_tokens=2)
     end = await stub.ended(first.frames[0]["request_id"])
@@ -267,12 +286,12 @@ async def test_owner_keeps_streaming_past_local_buffer_cap_while_mirroring(
 
 async def test_store_keys_expire_after_stream_end_and_grace(
     stub_factory: StubFactory,
-    bridge_factory: BridgeFactory,
+    pair: Pair,
     redis_server: str,  # noqa: F811
     store: redis.asyncio.Redis,
 ) -> None:
     stub = stub_factory("--mode", "echo", "--echo-delimiter", ",")
-    a, _ = pair(bridge_factory, stub, redis_server, RESUME_GRACE_S="1")
+    a, _ = pair(stub, redis_server, RESUME_GRACE_S="1")
     reply = await open_stream(a.url, params={"query": "k1,k2,k3"})
     assert reply.frames[-1]["type"] == "done"
     stream_id = reply.frames[0]["stream_id"]
@@ -289,7 +308,7 @@ async def test_store_keys_expire_after_stream_end_and_grace(
 
 async def test_keys_of_a_stream_that_ends_while_nobody_reads_it_expire_a_window_after_its_end(
     stub_factory: StubFactory,
-    bridge_factory: BridgeFactory,
+    pair: Pair,
     redis_server: str,  # noqa: F811
     store: redis.asyncio.Redis,
 ) -> None:
@@ -298,7 +317,7 @@ async def test_keys_of_a_stream_that_ends_while_nobody_reads_it_expire_a_window_
     keys as for an attached reader until their ceiling (four windows): Redis kept every abandoned
     answer four times as long, and the owner's shutdown waited on that holder."""
     stub = stub_factory("--mode", "echo", "--echo-delimiter", ",", "--token-delay-ms", "5")
-    a, _ = pair(bridge_factory, stub, redis_server, RESUME_GRACE_S="1")
+    a, _ = pair(stub, redis_server, RESUME_GRACE_S="1")
     first = await open_stream(a.url, params={"query": ",".join(f"e{i}" for i in range(20))}, stop_after_tokens=2)
     stream_id = first.frames[0]["stream_id"]
     assert (await stub.ended(first.frames[0]["request_id"]))["outcome"] == "completed"  # nobody reading
@@ -310,7 +329,7 @@ async def test_keys_of_a_stream_that_ends_while_nobody_reads_it_expire_a_window_
 
 async def test_reader_on_other_instance_dropping_late_from_a_finished_answer_can_still_resume(
     stub_factory: StubFactory,
-    bridge_factory: BridgeFactory,
+    pair: Pair,
     redis_server: str,  # noqa: F811
     store: redis.asyncio.Redis,
 ) -> None:
@@ -323,7 +342,7 @@ async def test_reader_on_other_instance_dropping_late_from_a_finished_answer_can
     answer, the bug the owner's registry had locally.
     """
     stub = stub_factory("--mode", "echo", "--echo-delimiter", ",", "--token-delay-ms", "5")
-    a, b = pair(bridge_factory, stub, redis_server, RESUME_GRACE_S="2")
+    a, b = pair(stub, redis_server, RESUME_GRACE_S="2")
     words = [f"h{i}" for i in range(20)]
     query = ",".join(words)
     first = await open_stream(a.url, params={"query": query}, stop_after_tokens=3)
@@ -345,7 +364,7 @@ async def test_reader_on_other_instance_dropping_late_from_a_finished_answer_can
 async def test_a_reader_lagging_behind_a_finished_answer_keeps_its_redis_keys(
     lagging_on: str,
     stub_factory: StubFactory,
-    bridge_factory: BridgeFactory,
+    pair: Pair,
     redis_server: str,  # noqa: F811
     store: redis.asyncio.Redis,
 ) -> None:
@@ -360,7 +379,7 @@ async def test_a_reader_lagging_behind_a_finished_answer_keeps_its_redis_keys(
     tokens = 3000
     stub = stub_factory("--mode", "echo", "--repeat", str(tokens))
     big = {"STREAM_WINDOW_FRAMES": "10000", "RESUME_BUFFER_BYTES": str(16 << 20)}  # upstream ends at once
-    a, b = pair(bridge_factory, stub, redis_server, RESUME_GRACE_S="1", **big)
+    a, b = pair(stub, redis_server, RESUME_GRACE_S="1", **big)
     word = "y" * 1000
     head = f"GET {STREAM_PATH}?query={word} HTTP/1.1\r\nHost: x\r\n"
     lagging, request_id = a, None
@@ -388,7 +407,7 @@ def _data(seen: bytes) -> bytes:
 
 async def test_reconnecting_forever_does_not_keep_an_ended_streams_redis_keys(
     stub_factory: StubFactory,
-    bridge_factory: BridgeFactory,
+    pair: Pair,
     redis_server: str,  # noqa: F811
     store: redis.asyncio.Redis,
 ) -> None:
@@ -399,7 +418,7 @@ async def test_reconnecting_forever_does_not_keep_an_ended_streams_redis_keys(
     an attacker could keep the frames of every stream they ever opened in Redis for ever.
     """
     stub = stub_factory("--mode", "echo", "--echo-delimiter", ",", "--token-delay-ms", "5")
-    a, b = pair(bridge_factory, stub, redis_server, RESUME_GRACE_S="1")
+    a, b = pair(stub, redis_server, RESUME_GRACE_S="1")
     query = ",".join(f"k{i}" for i in range(10))
     first = await open_stream(a.url, params={"query": query}, stop_after_tokens=2)
     stream_id = first.frames[0]["stream_id"]

@@ -20,7 +20,9 @@ import pytest
 from bridge.sse import Parser
 from tests.conftest import BridgeFactory, StubFactory
 from tests.support.processes import Bridge
+from tests.support.redis import redis_factory, redis_server  # noqa: F401  (fixtures)
 from tests.support.sse_client import STREAM_PATH
+from tests.support.workers import two_workers
 
 
 class _Reader(threading.Thread):
@@ -44,6 +46,7 @@ class _Reader(threading.Thread):
                             self.first_token.set()
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
 @pytest.mark.parametrize(
     ("signals", "grace"),
     [
@@ -54,11 +57,21 @@ class _Reader(threading.Thread):
     ids=["sigint", "sigint-twice", "sigint-then-sigterm"],
 )
 def test_ctrl_c_with_an_open_stream_exits_0_without_traceback(
-    stub_factory: StubFactory, bridge_factory: BridgeFactory, signals: tuple[int, ...], grace: str
+    stub_factory: StubFactory,
+    bridge_factory: BridgeFactory,
+    request: pytest.FixtureRequest,
+    signals: tuple[int, ...],
+    grace: str,
+    workers: int,
 ) -> None:
+    """With two workers the signal reaches the supervisor, which forwards it to both: each drains,
+    and the supervisor exits 0 once both did."""
     stub = stub_factory("--mode", "echo", "--token-delay-ms", "100", "--repeat", "200")
+    env = {"SHUTDOWN_GRACE_S": grace, "LOG_LEVEL": "INFO"}
+    if workers > 1:
+        env = two_workers(request.getfixturevalue("redis_server"), **env)
     for attempt in range(2):  # it used to happen "sometimes": repeat
-        bridge = bridge_factory(stub, SHUTDOWN_GRACE_S=grace, LOG_LEVEL="INFO")
+        bridge = bridge_factory(stub, **env)
         reader = _Reader(bridge)
         reader.start()
         assert reader.first_token.wait(15), bridge.output()
@@ -66,8 +79,11 @@ def test_ctrl_c_with_an_open_stream_exits_0_without_traceback(
         bridge.signal(first)
         if more:
             # Two signals sent back to back can merge into one delivery: send the second once the
-            # first was handled (uvicorn logs "Shutting down" after its handler ran).
-            bridge.wait_for_line(lambda line: "Shutting down" in line, stderr=True)
+            # first was handled (uvicorn logs "Shutting down" after its handler ran; in each worker).
+            bridge.wait_for_line(
+                lambda line, lines=bridge.stderr_lines: sum("Shutting down" in seen for seen in lines) >= workers,
+                stderr=True,
+            )
             bridge.signal(more[0])
         assert bridge.wait(30) == 0, (attempt, bridge.output())
         reader.join(10)

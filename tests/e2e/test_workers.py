@@ -1,0 +1,250 @@
+"""``--workers 2``: two processes on one port, and everything a client sees stays exact.
+
+Real processes throughout: the supervisor and its two workers, one redis-server, the stub. Each
+request below opens a fresh connection, so the kernel spreads them over both workers (SO_REUSEPORT
+hashes the client's port); a budget kept per worker would show within a handful of requests.
+The resume, stop, drain and audit tests of the multi-instance suite run against a two-worker
+bridge too (tests/e2e/test_resume_redis.py, tests/e2e/test_stop_signals.py, tests/e2e/test_audit.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import BridgeFactory, StubFactory
+from tests.support.processes import ROOT, base_env
+from tests.support.redis import redis_factory, redis_server  # noqa: F401  (fixtures)
+from tests.support.sse_client import STREAM_PATH, open_stream
+from tests.support.workers import two_workers, wait_for_workers, worker_pids
+
+pytestmark = pytest.mark.redis
+
+
+def fresh_get(url: str, path: str, **kwargs: object) -> httpx.Response:
+    """One request on a connection of its own (so consecutive requests may reach either worker)."""
+    with httpx.Client(base_url=url, timeout=30) as client:
+        return client.get(path, **kwargs)  # type: ignore[arg-type]
+
+
+def test_two_workers_without_redis_are_refused_with_one_line(tmp_path: Path) -> None:
+    """Per-worker limits would silently multiply every budget: refused, naming what to set."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bridge", "--workers", "2", "--port", "0"],
+        env=base_env({"AUDIT_DB": str(tmp_path / "audit.sqlite3"), "RESUME_GRACE_S": "5"}),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "WORKERS=2 needs state shared by all workers" in lines[0]
+    assert "RATE_LIMIT_STORAGE and RESUME_STORE" in lines[0]
+    assert not (tmp_path / "audit.sqlite3").exists(), "nothing is created before the refusal"
+
+
+async def test_client_spreading_requests_over_workers_gets_one_rate_limit(
+    stub_factory: StubFactory,
+    bridge_factory: BridgeFactory,
+    redis_server: str,  # noqa: F811
+) -> None:
+    stub = stub_factory("--mode", "echo")
+    bridge = bridge_factory(stub, **two_workers(redis_server, RATE_LIMIT="3/minute"))
+    answers = [await asyncio.to_thread(fresh_get, bridge.url, STREAM_PATH, params={"query": "q"}) for _ in range(8)]
+    assert [r.status_code for r in answers] == [200] * 3 + [429] * 5, "3/minute, whichever worker answers"
+    assert all(0 < int(r.headers["retry-after"]) <= 60 for r in answers[3:])
+
+
+async def test_user_spreading_streams_over_workers_gets_one_stream_cap(
+    stub_factory: StubFactory,
+    bridge_factory: BridgeFactory,
+    redis_server: str,  # noqa: F811
+) -> None:
+    stub = stub_factory("--mode", "echo", "--token-delay-ms", "200", "--repeat", "100")
+    bridge = bridge_factory(stub, **two_workers(redis_server, MAX_STREAMS_PER_USER="2", TRUSTED_PROXIES="127.0.0.1/32"))
+    held = [
+        asyncio.create_task(open_stream(bridge.url, params={"query": f"held {i}"}, headers={"x-user-id": "alice"}))
+        for i in range(2)
+    ]
+    try:
+        await open_streams_reach(bridge.url, 2)
+        refused = [
+            await asyncio.to_thread(
+                fresh_get, bridge.url, STREAM_PATH, params={"query": "more"}, headers={"x-user-id": "alice"}
+            )
+            for _ in range(6)
+        ]
+        assert [r.status_code for r in refused] == [429] * 6
+        assert {r.json()["error"]["code"] for r in refused} == {"TOO_MANY_STREAMS"}
+        other = await open_stream(bridge.url, params={"query": "a b"}, headers={"x-user-id": "bob"})
+        assert other.frames[-1]["type"] == "done", "another identity has its own budget"
+    finally:
+        for task in held:
+            task.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
+
+
+def _stats(url: str) -> dict[str, object]:
+    return dict(fresh_get(url, "/api/v2/bali-zero/stream-stats").json())
+
+
+async def open_streams_reach(url: str, count: int, timeout: float = 30) -> None:
+    """Poll the stats endpoint (the whole server's open streams) until it shows ``count``."""
+    deadline = time.monotonic() + timeout
+    while (await asyncio.to_thread(_stats, url))["open_streams"] != count:
+        assert time.monotonic() < deadline, "the streams never all opened"
+        await asyncio.sleep(0.05)  # polling: the stats endpoint has no event to await
+
+
+async def test_stats_and_metrics_cover_every_worker(
+    stub_factory: StubFactory,
+    bridge_factory: BridgeFactory,
+    redis_server: str,  # noqa: F811
+) -> None:
+    stub = stub_factory("--mode", "echo", "--echo-delimiter", ",")
+    bridge = bridge_factory(stub, **two_workers(redis_server, RATE_LIMIT="1000/minute", MAX_STREAMS_PER_USER="100"))
+    n = 12
+    replies = await asyncio.gather(*(open_stream(bridge.url, params={"query": "a,b,c"}) for _ in range(n)))
+    assert all(r.frames[-1]["type"] == "done" for r in replies)
+    for _ in range(4):  # whichever worker answers, it answers for both
+        stats = _stats(bridge.url)
+        assert stats["workers"] == {"count": 2, "reporting": 2}
+        assert stats["streams_opened"] == n
+        assert stats["outcomes"] == {"completed": n, "cancelled": 0, "error": 0}
+        assert stats["first_token_ms"]["count"] == n  # type: ignore[index]
+        scrape = fresh_get(bridge.url, "/metrics").text.splitlines()
+        assert 'bridge_streams_total{error_code="",outcome="completed"} 12.0' in scrape
+        assert "bridge_tokens_total 36.0" in scrape
+        assert "bridge_first_token_seconds_count 12.0" in scrape
+        assert "bridge_inter_token_seconds_count 24.0" in scrape
+
+
+async def test_a_killed_worker_is_replaced_and_the_server_keeps_answering(
+    stub_factory: StubFactory,
+    bridge_factory: BridgeFactory,
+    redis_server: str,  # noqa: F811
+) -> None:
+    stub = stub_factory("--mode", "echo")
+    bridge = bridge_factory(stub, **two_workers(redis_server, RATE_LIMIT="1000/minute"))
+    before = worker_pids(bridge)
+    assert len(before) == 2
+    os.kill(before[0], signal.SIGKILL)
+    after = await asyncio.to_thread(wait_for_workers, bridge, 2, {before[0]})
+    assert before[1] in after
+    answers = [await asyncio.to_thread(fresh_get, bridge.url, "/readyz") for _ in range(8)]
+    assert [r.status_code for r in answers] == [200] * 8
+    assert bridge.proc.poll() is None
+    assert any("worker 0" in line and "exited with status -9" in line for line in bridge.stderr_lines)
+
+
+async def test_a_worker_stopped_alone_ends_its_streams_with_a_retryable_frame(
+    stub_factory: StubFactory,
+    bridge_factory: BridgeFactory,
+    redis_server: str,  # noqa: F811
+) -> None:
+    """SIGTERM to one worker drains that worker only; its supervisor starts another in its place."""
+    stub = stub_factory("--mode", "echo", "--token-delay-ms", "100", "--repeat", "300")
+    bridge = bridge_factory(
+        stub,
+        **two_workers(redis_server, RATE_LIMIT="1000/minute", SHUTDOWN_GRACE_S="0.5", TRUSTED_PROXIES="127.0.0.1/32"),
+    )
+    streams = [
+        asyncio.create_task(open_stream(bridge.url, params={"query": f"s{i}"}, headers={"x-user-id": f"u{i}"}))
+        for i in range(6)
+    ]
+    await open_streams_reach(bridge.url, 6)
+    victim = worker_pids(bridge)[0]
+    os.kill(victim, signal.SIGTERM)
+    await asyncio.to_thread(wait_for_workers, bridge, 2, {victim})
+    ended = [task for task in streams if task.done()]
+    for task in ended:
+        last = task.result().frames[-1]
+        assert last["type"] == "error" and last["code"] == "SHUTTING_DOWN" and last["retryable"] is True
+    assert ended, "some of the six streams were on the stopped worker"
+    assert len(ended) < 6, "the other worker's streams go on"
+    for task in streams:
+        task.cancel()
+    await asyncio.gather(*streams, return_exceptions=True)
+    assert bridge.proc.poll() is None
+
+
+async def test_workers_of_a_killed_supervisor_drain_and_exit(
+    stub_factory: StubFactory,
+    bridge_factory: BridgeFactory,
+    redis_server: str,  # noqa: F811
+) -> None:
+    """Nobody would stop them otherwise: each sees its control socket close and drains."""
+    stub = stub_factory("--mode", "echo")
+    bridge = bridge_factory(stub, **two_workers(redis_server))
+    workers = [psutil.Process(pid) for pid in worker_pids(bridge)]
+    bridge.kill()
+    _, alive = await asyncio.to_thread(psutil.wait_procs, workers, 30)
+    assert not alive, "the workers outlived their supervisor"
+
+
+async def test_the_rollout_gives_a_user_the_same_answer_on_every_worker(
+    stub_factory: StubFactory,
+    bridge_factory: BridgeFactory,
+    redis_server: str,  # noqa: F811
+) -> None:
+    stub = stub_factory("--mode", "echo")
+    bridge = bridge_factory(
+        stub,
+        **two_workers(redis_server, SSE_ROLLOUT_PERCENT="50", TRUSTED_PROXIES="127.0.0.1/32", RATE_LIMIT="1000/minute"),
+    )
+    answers: dict[str, set[int]] = {}
+    for user in range(12):
+        for _ in range(3):  # fresh connections: the kernel picks the worker
+            reply = await asyncio.to_thread(
+                fresh_get, bridge.url, STREAM_PATH, params={"query": "q"}, headers={"x-user-id": f"user-{user}"}
+            )
+            answers.setdefault(f"user-{user}", set()).add(reply.status_code)
+    assert all(len(codes) == 1 for codes in answers.values()), answers
+    assert {code for codes in answers.values() for code in codes} == {200, 404}, "50 %: some in, some out"
+
+
+def test_sigterm_while_the_workers_start_stops_the_supervisor_with_0(
+    tmp_path: Path,
+    redis_server: str,  # noqa: F811
+) -> None:
+    """A stop before every worker is ready ends the start: the supervisor used to wait for the
+    workers' readiness alone and, stopped meanwhile, exited 1 or never."""
+    env = base_env({"AUDIT_DB": str(tmp_path / "audit.sqlite3"), **two_workers(redis_server)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "--port", "0"],
+        env=env,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        supervisor = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 30
+        while len(supervisor.children()) < 2:  # both workers started, neither serving yet
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
+            time.sleep(0.01)  # polling a process table: there is no event to await
+        workers = supervisor.children()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    assert "listening on" not in out
+    _, alive = psutil.wait_procs(workers, 10)
+    assert not alive
