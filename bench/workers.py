@@ -9,7 +9,10 @@ then the other (the order alternates by level and round), so a noisy phase of th
 hits both. A level is *held* when every stream completed without error, first-token p99 < 100 ms
 and inter-token p99 < 50 ms (the deployment guide's targets, ORIGINAL-DESIGN); the streams held
 are the highest level before the first one that is not. Nothing is pinned: two workers need both
-cores, which the stub, Redis and the load generator share.
+cores, which the stub, Redis and the load generator share. With ``--cores-per-worker C`` each
+worker runs under a CPU budget of C cores (bench/cpuquota.py) and the stub and load generator keep
+the rest: a run that measures how streams held scale with the CPU the workers are given, which a
+host with no cores to spare beyond the load's own cannot show otherwise.
 
 Per run it keeps tokens/s, each worker's CPU (psutil, all threads) and RSS, the stub's and the load
 generator's CPU; the report gives the ratio of streams held (2 workers / 1) per round, CPU
@@ -31,6 +34,7 @@ from typing import Any
 
 import psutil
 
+from bench.cpuquota import CpuQuota, QuotaUnavailable
 from bench.procs import HttpServer, Loadgen, RedisProc, StubProc, free_port, start_bridge
 from bench.workload import log, words
 
@@ -56,6 +60,7 @@ class Run:
     worker_rss_mib: list[float]
     stub_cpu_s: float
     loadgen_cpu_s: float
+    throttled_s: float
 
     @property
     def held(self) -> bool:
@@ -98,12 +103,21 @@ def cpu_s(process: psutil.Process) -> float:
     return float(t.user + t.system)
 
 
-def run_level(server: HttpServer, workers: int, stub: StubProc, streams: int, tokens: int, pacing_ms: int) -> Run:
+def run_level(
+    server: HttpServer,
+    workers: int,
+    stub: StubProc,
+    streams: int,
+    tokens: int,
+    pacing_ms: int,
+    quotas: list[CpuQuota],
+) -> Run:
     stream_s = tokens * pacing_ms / 1000
     ramp = streams / OPENS_PER_S
     procs = serving_processes(server)
     before = [cpu_s(p) for p in procs]
     stub_before = stub.cpu_s()
+    throttled_before = sum(q.throttled_s() for q in quotas)
     loadgen = Loadgen(
         [
             "sse",
@@ -137,6 +151,7 @@ def run_level(server: HttpServer, workers: int, stub: StubProc, streams: int, to
         worker_rss_mib=[round(p.memory_info().rss / 2**20, 1) for p in procs],
         stub_cpu_s=round(stub.cpu_s() - stub_before, 3),
         loadgen_cpu_s=float(result["cpu_s"]),
+        throttled_s=round(sum(q.throttled_s() for q in quotas) - throttled_before, 3),
     )
 
 
@@ -175,20 +190,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pacing-ms", type=int, default=25)
     parser.add_argument("--tokens", type=int, default=200, help="tokens per stream")
+    parser.add_argument(
+        "--cores-per-worker",
+        type=float,
+        default=None,
+        help="hold each worker to this many cores (a cgroup CPU quota; needs root); default: no budget",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/workers.json"))
     args = parser.parse_args(argv)
     # SIGTERM (a timeout, Ctrl-C in a wrapper) must still run the finally below: no orphans left.
     signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
     levels = [int(x) for x in args.levels.split(",")]
+    try:
+        report = measure(args, levels)
+    except QuotaUnavailable as exc:
+        print(f"bench.workers: {exc}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report["summary"], indent=1))
+    return 0
+
+
+def measure(args: argparse.Namespace, levels: list[int]) -> dict[str, Any]:
+    """Run every round; the report (settings, load average, summary and every run)."""
     rounds: list[Round] = []
     with tempfile.TemporaryDirectory(prefix="bzb-bench-workers-") as workdir:
         redis = RedisProc(free_port())
         stub = StubProc(["--mode", "echo", "--token-delay-ms", str(args.pacing_ms)], None)
         env = {"RATE_LIMIT_STORAGE": redis.url, "RESUME_GRACE_S": "0"}
         servers = {w: start_bridge(stub.target, None, Path(workdir), WORKERS=str(w), **env) for w in (1, 2)}
+        quotas: dict[int, list[CpuQuota]] = {1: [], 2: []}
         started = time.time()
         load_start = psutil.getloadavg()
         try:
+            if args.cores_per_worker is not None:
+                for w, server in servers.items():
+                    for slot, process in enumerate(serving_processes(server)):
+                        quotas[w].append(CpuQuota(f"w{w}-{slot}", args.cores_per_worker))
+                        quotas[w][-1].add(process.pid)
             for index in range(args.rounds):
                 current = Round()
                 rounds.append(current)
@@ -197,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
                     for workers in order:
                         if any(r.workers == workers and not r.held for r in current.runs):
                             continue  # past this target's knee in this round
-                        run = run_level(servers[workers], workers, stub, level, args.tokens, args.pacing_ms)
+                        run = run_level(
+                            servers[workers], workers, stub, level, args.tokens, args.pacing_ms, quotas[workers]
+                        )
                         current.runs.append(run)
                         log(
                             f"round {index + 1} {level} streams, {workers} worker(s): held={run.held} "
@@ -210,20 +252,19 @@ def main(argv: list[str] | None = None) -> int:
                 server.stop(60)
             stub.stop()
             redis.stop()
-    report = {
+            for quota in (q for qs in quotas.values() for q in qs):
+                quota.close()
+    return {
         "started": started,
         "load_average_start": load_start,
         "load_average_end": psutil.getloadavg(),
         "pacing_ms": args.pacing_ms,
+        "cores_per_worker": args.cores_per_worker,
         "tokens_per_stream": args.tokens,
         "levels": levels,
         "summary": summary(rounds),
         "rounds": [[asdict(run) | {"held": run.held} for run in r.runs] for r in rounds],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps(report["summary"], indent=1))
-    return 0
 
 
 if __name__ == "__main__":

@@ -189,3 +189,23 @@ def test_loadgen_reads_the_openai_stream_as_the_native_frames_it_stands_for() ->
         without_metadata.token(1, 0, rag_pb2.Token(text="a")) + without_metadata.error(2, ServiceUnavailable("x"))
     )
     assert tokens == 1 and [json.loads(p)["type"] for _, p in told] == ["error"]
+
+
+@pytest.mark.timeout(150)
+def test_workers_bench_with_a_cpu_budget_reports_both_targets(tmp_path: Path) -> None:
+    out = tmp_path / "workers.json"
+    run_module(
+        "bench.workers",
+        *("--levels", "4,8", "--rounds", "1", "--tokens", "5", "--pacing-ms", "10"),
+        *("--cores-per-worker", "0.5", "--out", str(out)),
+        timeout=140,
+    )
+    report = json.loads(out.read_text())
+    assert report["cores_per_worker"] == 0.5
+    runs = report["rounds"][0]
+    assert {run["workers"] for run in runs} == {1, 2}
+    for run in runs:
+        assert run["completed"] == run["streams"], run
+        assert len(run["worker_cpu_s"]) == run["workers"]
+        assert run["throttled_s"] >= 0
+    assert set(report["summary"]["held"]) == {"1", "2"}
