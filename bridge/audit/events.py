@@ -198,34 +198,6 @@ class EventFactory:
         )
         return _seal(body)
 
-    def rate_limited(
-        self,
-        identity: Identity,
-        request_id: str,
-        trace_id: str | None,
-        *,
-        path: str,
-        reason: str,
-        count: int = 1,
-        first_ts: str | None = None,
-    ) -> AuditEvent:
-        """``count`` requests refused by a limit (``reason``: the error code, e.g. RATE_LIMITED)."""
-        return self.security("rate_limited", identity, request_id, trace_id, path, reason, count, first_ts)
-
-    def auth_failed(
-        self,
-        identity: Identity,
-        request_id: str,
-        trace_id: str | None,
-        *,
-        path: str,
-        reason: str,
-        count: int = 1,
-        first_ts: str | None = None,
-    ) -> AuditEvent:
-        """``count`` requests refused for their credentials (``reason``: the error code, e.g. TOKEN_EXPIRED)."""
-        return self.security("auth_failed", identity, request_id, trace_id, path, reason, count, first_ts)
-
     def admin_read(
         self, identity: Identity, request_id: str, trace_id: str | None, *, filters: Mapping[str, str], returned: int
     ) -> AuditEvent:
@@ -246,7 +218,10 @@ class EventFactory:
         first_ts: str | None = None,
     ) -> AuditEvent:
         """A security event standing for ``count`` refusals (>= 1), the first at ``first_ts``
-        (``format_ts`` text; None: now, for a single refusal)."""
+        (``format_ts`` text; None: now, for a single refusal).
+
+        ``kind`` says what refused them: ``rate_limited`` for a limit, ``auth_failed`` for their
+        credentials; ``reason`` is the error code answered (e.g. RATE_LIMITED, TOKEN_EXPIRED)."""
         if count < 1:
             raise ValueError("a security event stands for at least one refusal")
         body = self._base(kind, identity, request_id, trace_id)

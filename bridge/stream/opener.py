@@ -77,7 +77,7 @@ class StreamOpener:
             lease = await state.caps.take(identity.key)
         except BridgeError as exc:
             state.metrics.rate_limited("streams")
-            state.audit.record(state.audit.events.rate_limited(identity, request_id, None, path=path, reason=exc.code))
+            state.audit.record(state.audit.events.security("rate_limited", identity, request_id, None, path, exc.code))
             raise
         telemetry = state.telemetry
         span = telemetry.start_stream_span(

@@ -49,8 +49,7 @@ def build(kind: str, identity: Identity) -> dict[str, object]:
         return dict(chat.body)
     if kind == "admin_read":
         return dict(FACTORY.admin_read(identity, "r1", None, filters={"limit": "10"}, returned=3).body)
-    method = getattr(FACTORY, kind)
-    return dict(method(identity, "r1", None, path="/api/v2/bali-zero/chat", reason="RATE_LIMITED").body)
+    return dict(FACTORY.security(kind, identity, "r1", None, "/api/v2/bali-zero/chat", "RATE_LIMITED").body)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("kind", sorted(EXPECTED))

@@ -41,7 +41,7 @@ async def setup(tmp_path: Path) -> AsyncIterator[tuple[AuditTrail, httpx.AsyncCl
     await trail.start()
     anon = Identity(client_ip="203.0.113.77")
     for i in range(7):
-        trail.record(trail.events.rate_limited(anon, f"rl{i}", None, path="/x", reason="RATE_LIMITED"))
+        trail.record(trail.events.security("rate_limited", anon, f"rl{i}", None, "/x", "RATE_LIMITED"))
     await trail.flush()
     ledger = RefusalLedger(trail, 60)
 

@@ -227,7 +227,7 @@ async def test_query_filters_and_pagination(tmp_path: Path) -> None:
     anon = Identity(client_ip="192.0.2.1")
     for i in range(5):
         trail.record(trail.events.stream("stream_started", USER, f"u{i}", None, QUERY))
-        trail.record(trail.events.rate_limited(anon, f"a{i}", None, path="/x", reason="RATE_LIMITED"))
+        trail.record(trail.events.security("rate_limited", anon, f"a{i}", None, "/x", "RATE_LIMITED"))
         clock.now += timedelta(hours=1)
     await trail.flush()
     mine = await trail.query(QueryFilters(user_id="u1"))
