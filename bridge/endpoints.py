@@ -224,34 +224,29 @@ class Endpoints:
         state = self.state
         request_id, trace_id = request_ids(request)
         started = time.monotonic()
-        try:
-            reply = await state.rag.chat(chat_request(chat, identity, request_id))
-        except BridgeError as exc:
-            state.audit.record(
-                state.audit.events.chat(
-                    identity,
-                    request_id,
-                    trace_id,
-                    chat.query,
-                    outcome="error",
-                    error_code=exc.code,
-                    duration_ms=round((time.monotonic() - started) * 1000, 3),
-                )
-            )
-            raise
-        duration_ms = round((time.monotonic() - started) * 1000, 3)
-        state.audit.record(
-            state.audit.events.chat(
+
+        def audited(outcome: str, *, tokens: int | None = None, error_code: str | None = None) -> float:
+            """Record the ``chat`` event for this answer; returns its duration in ms."""
+            duration_ms = round((time.monotonic() - started) * 1000, 3)
+            event = state.audit.events.chat(
                 identity,
                 request_id,
                 trace_id,
                 chat.query,
-                outcome="completed",
+                outcome=outcome,
                 duration_ms=duration_ms,
-                tokens=reply.completion.token_count,
+                tokens=tokens,
+                error_code=error_code,
             )
-        )
-        return reply, request_id, duration_ms
+            state.audit.record(event)
+            return duration_ms
+
+        try:
+            reply = await state.rag.chat(chat_request(chat, identity, request_id))
+        except BridgeError as exc:
+            audited("error", error_code=exc.code)
+            raise
+        return reply, request_id, audited("completed", tokens=reply.completion.token_count)
 
     # -- the OpenAI-compatible face (the mapping: bridge/openai_compat.py) ------------------------
 
