@@ -12,12 +12,18 @@ import asyncio
 import contextlib
 import json
 import time
-from typing import Any
 
 import pytest
 
 from tests.conftest import BridgeFactory, StubFactory
-from tests.support.slow_clients import closed_by_bridge, healthz_latencies, p99, wait_for_close
+from tests.support.slow_clients import (
+    SlowClient,
+    assert_healthz_kept_up,
+    closed_by_bridge,
+    healthz_bound,
+    healthz_while_held,
+    wait_for_close,
+)
 
 BODY_TIMEOUT_S = 2.0
 MARGIN_S = 1.5  # a close later than the deadline plus this is a failure
@@ -31,55 +37,30 @@ def post_head(*headers: bytes) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-class SlowBody:
-    """One connection that sends its request head whole, then the body a byte at a time."""
+class SlowBody(SlowClient):
+    """One connection that sends its request head whole, then the body a byte at a time;
+    ``closed_after`` counts from the end of the head."""
 
     def __init__(self, head: bytes, trickled: bytes, at_once: bytes = b"") -> None:
+        super().__init__()
         self.head = head
         self.at_once = at_once  # sent with the head
         self.trickled = trickled
-        self.head_sent_at = 0.0
-        self.closed_after: float | None = None  # seconds from the end of the head to the bridge's close
-        self.reply = b""
-        self.started = asyncio.Event()
 
     async def run(self, port: int, give_up_after: float) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(self.head + self.at_once)
         await writer.drain()
-        self.head_sent_at = time.monotonic()
+        head_sent_at = time.monotonic()
         self.started.set()
-        reading = asyncio.ensure_future(self._read_to_eof(reader))
-        try:
+        async with self.reading(reader, writer, since=head_sent_at) as reading:
             for byte in self.trickled:
                 await asyncio.wait({reading}, timeout=TRICKLE_INTERVAL_S)
-                if reading.done() or time.monotonic() - self.head_sent_at > give_up_after:
+                if reading.done() or time.monotonic() - head_sent_at > give_up_after:
                     break
                 with contextlib.suppress(ConnectionError):
                     writer.write(bytes([byte]))
-            await asyncio.wait({reading}, timeout=max(0, give_up_after - (time.monotonic() - self.head_sent_at)))
-        finally:
-            reading.cancel()
-            writer.close()
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-                await writer.wait_closed()
-
-    async def _read_to_eof(self, reader: asyncio.StreamReader) -> None:
-        with contextlib.suppress(ConnectionError):
-            while chunk := await reader.read(65536):
-                self.reply += chunk
-        self.closed_after = time.monotonic() - self.head_sent_at
-
-    def codes(self) -> list[tuple[int, str]]:
-        return [(status, body["error"]["code"]) for status, body in self.answers()]
-
-    def answers(self) -> list[tuple[int, dict[str, Any]]]:
-        """Every response on the connection: (status, JSON body)."""
-        found: list[tuple[int, dict[str, Any]]] = []
-        for part in self.reply.split(b"HTTP/1.1 ")[1:]:
-            head, body = part.split(b"\r\n\r\n", 1)
-            found.append((int(head[:3]), json.loads(body)))
-        return found
+            await asyncio.wait({reading}, timeout=max(0, give_up_after - (time.monotonic() - head_sent_at)))
 
 
 def assert_closed_at_the_deadline(attacker: SlowBody) -> None:
@@ -93,11 +74,10 @@ async def test_30_connections_trickling_their_body_get_408_and_are_closed_at_bod
 ) -> None:
     """The issue's attack scaled in time: 30 bodies of 1 000 bytes, one byte per half second."""
     bridge = bridge_factory(**NO_LIMITS)
-    bound = max(0.2, 2 * p99(await healthz_latencies(bridge.url, 1.0)))
+    bound = await healthz_bound(bridge.url, 1.0)
     attackers = [SlowBody(post_head(b"Content-Length: 1000"), b"{" + b" " * 999) for _ in range(30)]
     attack = asyncio.gather(*(a.run(bridge.port, BODY_TIMEOUT_S + MARGIN_S + 2) for a in attackers))
-    await asyncio.wait_for(asyncio.gather(*(a.started.wait() for a in attackers)), 30)
-    healthz, _ = await asyncio.gather(healthz_latencies(bridge.url, BODY_TIMEOUT_S + 1), attack)
+    healthz = await healthz_while_held(bridge.url, attackers, attack, BODY_TIMEOUT_S + 1)
 
     for attacker in attackers:
         assert_closed_at_the_deadline(attacker)
@@ -105,8 +85,7 @@ async def test_30_connections_trickling_their_body_get_408_and_are_closed_at_bod
             (408, {"error": {"code": "BODY_TIMEOUT", "message": "request body not received within 2 s"}})
         ]
         assert b"connection: close" in attacker.reply.lower()
-    assert len(healthz) >= 20, len(healthz)
-    assert p99(healthz) < bound, f"/healthz p99 {p99(healthz) * 1000:.0f} ms during the attack, {bound=}"
+    assert_healthz_kept_up(healthz, bound, at_least=20)
     assert closed_by_bridge(bridge)["body_timeout"] == 30
     assert "Traceback" not in "\n".join(bridge.stderr_lines)
 
