@@ -77,7 +77,9 @@ class StreamOpener:
             lease = await state.caps.take(identity.key)
         except BridgeError as exc:
             state.metrics.rate_limited("streams")
-            state.audit.record(state.audit.events.security("rate_limited", identity, request_id, None, path, exc.code))
+            state.refusals.refused(
+                "rate_limited", identity, request_id=request_id, trace_id=None, path=path, reason=exc.code
+            )
             raise
         telemetry = state.telemetry
         span = telemetry.start_stream_span(

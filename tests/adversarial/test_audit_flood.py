@@ -3,7 +3,8 @@
 * Every refused credential was one ``auth_failed`` record and identity was checked before any
   limiter: one anonymous client wrote a record per request. Refusals are now charged to the
   client's address block (AUTH_FAILURE_RATE_LIMIT, then 429) and folded into at most two records
-  per (subject, reason) and AUDIT_REFUSAL_WINDOW_S.
+  per (subject, reason) and AUDIT_REFUSAL_WINDOW_S. A stream refused at the caller's stream cap
+  (429 TOO_MANY_STREAMS) is folded the same way: it was written one record per refusal.
 * Resumes, cancels and admin reads touched no limiter (a resume probe of an unknown id costs a
   Redis round trip); they now sit behind CONTROL_RATE_LIMIT, sized so that a browser's own
   reconnects never reach it.
@@ -209,6 +210,31 @@ async def test_folded_auth_failures_are_written_when_their_window_closes(
     records = await until_stored(db, "auth_failed", lambda r: counted(r) == 10)
     assert counted(records) == 10, "the windows closed while the bridge runs: nothing waits for a stop"
     assert len(records) <= FLOOD_RECORD_BOUND and max(r["count"] for r in records) > 1, records
+
+
+async def test_opening_streams_past_the_cap_in_a_loop_leaves_a_bounded_number_of_records(
+    stub_factory: StubFactory, bridge_factory: BridgeFactory, db: Path
+) -> None:
+    """A user at MAX_STREAMS_PER_USER who keeps opening: each 429 was one ``rate_limited`` record."""
+    stub = stub_factory("--mode", "echo", "--token-delay-ms", "100", "--repeat", "600")
+    bridge = flood_bridge(bridge_factory, stub, db, MAX_STREAMS_PER_USER="1", RATE_LIMIT="100000/minute")
+    holder = bearer("capped-user")
+    first_token = asyncio.Event()
+    held = asyncio.create_task(
+        open_stream(bridge.url, params={"query": "held"}, headers=holder, first_token=first_token, timeout=120)
+    )
+    try:
+        await asyncio.wait_for(first_token.wait(), 15)  # the user's one slot is taken
+        attempts = 400
+        result = await flood(bridge.url, attempts, lambda i: ("GET", STREAM_PATH + "?query=x", holder))
+        assert result.statuses == {429: attempts} and result.codes == {"TOO_MANY_STREAMS": attempts}, result
+        await stop(bridge)
+    finally:
+        held.cancel()
+        await asyncio.gather(held, return_exceptions=True)
+    records = [r for r in stored(db, "rate_limited") if r["reason"] == "TOO_MANY_STREAMS"]
+    assert counted(records) == attempts, "every refusal is counted, none recorded twice"
+    assert len(records) <= record_bound(result.seconds), [(r["count"], r["ts"]) for r in records]
 
 
 async def test_bad_tokens_from_rotating_ipv6_addresses_of_one_64_share_one_budget_and_record(
