@@ -52,12 +52,14 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from bridge.config import Settings
 from bridge.errors import ConfigError
+from bridge.workers.peers import socket_path
 from bridge.workers.role import metric_files_id
 
 log = logging.getLogger("bridge.workers")
 
 MAX_BACKOFF_S = 10.0
 LISTEN_BACKLOG = 2048  # uvicorn's default backlog
+MAX_UNIX_PATH_BYTES = 107  # sockaddr_un.sun_path, less its terminating NUL
 READY = b"ready\n"
 
 
@@ -76,11 +78,45 @@ class Worker:
 
 def supervise(settings: Settings, environ: Mapping[str, str], host: str, port: int) -> int:
     """Run ``settings.workers`` workers on ``host:port`` until stopped; the process exit status."""
-    from bridge.cli import listen_socket, listening_url
     from bridge.logs import configure_logging
 
     try:
         configure_logging(settings)
+        runtime = _runtime_dir(settings.workers)
+    except ConfigError as exc:
+        print(f"bali-zero-bridge: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"bali-zero-bridge: cannot start: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _supervise_in(runtime, settings, environ, host, port)
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def _runtime_dir(workers: int) -> Path:
+    """The supervisor's private directory (0700, this user's), for the workers' metric files and
+    peer sockets; ConfigError if TMPDIR is too long for the peer sockets' paths (a Unix socket's
+    path holds at most ``MAX_UNIX_PATH_BYTES``): else every worker failed at its start, with a
+    traceback, and the bridge exited 1."""
+    runtime = Path(tempfile.mkdtemp(prefix="bali-zero-bridge-"))
+    longest = len(os.fsencode(socket_path(runtime / "peers", workers - 1)))
+    if longest > MAX_UNIX_PATH_BYTES:
+        shutil.rmtree(runtime, ignore_errors=True)
+        raise ConfigError(
+            f"TMPDIR {tempfile.gettempdir()} is too long for the workers' Unix sockets "
+            f"({longest} bytes, at most {MAX_UNIX_PATH_BYTES}): set TMPDIR to a shorter directory"
+        )
+    return runtime
+
+
+def _supervise_in(runtime: Path, settings: Settings, environ: Mapping[str, str], host: str, port: int) -> int:
+    from bridge.cli import listen_socket, listening_url
+
+    try:
+        (runtime / "metrics").mkdir()
+        (runtime / "peers").mkdir()
         _preflight(settings)
     except ConfigError as exc:
         print(f"bali-zero-bridge: invalid configuration: {exc}", file=sys.stderr)
@@ -101,10 +137,7 @@ def supervise(settings: Settings, environ: Mapping[str, str], host: str, port: i
                 bound.close()
         print(f"bali-zero-bridge: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 1
-    runtime = Path(tempfile.mkdtemp(prefix="bali-zero-bridge-"))  # 0700, this user's
     try:
-        (runtime / "metrics").mkdir()
-        (runtime / "peers").mkdir()
         supervisor = Supervisor(
             settings,
             environ,
@@ -118,7 +151,6 @@ def supervise(settings: Settings, environ: Mapping[str, str], host: str, port: i
         for current in sockets:  # the supervisor's current ones: it replaces a slot's socket in this list
             if current is not None:
                 current.close()
-        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def _preflight(settings: Settings) -> None:

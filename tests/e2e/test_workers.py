@@ -55,6 +55,29 @@ def test_two_workers_without_redis_are_refused_with_one_line(tmp_path: Path) -> 
     assert not (tmp_path / "audit.sqlite3").exists(), "nothing is created before the refusal"
 
 
+def test_a_tmpdir_too_long_for_the_workers_sockets_is_refused_with_one_line(tmp_path: Path) -> None:
+    """A Unix socket's path has at most 107 bytes: with a longer TMPDIR every worker used to fail
+    at its start (a traceback each) and the bridge exited 1. Now one line and exit 2, as for any
+    other setting it cannot run with, and nothing is left in TMPDIR."""
+    long_tmp = tmp_path / ("d" * 100)
+    long_tmp.mkdir()
+    env = {"AUDIT_DB": str(tmp_path / "audit.sqlite3"), "TMPDIR": str(long_tmp)}
+    done = subprocess.run(
+        [sys.executable, "-m", "bridge", "--port", "0"],
+        env=base_env({**env, **two_workers("redis://127.0.0.1:1/0")}),  # nothing connects before the refusal
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("bali-zero-bridge: invalid configuration: TMPDIR ") and "too long" in lines[0]
+    assert not list(long_tmp.iterdir())
+
+
 async def test_client_spreading_requests_over_workers_gets_one_rate_limit(
     stub_factory: StubFactory,
     bridge_factory: BridgeFactory,
