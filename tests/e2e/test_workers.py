@@ -36,11 +36,11 @@ def fresh_get(url: str, path: str, **kwargs: object) -> httpx.Response:
         return client.get(path, **kwargs)  # type: ignore[arg-type]
 
 
-def test_two_workers_without_redis_are_refused_with_one_line(tmp_path: Path) -> None:
-    """Per-worker limits would silently multiply every budget: refused, naming what to set."""
+def refusal_line(env: dict[str, str], *args: str) -> str:
+    """The one stderr line of a bridge that refuses to start with exit 2."""
     done = subprocess.run(
-        [sys.executable, "-m", "bridge", "--workers", "2", "--port", "0"],
-        env=base_env({"AUDIT_DB": str(tmp_path / "audit.sqlite3"), "RESUME_GRACE_S": "5"}),
+        [sys.executable, "-m", "bridge", *args, "--port", "0"],
+        env=base_env(env),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -50,8 +50,14 @@ def test_two_workers_without_redis_are_refused_with_one_line(tmp_path: Path) -> 
     assert done.returncode == 2, done
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, lines
-    assert "WORKERS=2 needs state shared by all workers" in lines[0]
-    assert "RATE_LIMIT_STORAGE and RESUME_STORE" in lines[0]
+    return lines[0]
+
+
+def test_two_workers_without_redis_are_refused_with_one_line(tmp_path: Path) -> None:
+    """Per-worker limits would silently multiply every budget: refused, naming what to set."""
+    line = refusal_line({"AUDIT_DB": str(tmp_path / "audit.sqlite3"), "RESUME_GRACE_S": "5"}, "--workers", "2")
+    assert "WORKERS=2 needs state shared by all workers" in line
+    assert "RATE_LIMIT_STORAGE and RESUME_STORE" in line
     assert not (tmp_path / "audit.sqlite3").exists(), "nothing is created before the refusal"
 
 
@@ -62,19 +68,8 @@ def test_a_tmpdir_too_long_for_the_workers_sockets_is_refused_with_one_line(tmp_
     long_tmp = tmp_path / ("d" * 100)
     long_tmp.mkdir()
     env = {"AUDIT_DB": str(tmp_path / "audit.sqlite3"), "TMPDIR": str(long_tmp)}
-    done = subprocess.run(
-        [sys.executable, "-m", "bridge", "--port", "0"],
-        env=base_env({**env, **two_workers("redis://127.0.0.1:1/0")}),  # nothing connects before the refusal
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 2, done
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("bali-zero-bridge: invalid configuration: TMPDIR ") and "too long" in lines[0]
+    line = refusal_line({**env, **two_workers("redis://127.0.0.1:1/0")})  # nothing connects before the refusal
+    assert line.startswith("bali-zero-bridge: invalid configuration: TMPDIR ") and "too long" in line
     assert not list(long_tmp.iterdir())
 
 
