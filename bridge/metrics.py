@@ -24,7 +24,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -36,6 +36,15 @@ from bridge.types import CONNECTION_CLOSE_REASONS, ConnectionCloseReason, Stream
 # 1 ms … 10 s, roughly 1-2.5-5 per decade: fine where interactive latency matters, coarse beyond.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+def name_metric_files(identifier: str) -> None:
+    """Multiprocess mode: write this process's metric files as ``<kind>_<identifier>.db`` instead of
+    after its pid; a later process with the same identifier takes them over, its counters going on
+    from their values (prometheus-client's ``MultiProcessValue``). Call it before any metric is
+    made; ``identifier`` must differ between processes that run at the same time and hold no ``_``.
+    """
+    values.ValueClass = values.MultiProcessValue(lambda: identifier)  # type: ignore[no-untyped-call]
 
 
 class BridgeMetrics:

@@ -18,7 +18,8 @@ from pathlib import Path
 from bridge.cli import load_environment, serve_on
 from bridge.config import Settings
 from bridge.errors import ConfigError
-from bridge.workers.role import WorkerRole
+from bridge.metrics import name_metric_files
+from bridge.workers.role import WorkerRole, metric_files_id
 
 READY = b"ready\n"
 
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bali-zero-bridge: invalid configuration: {exc}", file=sys.stderr)
         return 2
     role = WorkerRole(args.slot, args.count, args.server_id, args.runtime_dir)
+    name_metric_files(metric_files_id(role.slot))  # before any metric exists
 
     def ready() -> None:
         try:

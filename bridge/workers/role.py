@@ -33,3 +33,12 @@ class WorkerRole:
     @property
     def peers_dir(self) -> Path | None:
         return None if self.runtime_dir is None else self.runtime_dir / "peers"
+
+
+def metric_files_id(slot: int) -> str:
+    """What names the metric files of the worker in ``slot`` (prometheus-client names them after the
+    pid by default). Every worker of a slot, replacements included, writes the same files, and the
+    supervisor starts a replacement only once its predecessor has exited, so no two live processes
+    share them. Named after pids, each replaced worker left its files behind: a worker crash-looping
+    for hours filled the directory, and every scrape reads every file."""
+    return f"slot{slot}"

@@ -18,9 +18,15 @@
   The parent exits 0 only when every worker exited 0.
 * A worker that exits while the server is not stopping is replaced in its slot (at once if it had
   been serving, else after a backoff doubling up to ``MAX_BACKOFF_S``, so a worker that cannot
-  start does not spin). Its metric files are marked dead (live gauges drop it, counters keep
-  its counts). Streams of a worker stopped by a signal end with the retryable frame; those of a
+  start does not spin). Its live gauges are dropped; its replacement takes over its metric files,
+  so its counts go on and the directory holds one set of files per slot however often workers
+  are replaced. Streams of a worker stopped by a signal end with the retryable frame; those of a
   worker killed outright (SIGKILL, OOM) are cut, and their clients reconnect with Last-Event-ID.
+* A slot whose worker failed to start (or could not even be started: no fork, no descriptor)
+  gets a fresh socket, bound but not listening: its worker listens once it serves (uvicorn's
+  ``create_server``). The old one is closed, resetting the connections queued on it. Kept
+  listening, the kernel would go on giving it 1/N of all new connections, which would wait in its
+  queue for as long as the slot cannot start: for ever, for a worker that can never start.
 * If the parent itself is killed, each worker sees its control socket close and drains.
 """
 
@@ -37,7 +43,7 @@ import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,11 +52,14 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from bridge.config import Settings
 from bridge.errors import ConfigError
+from bridge.workers.peers import socket_path
+from bridge.workers.role import metric_files_id
 
 log = logging.getLogger("bridge.workers")
 
 MAX_BACKOFF_S = 10.0
 LISTEN_BACKLOG = 2048  # uvicorn's default backlog
+MAX_UNIX_PATH_BYTES = 107  # sockaddr_un.sun_path, less its terminating NUL
 READY = b"ready\n"
 
 
@@ -69,11 +78,45 @@ class Worker:
 
 def supervise(settings: Settings, environ: Mapping[str, str], host: str, port: int) -> int:
     """Run ``settings.workers`` workers on ``host:port`` until stopped; the process exit status."""
-    from bridge.cli import listen_socket, listening_url
     from bridge.logs import configure_logging
 
     try:
         configure_logging(settings)
+        runtime = _runtime_dir(settings.workers)
+    except ConfigError as exc:
+        print(f"bali-zero-bridge: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"bali-zero-bridge: cannot start: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _supervise_in(runtime, settings, environ, host, port)
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def _runtime_dir(workers: int) -> Path:
+    """The supervisor's private directory (0700, this user's), for the workers' metric files and
+    peer sockets; ConfigError if TMPDIR is too long for the peer sockets' paths (a Unix socket's
+    path holds at most ``MAX_UNIX_PATH_BYTES``): else every worker failed at its start, with a
+    traceback, and the bridge exited 1."""
+    runtime = Path(tempfile.mkdtemp(prefix="bali-zero-bridge-"))
+    longest = len(os.fsencode(socket_path(runtime / "peers", workers - 1)))
+    if longest > MAX_UNIX_PATH_BYTES:
+        shutil.rmtree(runtime, ignore_errors=True)
+        raise ConfigError(
+            f"TMPDIR {tempfile.gettempdir()} is too long for the workers' Unix sockets "
+            f"({longest} bytes, at most {MAX_UNIX_PATH_BYTES}): set TMPDIR to a shorter directory"
+        )
+    return runtime
+
+
+def _supervise_in(runtime: Path, settings: Settings, environ: Mapping[str, str], host: str, port: int) -> int:
+    from bridge.cli import listen_socket, listening_url
+
+    try:
+        (runtime / "metrics").mkdir()
+        (runtime / "peers").mkdir()
         _preflight(settings)
     except ConfigError as exc:
         print(f"bali-zero-bridge: invalid configuration: {exc}", file=sys.stderr)
@@ -81,7 +124,7 @@ def supervise(settings: Settings, environ: Mapping[str, str], host: str, port: i
     except (OSError, sqlite3.Error) as exc:
         print(f"bali-zero-bridge: cannot start: {exc}", file=sys.stderr)
         return 1
-    sockets: list[socket.socket] = []
+    sockets: list[socket.socket | None] = []
     try:
         for _ in range(settings.workers):
             sock = listen_socket(settings, host, port, reuse_port=True)
@@ -89,20 +132,25 @@ def supervise(settings: Settings, environ: Mapping[str, str], host: str, port: i
             port = sock.getsockname()[1]  # port 0: the others join the port the first one got
             sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
-        for sock in sockets:
-            sock.close()
+        for bound in sockets:
+            if bound is not None:
+                bound.close()
         print(f"bali-zero-bridge: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 1
-    runtime = Path(tempfile.mkdtemp(prefix="bali-zero-bridge-"))  # 0700, this user's
     try:
-        (runtime / "metrics").mkdir()
-        (runtime / "peers").mkdir()
-        supervisor = Supervisor(settings, environ, sockets, runtime, listening_url(host, port))
+        supervisor = Supervisor(
+            settings,
+            environ,
+            sockets,
+            runtime,
+            listening_url(host, port),
+            lambda: listen_socket(settings, host, port, reuse_port=True),
+        )
         return asyncio.run(supervisor.run())
     finally:
-        for sock in sockets:
-            sock.close()
-        shutil.rmtree(runtime, ignore_errors=True)
+        for current in sockets:  # the supervisor's current ones: it replaces a slot's socket in this list
+            if current is not None:
+                current.close()
 
 
 def _preflight(settings: Settings) -> None:
@@ -116,10 +164,19 @@ def _preflight(settings: Settings) -> None:
 
 class Supervisor:
     def __init__(
-        self, settings: Settings, environ: Mapping[str, str], sockets: list[socket.socket], runtime: Path, url: str
+        self,
+        settings: Settings,
+        environ: Mapping[str, str],
+        sockets: list[socket.socket | None],
+        runtime: Path,
+        url: str,
+        bind: Callable[[], socket.socket],
     ) -> None:
+        """``sockets``: one per slot, bound to the port and listening; ``bind`` gives a fresh one
+        (bound, not listening) for a slot whose socket was closed after a failed start."""
         self.settings = settings
         self.sockets = sockets
+        self.bind = bind
         self.runtime = runtime
         self.url = url
         self.server_id = os.urandom(8).hex()
@@ -130,7 +187,8 @@ class Supervisor:
         self.changed = asyncio.Event()
         self.stopped = asyncio.Event()
         self.pending: set[asyncio.Task[None]] = set()
-        self.codes: dict[int, int] = {}
+        self.backoff: dict[int, float] = {}
+        """Per slot, the delay before the next start if the current one fails."""
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -142,13 +200,12 @@ class Supervisor:
         if first is not None:
             return first
         print(f"bali-zero-bridge listening on {self.url}", flush=True)
-        backoff: dict[int, float] = {}
         while not self.stopping:
             self.changed.clear()
             exited = [w for w in self.workers.values() if w.process.returncode is not None]
             for worker in exited:
                 del self.workers[worker.slot]
-                self.replace_later(worker, backoff)
+                self.replace(worker)
             if not exited:
                 await self.changed.wait()
         return await self.drain()
@@ -183,8 +240,11 @@ class Supervisor:
         return 0  # stopped by a signal while starting
 
     async def spawn(self, slot: int) -> Worker:
-        parent_end, child_end = socket.socketpair()
+        """Start the worker of ``slot``; OSError if it cannot be (a socket, a pipe, a fork)."""
         listener = self.sockets[slot]
+        if listener is None:
+            listener = self.sockets[slot] = self.bind()
+        parent_end, child_end = socket.socketpair()
         argv = [
             sys.executable,
             "-m",
@@ -204,6 +264,9 @@ class Supervisor:
                 pass_fds=(listener.fileno(), child_end.fileno()),
                 start_new_session=True,
             )
+        except BaseException:
+            parent_end.close()
+            raise
         finally:
             child_end.close()
         worker = Worker(slot, process, parent_end)
@@ -228,28 +291,46 @@ class Supervisor:
             if not worker.ready.done():
                 worker.ready.set_result(False)
             writer.close()
-            with contextlib.suppress(OSError):
-                mark_process_dead(worker.process.pid, str(self.runtime / "metrics"))  # type: ignore[no-untyped-call]
-            self.codes[worker.process.pid] = worker.process.returncode or 0
+            with contextlib.suppress(OSError):  # before its replacement starts: it takes the same files
+                mark_process_dead(metric_files_id(worker.slot), str(self.runtime / "metrics"))  # type: ignore[no-untyped-call]
             self.changed.set()
 
-    def replace_later(self, worker: Worker, backoff: dict[int, float]) -> None:
+    def replace(self, worker: Worker) -> None:
         """A worker exited while the server runs: log it and start another in its slot."""
         served = worker.ready.done() and worker.ready.result()
-        delay = 0.0 if served else min(MAX_BACKOFF_S, backoff.get(worker.slot, 0.5) * 2)
-        backoff[worker.slot] = 0.5 if served else delay
+        if served:
+            self.backoff[worker.slot] = 1.0
+            how = "starting another in 0.0 s"
+            self.start_later(worker.slot, 0.0)
+        else:
+            how = self.failed_start(worker.slot)
         log.error(
-            "worker %d (pid %d) exited with status %s; starting another in %.1f s",
+            "worker %d (pid %d) exited with status %s; %s",
             worker.slot,
             worker.process.pid,
             worker.process.returncode,
-            delay,
+            how,
         )
 
+    def failed_start(self, slot: int) -> str:
+        """The worker of ``slot`` did not get to serve: close its socket, retry after the backoff."""
+        sock, self.sockets[slot] = self.sockets[slot], None
+        if sock is not None:
+            sock.close()  # no connection waits on a slot that is not served (module docstring)
+        delay = self.backoff.get(slot, 1.0)
+        self.backoff[slot] = min(MAX_BACKOFF_S, delay * 2)
+        self.start_later(slot, delay)
+        return f"it never served; starting another in {delay:.1f} s"
+
+    def start_later(self, slot: int, delay: float) -> None:
         async def respawn() -> None:
             await asyncio.sleep(delay)  # the backoff itself, not synchronisation
-            if not self.stopping:
-                await self.spawn(worker.slot)
+            if self.stopping:
+                return
+            try:
+                await self.spawn(slot)
+            except OSError as exc:
+                log.error("worker %d could not be started (%s); %s", slot, exc, self.failed_start(slot))
 
         task = asyncio.get_running_loop().create_task(respawn())
         self.pending.add(task)  # referenced until done (see Worker.watcher)
@@ -272,7 +353,8 @@ class Supervisor:
     async def drain(self) -> int:
         """Wait for every worker to finish draining; 0 only if each exited 0."""
         for sock in self.sockets:
-            sock.close()  # new connections are refused once the workers closed theirs too
+            if sock is not None:
+                sock.close()  # new connections are refused once the workers closed theirs too
         workers = list(self.workers.values())
         await asyncio.gather(*(w.process.wait() for w in workers))
         failed = [w for w in workers if w.process.returncode != 0 and (w.ready.done() and w.ready.result())]

@@ -25,7 +25,7 @@ from tests.conftest import BridgeFactory, StubFactory
 from tests.support.processes import ROOT, base_env
 from tests.support.redis import redis_factory, redis_server  # noqa: F401  (fixtures)
 from tests.support.sse_client import STREAM_PATH, open_stream
-from tests.support.workers import two_workers, wait_for_workers, worker_pids
+from tests.support.workers import two_workers, wait_for_workers, worker_pids, worker_place
 
 pytestmark = pytest.mark.redis
 
@@ -36,11 +36,11 @@ def fresh_get(url: str, path: str, **kwargs: object) -> httpx.Response:
         return client.get(path, **kwargs)  # type: ignore[arg-type]
 
 
-def test_two_workers_without_redis_are_refused_with_one_line(tmp_path: Path) -> None:
-    """Per-worker limits would silently multiply every budget: refused, naming what to set."""
+def refusal_line(env: dict[str, str], *args: str) -> str:
+    """The one stderr line of a bridge that refuses to start with exit 2."""
     done = subprocess.run(
-        [sys.executable, "-m", "bridge", "--workers", "2", "--port", "0"],
-        env=base_env({"AUDIT_DB": str(tmp_path / "audit.sqlite3"), "RESUME_GRACE_S": "5"}),
+        [sys.executable, "-m", "bridge", *args, "--port", "0"],
+        env=base_env(env),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -50,9 +50,27 @@ def test_two_workers_without_redis_are_refused_with_one_line(tmp_path: Path) -> 
     assert done.returncode == 2, done
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, lines
-    assert "WORKERS=2 needs state shared by all workers" in lines[0]
-    assert "RATE_LIMIT_STORAGE and RESUME_STORE" in lines[0]
+    return lines[0]
+
+
+def test_two_workers_without_redis_are_refused_with_one_line(tmp_path: Path) -> None:
+    """Per-worker limits would silently multiply every budget: refused, naming what to set."""
+    line = refusal_line({"AUDIT_DB": str(tmp_path / "audit.sqlite3"), "RESUME_GRACE_S": "5"}, "--workers", "2")
+    assert "WORKERS=2 needs state shared by all workers" in line
+    assert "RATE_LIMIT_STORAGE and RESUME_STORE" in line
     assert not (tmp_path / "audit.sqlite3").exists(), "nothing is created before the refusal"
+
+
+def test_a_tmpdir_too_long_for_the_workers_sockets_is_refused_with_one_line(tmp_path: Path) -> None:
+    """A Unix socket's path has at most 107 bytes: with a longer TMPDIR every worker used to fail
+    at its start (a traceback each) and the bridge exited 1. Now one line and exit 2, as for any
+    other setting it cannot run with, and nothing is left in TMPDIR."""
+    long_tmp = tmp_path / ("d" * 100)
+    long_tmp.mkdir()
+    env = {"AUDIT_DB": str(tmp_path / "audit.sqlite3"), "TMPDIR": str(long_tmp)}
+    line = refusal_line({**env, **two_workers("redis://127.0.0.1:1/0")})  # nothing connects before the refusal
+    assert line.startswith("bali-zero-bridge: invalid configuration: TMPDIR ") and "too long" in line
+    assert not list(long_tmp.iterdir())
 
 
 async def test_client_spreading_requests_over_workers_gets_one_rate_limit(
@@ -100,12 +118,21 @@ def _stats(url: str) -> dict[str, object]:
     return dict(fresh_get(url, "/api/v2/bali-zero/stream-stats").json())
 
 
-async def open_streams_reach(url: str, count: int, timeout: float = 30) -> None:
-    """Poll the stats endpoint (the whole server's open streams) until it shows ``count``."""
+async def stats_reach(url: str, field: str, value: object, timeout: float = 30) -> None:
+    """Poll the stats endpoint (the whole server's figures) until its ``field`` is ``value``."""
     deadline = time.monotonic() + timeout
-    while (await asyncio.to_thread(_stats, url))["open_streams"] != count:
-        assert time.monotonic() < deadline, "the streams never all opened"
+    while (await asyncio.to_thread(_stats, url))[field] != value:
+        assert time.monotonic() < deadline, f"the stats never showed {field} = {value}"
         await asyncio.sleep(0.05)  # polling: the stats endpoint has no event to await
+
+
+async def open_streams_reach(url: str, count: int) -> None:
+    await stats_reach(url, "open_streams", count)
+
+
+async def every_worker_reports(url: str) -> None:
+    """Until both workers answer the stats (a replacement serves)."""
+    await stats_reach(url, "workers", {"count": 2, "reporting": 2})
 
 
 async def test_stats_and_metrics_cover_every_worker(
@@ -248,3 +275,88 @@ def test_sigterm_while_the_workers_start_stops_the_supervisor_with_0(
     assert "listening on" not in out
     _, alive = psutil.wait_procs(workers, 10)
     assert not alive
+
+
+async def test_a_worker_that_cannot_start_strands_no_client_connection(
+    stub_factory: StubFactory,
+    bridge_factory: BridgeFactory,
+    redis_server: str,  # noqa: F811
+) -> None:
+    """While a slot's worker keeps failing to start, its socket takes no connection.
+
+    Its socket used to stay listening: the kernel gave it half of every new connection, and those
+    waited in its queue for as long as the slot could not start (here: until its peer socket's
+    name is freed; a worker that can never start, for ever).
+    """
+    stub = stub_factory("--mode", "echo")
+    bridge = bridge_factory(stub, **two_workers(redis_server, RATE_LIMIT="1000/minute"))
+    victim = worker_pids(bridge)[0]
+    slot, runtime = worker_place(victim)
+    blocker = runtime / "peers" / f"{slot}.sock"
+    blocker.unlink()
+    blocker.mkdir()  # its replacements cannot bind their peer socket: each exits before serving
+    os.kill(victim, signal.SIGKILL)
+    await asyncio.to_thread(
+        bridge.wait_for_line, lambda line: f"worker {slot} " in line and "it never served" in line, 30, stderr=True
+    )
+
+    def healthz() -> int:
+        return fresh_get(bridge.url, "/healthz", timeout=3).status_code  # far above a served answer
+
+    answers = [await asyncio.to_thread(healthz) for _ in range(12)]
+    assert answers == [200] * 12, "every connection reached the worker that serves"
+    blocker.rmdir()
+    await every_worker_reports(bridge.url)  # the slot is served again, on a fresh socket
+    assert [await asyncio.to_thread(healthz) for _ in range(8)] == [200] * 8
+
+
+async def test_workers_replaced_again_and_again_leave_no_metric_files_behind(
+    stub_factory: StubFactory,
+    bridge_factory: BridgeFactory,
+    redis_server: str,  # noqa: F811
+) -> None:
+    """A replacement takes over its slot's metric files, so its counts go on and the directory
+    (which every scrape reads whole) stays one set of files per slot. Named after the pid, every
+    replaced worker left two files behind: a worker crash-looping for hours slowed every scrape."""
+    stub = stub_factory("--mode", "echo")
+    bridge = bridge_factory(stub, **two_workers(redis_server, RATE_LIMIT="1000/minute"))
+    replies = await asyncio.gather(*(open_stream(bridge.url, params={"query": "a b"}) for _ in range(2)))
+    assert all(r.frames[-1]["type"] == "done" for r in replies)
+    metrics_dir = worker_place(worker_pids(bridge)[0])[1] / "metrics"
+    files = sorted(path.name for path in metrics_dir.iterdir())
+    for _ in range(3):
+        victim = worker_pids(bridge)[0]
+        os.kill(victim, signal.SIGKILL)
+        await asyncio.to_thread(wait_for_workers, bridge, 2, {victim})
+        await every_worker_reports(bridge.url)
+    assert sorted(path.name for path in metrics_dir.iterdir()) == files
+    scrape = fresh_get(bridge.url, "/metrics").text.splitlines()
+    assert 'bridge_streams_total{error_code="",outcome="completed"} 2.0' in scrape, "the killed workers' counts stay"
+    assert "bridge_open_streams 0.0" in scrape
+
+
+async def test_a_supervisor_out_of_descriptors_leaves_no_slot_empty_for_good(
+    stub_factory: StubFactory,
+    bridge_factory: BridgeFactory,
+    redis_server: str,  # noqa: F811
+) -> None:
+    """Starting a worker can fail in the supervisor itself (no descriptor for its control socket
+    here, or no fork): the start is retried with the backoff, and meanwhile the slot takes no
+    connection. The failure used to end the task that was to replace the worker: the slot stayed
+    empty for good, its socket still listening, and half of the new connections waited on it."""
+    stub = stub_factory("--mode", "echo")
+    bridge = bridge_factory(stub, **two_workers(redis_server, RATE_LIMIT="1000/minute"))
+    supervisor = psutil.Process(bridge.proc.pid)
+    soft, hard = supervisor.rlimit(psutil.RLIMIT_NOFILE)
+    highest = max(int(fd) for fd in os.listdir(f"/proc/{supervisor.pid}/fd"))
+    supervisor.rlimit(psutil.RLIMIT_NOFILE, (highest + 1, hard))  # no new descriptor above those it holds
+    victim = worker_pids(bridge)[0]
+    os.kill(victim, signal.SIGKILL)
+    await asyncio.to_thread(bridge.wait_for_line, lambda line: "could not be started" in line, 30, stderr=True)
+
+    def healthz() -> int:
+        return fresh_get(bridge.url, "/healthz", timeout=3).status_code
+
+    assert [await asyncio.to_thread(healthz) for _ in range(12)] == [200] * 12
+    supervisor.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+    await every_worker_reports(bridge.url)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import psutil
 
@@ -32,3 +33,9 @@ def wait_for_workers(bridge: Bridge, count: int, other_than: set[int], timeout: 
             return pids
         assert time.monotonic() < deadline, (pids, bridge.output())
         time.sleep(0.05)  # polling a process table: there is no event to await
+
+
+def worker_place(pid: int) -> tuple[int, Path]:
+    """A worker's slot and its supervisor's private directory, from the worker's command line."""
+    args = dict(arg.removeprefix("--").split("=", 1) for arg in psutil.Process(pid).cmdline() if "=" in arg)
+    return int(args["slot"]), Path(args["runtime-dir"])

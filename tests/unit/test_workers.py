@@ -1,11 +1,14 @@
-"""The pure pieces of ``--workers`` (settings, stats merging, peer answers) and the shared stream
-caps against a real redis-server, in process."""
+"""The pure pieces of ``--workers`` (settings, stats merging, peer answers, the private directory)
+and the shared stream caps against a real redis-server, in process."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +18,8 @@ from bridge.sharedcaps import SharedStreamCaps, caps_for, user_key
 from bridge.stats import StreamStats, merge_snapshots
 from bridge.streamcap import StreamCaps
 from bridge.types import StreamResult
-from bridge.workers.peers import _well_formed
+from bridge.workers.peers import _well_formed, socket_path
+from bridge.workers.supervisor import MAX_UNIX_PATH_BYTES, _runtime_dir
 from tests.support.redis import RedisFactory, redis_factory, redis_server  # noqa: F401  (fixtures)
 
 
@@ -184,3 +188,23 @@ async def test_redis_down_fails_open_to_worker_caps_or_closed_with_503(redis_fac
 def test_settings_replace_keeps_the_workers_check() -> None:
     with pytest.raises(ConfigError, match="WORKERS=3 needs state shared"):
         replace(Settings(), workers=3).validate()
+
+
+def test_the_private_directory_refuses_a_tmpdir_too_long_for_its_sockets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    long_tmp = tmp_path / ("d" * 100)
+    long_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long_tmp))
+    with pytest.raises(ConfigError, match=r"TMPDIR .* is too long for the workers' Unix sockets"):
+        _runtime_dir(2)
+    assert not list(long_tmp.iterdir()), "nothing is left behind"
+
+
+def test_the_private_directory_in_a_short_tmpdir_fits_every_workers_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    runtime = _runtime_dir(64)
+    assert oct(runtime.stat().st_mode & 0o777) == "0o700"
+    assert len(os.fsencode(socket_path(runtime / "peers", 63))) <= MAX_UNIX_PATH_BYTES
