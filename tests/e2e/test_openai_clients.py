@@ -45,7 +45,7 @@ from tests.e2e.test_observability import (
     stop_all,
     stream_trace,
 )
-from tests.e2e.test_resume_redis import pair
+from tests.e2e.test_resume_redis import Pair, pair  # noqa: F401  (fixture)
 from tests.support.audit import exported
 from tests.support.otlp_trace import TraceReceiver
 from tests.support.processes import ROOT, Bridge, Stub
@@ -499,15 +499,16 @@ def test_resuming_an_openai_stream_on_the_native_route_gets_the_unknown_id_answe
 
 
 @pytest.mark.redis
+@pytest.mark.parametrize("pair", ["two instances"], indirect=True)
 async def test_resuming_an_openai_stream_on_another_instance_gets_the_unknown_id_answer(
     stub_factory: StubFactory,
-    bridge_factory: BridgeFactory,
+    pair: Pair,  # noqa: F811
     redis_server: str,  # noqa: F811
 ) -> None:
     """With a shared resume store, an OpenAI stream is neither claimed nor mirrored: another
     instance has nothing to serve for its id (which would hand its frames to whoever names it)."""
     stub = stub_factory("--mode", "echo", "--token-delay-ms", "200", "--repeat", "20")
-    owner, other = pair(bridge_factory, stub, redis_server)
+    owner, other = pair(stub)
     client = async_sdk(owner)
     store = redis.asyncio.Redis.from_url(redis_server)
     try:
