@@ -6,12 +6,18 @@
     python -m bench.ab --peer before=/tmp/before after=.                 # and the reference peer
     python -m bench.ab --routes --rounds 20                              # native vs OpenAI route
     python -m bench.ab --routes --rounds 10 --mode throughput
+    python -m bench.ab --rounds 6 --mode paced before=/tmp/before after=.  # tails under paced load
 
 One stub, one bridge per source tree (each run from its own tree, pinned to core 1 like the bench's
 system under test) and direct gRPC as the floor; every round runs the same load against each, in
 turn, so a slow phase of the host hits all of them. Two ``make bench`` runs an hour apart can differ
 by more than most single changes (bench/README.md says by how much); an interleaved A/B in one
 invocation cancels that drift out.
+
+``--mode paced`` holds ``--streams`` streams of a paced stub (a token every 25 ms, opened at 100 a
+second) and compares the tails: first-token p99 and inter-token p99 per round. A pause of the
+bridge's event loop (a long garbage collection, a blocking call) shows there and nowhere else: it
+delays one gap of every stream, too few to move a p50, but every stream opening meanwhile.
 
 ``--routes`` compares the two faces of one bridge (this tree's) instead of two trees: the native
 stream asked with a GET and with a JSON POST (the same request shape as the OpenAI route's), and
@@ -32,13 +38,15 @@ from bzb_shared.childproc import ROOT
 
 CPU_STUB, CPU_SUT = [0], [1]  # as in bench.run: the stub and the HTTP load generator share core 0
 OPENAI_PATH = "/v1/chat/completions"
+PACED_TOKEN_MS, PACED_TOKENS = 25, 200  # bench.workers' stream: 200 tokens over 5 s
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.ab", description=__doc__.split("\n\n")[0])
     parser.add_argument("trees", nargs="*", help="NAME=PATH of a source tree holding bridge/")
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--mode", choices=("latency", "throughput"), default="latency")
+    parser.add_argument("--mode", choices=("latency", "throughput", "paced"), default="latency")
+    parser.add_argument("--streams", type=int, default=250, help="--mode paced: streams held at once")
     parser.add_argument("--peer", action="store_true", help="also measure the reference peer")
     parser.add_argument(
         "--routes", action="store_true", help="the native and the OpenAI-compatible route of this tree's bridge"
@@ -49,12 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     trees = {name: Path(path).resolve() for name, path in (t.split("=", 1) for t in args.trees)}
     if args.routes:
         trees = {"bridge": ROOT}
+    stub_args = ["--mode", "echo", "--repeat", str(FAST_REPEAT)]
     if args.mode == "latency":
         load = ["--query", words(50, FAST_REPEAT), "--concurrency", "1", "--requests", "100", "--warmup", "5"]
-    else:
+    elif args.mode == "throughput":
         load = ["--query", words(1000, FAST_REPEAT), "--concurrency", "16", "--requests", "32"]
+    else:
+        load = ["--query", words(PACED_TOKENS), "--concurrency", str(args.streams), "--ramp-s", str(args.streams / 100)]
+        stub_args = ["--mode", "echo", "--token-delay-ms", str(PACED_TOKEN_MS)]
 
-    stub = StubProc(["--mode", "echo", "--repeat", str(FAST_REPEAT)], CPU_STUB)
+    stub = StubProc(stub_args, CPU_STUB)
     bridges: dict[str, HttpServer] = {}
     try:
         workdir = Path(tempfile.mkdtemp(prefix="bench-ab-"))
@@ -73,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             }
         samples: dict[str, list[float]] = {name: [] for name in [*targets, "direct"]}
         rounds: list[dict[str, float]] = []
+        gaps: list[dict[str, float]] = []
         for _ in range(args.rounds):
             rounds.append({})
+            gaps.append({})
             for name in samples:
                 if name == "direct":
                     lg = Loadgen(["grpc", "--target", stub.target, *load], CPU_SUT)
@@ -85,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                 if args.mode == "latency":
                     samples[name].extend(result["first_token_ms_all"])
                     rounds[-1][name] = statistics.median(result["first_token_ms_all"])
+                elif args.mode == "paced":
+                    rounds[-1][name] = result["first_token_ms"]["p99"]
+                    gaps[-1][name] = result["gap_ms"]["p99"]
                 else:
                     samples[name].append(result["tokens_per_s"])
                     rounds[-1][name] = result["tokens_per_s"]
@@ -93,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         stub.stop()
     first = next(iter(targets))
+    if args.mode == "paced":
+        print(paired_tails("first-token p99", rounds, first))
+        print(paired_tails("inter-token p99", gaps, first))
+        return 0
     for name, values in samples.items():
         if args.mode == "latency":
             values.sort()
@@ -123,6 +144,20 @@ def paired_rounds(rounds: list[dict[str, float]], first: str) -> str:
                 ratios = [a / b for a, b in zip(added[name], added[other], strict=True) if b > 0]
                 ratio = f", median ratio {statistics.median(ratios):.2f}" if ratios else ""
                 line += f"; below {other} in {wins}/{len(rounds)} rounds{ratio}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def paired_tails(what: str, rounds: list[dict[str, float]], first: str) -> str:
+    """Per round, each target's ``what`` (ms); its median, and in how many rounds it was below
+    ``first``'s of the same round."""
+    lines = [f"{what} per round, ms:"]
+    for name in rounds[0]:
+        values = [r[name] for r in rounds]
+        line = f"  {name:11s} " + " ".join(f"{v:7.1f}" for v in values) + f"; median {statistics.median(values):.1f}"
+        if name != first:
+            wins = sum(r[name] < r[first] for r in rounds)
+            line += f"; below {first} in {wins}/{len(rounds)} rounds"
         lines.append(line)
     return "\n".join(lines)
 
