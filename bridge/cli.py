@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import signal
 import socket
 import sqlite3
@@ -200,7 +201,12 @@ def serve_on(
         # letting a local client pick its own rate-limit key; bridge/clientip.py decides instead.
         proxy_headers=False,
     )
-    server = _Server(config, state.begin_drain, announce, on_repeated_signal=state.end_streams_now)
+
+    def ready() -> None:
+        freeze_startup_heap()
+        announce()
+
+    server = _Server(config, state.begin_drain, ready, on_repeated_signal=state.end_streams_now)
     previous = {sig: signal.signal(sig, _after_drain) for sig in STOP_SIGNALS}
     try:
         server.run(sockets=[sock])
@@ -208,6 +214,19 @@ def serve_on(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def freeze_startup_heap() -> None:
+    """Exempt what the process holds once it serves from every later garbage collection.
+
+    Modules, classes, functions, settings and the app stay alive for the whole run, and a full
+    collection traversed all of them each time it ran: a pause of the one event loop that every
+    stream waits through, long enough at a few hundred streams to push first tokens past their
+    target. Frozen (after one collection, so startup's garbage is freed rather than kept), later
+    collections traverse only what the streams themselves made.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def main(argv: list[str] | None = None) -> int:
