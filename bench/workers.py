@@ -41,7 +41,8 @@ from bench.workload import log, words
 FIRST_TOKEN_TARGET_MS = 100.0
 GAP_TARGET_MS = 50.0
 OPENS_PER_S = 100
-"""New streams per second while a level ramps up: arrivals spread as real users', not one burst."""
+"""New streams per second while a level ramps up (``--opens-per-s``): arrivals spread as real
+users', not one burst."""
 
 
 @dataclass(slots=True)
@@ -111,9 +112,10 @@ def run_level(
     tokens: int,
     pacing_ms: int,
     quotas: list[CpuQuota],
+    opens_per_s: float = OPENS_PER_S,
 ) -> Run:
     stream_s = tokens * pacing_ms / 1000
-    ramp = streams / OPENS_PER_S
+    ramp = streams / opens_per_s
     procs = serving_processes(server)
     before = [cpu_s(p) for p in procs]
     stub_before = stub.cpu_s()
@@ -191,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pacing-ms", type=int, default=25)
     parser.add_argument("--tokens", type=int, default=200, help="tokens per stream")
     parser.add_argument(
+        "--opens-per-s", type=float, default=OPENS_PER_S, help="new streams a second while a level ramps"
+    )
+    parser.add_argument(
         "--cores-per-worker",
         type=float,
         default=None,
@@ -238,7 +243,14 @@ def measure(args: argparse.Namespace, levels: list[int]) -> dict[str, Any]:
                         if any(r.workers == workers and not r.held for r in current.runs):
                             continue  # past this target's knee in this round
                         run = run_level(
-                            servers[workers], workers, stub, level, args.tokens, args.pacing_ms, quotas[workers]
+                            servers[workers],
+                            workers,
+                            stub,
+                            level,
+                            args.tokens,
+                            args.pacing_ms,
+                            quotas[workers],
+                            args.opens_per_s,
                         )
                         current.runs.append(run)
                         log(
@@ -261,6 +273,7 @@ def measure(args: argparse.Namespace, levels: list[int]) -> dict[str, Any]:
         "pacing_ms": args.pacing_ms,
         "cores_per_worker": args.cores_per_worker,
         "tokens_per_stream": args.tokens,
+        "opens_per_s": args.opens_per_s,
         "levels": levels,
         "summary": summary(rounds),
         "rounds": [[asdict(run) | {"held": run.held} for run in r.runs] for r in rounds],
