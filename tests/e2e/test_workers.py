@@ -24,8 +24,8 @@ import pytest
 from tests.conftest import BridgeFactory, StubFactory
 from tests.support.processes import ROOT, base_env
 from tests.support.redis import redis_factory, redis_server  # noqa: F401  (fixtures)
-from tests.support.sse_client import STREAM_PATH, open_stream
-from tests.support.workers import two_workers, wait_for_workers, worker_pids, worker_place
+from tests.support.sse_client import STREAM_PATH, StreamReply, open_stream
+from tests.support.workers import connections_held, two_workers, wait_for_workers, worker_pids, worker_place
 
 pytestmark = pytest.mark.redis
 
@@ -187,20 +187,33 @@ async def test_a_worker_stopped_alone_ends_its_streams_with_a_retryable_frame(
         stub,
         **two_workers(redis_server, RATE_LIMIT="1000/minute", SHUTDOWN_GRACE_S="0.5", TRUSTED_PROXIES="127.0.0.1/32"),
     )
-    streams = [
-        asyncio.create_task(open_stream(bridge.url, params={"query": f"s{i}"}, headers={"x-user-id": f"u{i}"}))
-        for i in range(6)
-    ]
-    await open_streams_reach(bridge.url, 6)
+    # The kernel spreads connections over the workers by a hash: open streams until each worker
+    # holds some, so that stopping one ends some streams and leaves others.
+    port = int(bridge.url.rsplit(":", 1)[1])
+    streams: list[asyncio.Task[StreamReply]] = []
+    while True:
+        i = len(streams)
+        streams.append(
+            asyncio.create_task(open_stream(bridge.url, params={"query": f"s{i}"}, headers={"x-user-id": f"u{i}"}))
+        )
+        await open_streams_reach(bridge.url, len(streams))
+        held = {pid: connections_held(pid, port) for pid in worker_pids(bridge)}
+        if all(held.values()):
+            break
+        assert len(streams) < 24, held
     victim = worker_pids(bridge)[0]
     os.kill(victim, signal.SIGTERM)
-    await asyncio.to_thread(wait_for_workers, bridge, 2, {victim})
-    ended = [task for task in streams if task.done()]
+    ended: set[asyncio.Task[StreamReply]] = set()
+    running = set(streams)
+    while len(ended) < held[victim]:
+        finished, running = await asyncio.wait(running, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+        assert finished, f"{held[victim] - len(ended)} streams of the stopped worker did not end"
+        ended |= finished
     for task in ended:
         last = task.result().frames[-1]
         assert last["type"] == "error" and last["code"] == "SHUTTING_DOWN" and last["retryable"] is True
-    assert ended, "some of the six streams were on the stopped worker"
-    assert len(ended) < 6, "the other worker's streams go on"
+    await asyncio.to_thread(wait_for_workers, bridge, 2, {victim})
+    assert len(ended) == held[victim] and running, "the other worker's streams go on"
     for task in streams:
         task.cancel()
     await asyncio.gather(*streams, return_exceptions=True)

@@ -35,6 +35,15 @@ def wait_for_workers(bridge: Bridge, count: int, other_than: set[int], timeout: 
         time.sleep(0.05)  # polling a process table: there is no event to await
 
 
+def connections_held(pid: int, port: int) -> int:
+    """Client connections worker ``pid`` holds open on ``port`` (the kernel chose the worker)."""
+    return sum(
+        1
+        for conn in psutil.Process(pid).net_connections(kind="tcp")
+        if conn.status == psutil.CONN_ESTABLISHED and conn.laddr and conn.laddr.port == port
+    )
+
+
 def worker_place(pid: int) -> tuple[int, Path]:
     """A worker's slot and its supervisor's private directory, from the worker's command line."""
     args = dict(arg.removeprefix("--").split("=", 1) for arg in psutil.Process(pid).cmdline() if "=" in arg)
